@@ -1,0 +1,558 @@
+"""The DeepSeekModel API (deepseek.ai/v1alpha1): the single source of truth.
+
+The pydantic models below validate every code path (operator, renderer, builder,
+local mode) and generate the CRD's OpenAPI schema (see ``crd.py``).  Cross-field
+rules are written twice on purpose: once as a pydantic validator (so they hold in
+Python) and once as the CEL expression attached to the same model (so they hold
+at ``kubectl apply``); ``tests/unit/test_api.py`` checks the pairs agree.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "deepseek.ai"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DeepSeekModel"
+PLURAL = "deepseekmodels"
+SINGULAR = "deepseekmodel"
+SHORT_NAMES = ["dsm"]
+
+#: The Triton image the operator deploys by default (its TensorRT backend pins the builder's TensorRT).
+DEFAULT_TRITON_IMAGE = "ghcr.io/deepseek-operator/tritonserver:25.06-py3"
+SOURCE_SCHEMES = ("hf://", "s3://", "pvc://", "file://")
+SOURCE_PATTERN = r"^(hf://[^/\s]+/[^/\s]+|s3://[^/\s]+(/\S*)?|pvc://[^/\s]+/\S*|file:///\S*)$"
+ORT_PRECISIONS = ("fp32", "fp16", "int8")
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+
+Task = Literal["text-generation", "text-classification", "feature-extraction"]
+Backend = Literal["tensorrt", "onnxruntime"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
+
+
+class SpecError(ValueError):
+    """A DeepSeekModel that fails validation; ``str()`` names each offending field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid DeepSeekModel: " + "; ".join(problems))
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class _Model(BaseModel):
+    """Base: camelCase on the wire, unknown fields refused (as kubectl's strict validation does)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in the Kubernetes API (camelCase, no nulls)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---------------------------------------------------------------- spec.model
+class AdapterSpec(_Model):
+    """A LoRA adapter merged into the base weights before the engine is built."""
+
+    source: str = Field(
+        description="Where the adapter lives: hf://org/name, s3://bucket/prefix, pvc://claim/path or file:///abs/path. "
+        "It must be a PEFT LoRA adapter trained on the base model's architecture.",
+    )
+    revision: Optional[str] = Field(
+        default=None, description="Branch, tag or commit of an hf:// adapter. Pin a commit for reproducible engines."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        return _check_source(v)
+
+
+class ModelSpec(_Model):
+    """Which checkpoint to serve and for what task."""
+
+    source: str = Field(
+        description="Where the checkpoint lives: hf://org/name (Hugging Face Hub), s3://bucket/prefix (S3 or an "
+        "S3-compatible store), pvc://claim/path (a PersistentVolumeClaim in this namespace) or file:///abs/path "
+        "(a path on the builder's filesystem).",
+    )
+    revision: Optional[str] = Field(
+        default=None,
+        description="Branch, tag or commit of an hf:// source. Pin a commit: the engine cache is keyed on it, so an "
+        "unpinned revision reuses whatever engine was built first.",
+    )
+    task: Task = Field(
+        default="text-generation",
+        description="text-generation (text in, completion out), text-classification (label and probabilities) or "
+        "feature-extraction (a mean-pooled embedding).",
+    )
+    adapter: Optional[AdapterSpec] = Field(default=None, description="A LoRA adapter merged before the build.")
+    credentials_secret: Optional[str] = Field(
+        default=None,
+        description="Name of a Secret in this namespace whose keys become the builder's environment, e.g. HF_TOKEN, "
+        "HF_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        return _check_source(v)
+
+
+def _check_source(v: str) -> str:
+    if not re.match(SOURCE_PATTERN, v):
+        raise ValueError(
+            f"{v!r} is not a supported source: use hf://org/name, s3://bucket/prefix, pvc://claim/path or file:///abs/path"
+        )
+    return v
+
+
+# ---------------------------------------------------------------- spec.engine
+class EngineSpec(_Model):
+    """How the engine is built. Any change here builds a new engine (the old one serves meanwhile)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.backend != 'onnxruntime' || self.precision in ['fp32', 'fp16', 'int8']",
+                    "engine.precision must be fp32, fp16 or int8 when engine.backend is onnxruntime",
+                    ".precision",
+                )
+            ]
+        }
+    )
+
+    backend: Backend = Field(
+        default="tensorrt",
+        description="tensorrt (an NVIDIA GPU engine served by Triton's TensorRT backend) or onnxruntime (served by "
+        "Triton's ONNX Runtime backend, on CPU or GPU).",
+    )
+    precision: Precision = Field(
+        default="fp16",
+        description="Numeric precision of the engine: fp32, fp16, bf16, int8 or fp8. onnxruntime takes fp32, fp16 or int8.",
+    )
+    max_batch_size: int = Field(
+        default=8, ge=1, le=1024, description="Largest batch the engine accepts (Triton's max_batch_size)."
+    )
+    max_sequence_length: int = Field(
+        default=2048, ge=16, le=1048576, description="Longest prompt plus completion, in tokens, the engine accepts."
+    )
+
+    @model_validator(mode="after")
+    def _ort_precisions(self) -> "EngineSpec":
+        if self.backend == "onnxruntime" and self.precision not in ORT_PRECISIONS:
+            raise ValueError(
+                f"precision {self.precision!r} is not available with backend onnxruntime: use fp32, fp16 or int8"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- spec.serving
+class DynamicBatchingSpec(_Model):
+    """Triton's dynamic batcher: requests that arrive together share one forward pass."""
+
+    max_queue_delay_microseconds: int = Field(
+        default=1000,
+        ge=0,
+        le=10_000_000,
+        description="How long a request may wait for others to form a larger batch, in microseconds.",
+    )
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Batch sizes the batcher tries to form, each between 1 and engine.maxBatchSize.",
+    )
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if s < 1]
+        if bad:
+            raise ValueError(f"batch sizes must be at least 1, got {bad}")
+        return v
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: Optional[str] = Field(default=None, description="Taint key the toleration applies to.")
+    operator: Optional[Literal["Exists", "Equal"]] = Field(default=None, description="Exists or Equal.")
+    value: Optional[str] = Field(default=None, description="Taint value to match with operator Equal.")
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
+        default=None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: Optional[int] = Field(
+        default=None, description="How long a NoExecute taint is tolerated before eviction."
+    )
+
+
+class ResourceRequirements(_Model):
+    """CPU and memory for each Triton container (GPUs come from gpusPerReplica)."""
+
+    limits: dict[str, str] = Field(
+        default_factory=dict, description="Resource limits, e.g. {cpu: '8', memory: 64Gi}."
+    )
+    requests: dict[str, str] = Field(
+        default_factory=dict, description="Resource requests, e.g. {cpu: '4', memory: 32Gi}."
+    )
+
+    @field_validator("limits", "requests", mode="before")
+    @classmethod
+    def _quantities(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            out = {}
+            for name, q in v.items():
+                q = str(q)
+                if not re.match(QUANTITY_PATTERN, q):
+                    raise ValueError(f"{name}: {q!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
+                out[name] = q
+            return out
+        return v
+
+
+class ServingSpec(_Model):
+    """How Triton is deployed. Changes here roll the Deployment and never rebuild the engine."""
+
+    replicas: int = Field(default=1, ge=0, description="Triton replicas; ignored while autoscaling is enabled.")
+    gpus_per_replica: int = Field(
+        default=1, ge=0, le=16, description="GPUs for each Triton pod (nvidia.com/gpu); 0 deploys on CPU."
+    )
+    image: str = Field(default=DEFAULT_TRITON_IMAGE, min_length=1, description="The Triton Inference Server image.")
+    dynamic_batching: DynamicBatchingSpec = Field(
+        default_factory=DynamicBatchingSpec, description="Triton's dynamic batcher for this model."
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="CPU and memory requests and limits of the Triton container."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels for the build Job and the Triton pods alike, so an engine is built on the GPU type "
+        "it runs on (e.g. nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3).",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations for the build Job and the Triton pods alike."
+    )
+
+
+# ---------------------------------------------------------------- spec.autoscaling
+class ScalingPolicy(_Model):
+    """One HPA scaling policy (autoscaling/v2 HPAScalingPolicy)."""
+
+    type: Literal["Pods", "Percent"] = Field(description="Pods (a count) or Percent (of current replicas).")
+    value: int = Field(ge=1, description="How many pods, or what percent, may change in one period.")
+    period_seconds: int = Field(ge=1, le=1800, description="Length of the period the value applies to.")
+
+
+class ScalingRules(_Model):
+    """Scale-up or scale-down behaviour (autoscaling/v2 HPAScalingRules)."""
+
+    stabilization_window_seconds: Optional[int] = Field(
+        default=None, ge=0, le=3600, description="The HPA uses the most conservative recommendation within this window."
+    )
+    select_policy: Optional[Literal["Max", "Min", "Disabled"]] = Field(
+        default=None, description="Which policy wins when several apply: Max, Min, or Disabled (no scaling this way)."
+    )
+    policies: list[ScalingPolicy] = Field(
+        default_factory=list, max_length=8, description="Limits on how fast replicas change."
+    )
+
+
+class ScalingBehavior(_Model):
+    """Overrides of the scale-up and scale-down defaults (see docs/autoscaling.md)."""
+
+    scale_up: Optional[ScalingRules] = Field(default=None, description="Scale-up rules; defaults react in seconds.")
+    scale_down: Optional[ScalingRules] = Field(
+        default=None, description="Scale-down rules; defaults wait minutes so the replica count does not flap."
+    )
+
+
+class AutoscalingSpec(_Model):
+    """Scale Triton on GPU utilization (DCGM) and, optionally, Triton's queue-to-compute ratio."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.minReplicas <= self.maxReplicas",
+                    "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+                    ".minReplicas",
+                )
+            ]
+        }
+    )
+
+    enabled: bool = Field(default=False, description="Create a HorizontalPodAutoscaler (or KEDA ScaledObject).")
+    min_replicas: int = Field(default=1, ge=1, description="Fewest Triton replicas while autoscaling.")
+    max_replicas: int = Field(default=4, ge=1, description="Most Triton replicas while autoscaling.")
+    target_gpu_utilization: int = Field(
+        default=70,
+        ge=1,
+        le=100,
+        alias="targetGPUUtilization",
+        description="Average GPU utilization (DCGM_FI_DEV_GPU_UTIL, percent) the autoscaler keeps each replica at.",
+    )
+    target_queue_ratio: Optional[float] = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="Optional second signal: Triton's queue time over compute time (e.g. 0.5). It reacts to "
+        "saturation sooner than GPU utilization.",
+    )
+    metrics_backend: Literal["prometheus-adapter", "keda"] = Field(
+        default="prometheus-adapter",
+        description="prometheus-adapter (an autoscaling/v2 HPA on custom pod metrics) or keda (a KEDA ScaledObject "
+        "that queries Prometheus itself).",
+    )
+    prometheus_address: Optional[str] = Field(
+        default=None,
+        description="Prometheus URL for metricsBackend keda (e.g. http://prometheus-operated.monitoring:9090).",
+    )
+    behavior: Optional[ScalingBehavior] = Field(
+        default=None, description="Scale-up and scale-down windows and policies; sane defaults when unset."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- spec.cache
+class CacheSpec(_Model):
+    """Where engines are kept. Engines outlive the DeepSeekModel, so another model with the same engine inputs reuses them."""
+
+    claim_name: str = Field(
+        default="deepseek-engine-cache",
+        min_length=1,
+        max_length=253,
+        description="PersistentVolumeClaim that holds engines. Shared by every DeepSeekModel that names it.",
+    )
+    size: Optional[str] = Field(
+        default="100Gi",
+        description="If set, the operator creates the claim with this size when it does not exist (it is never "
+        "deleted with a model). Set to null to require an existing claim.",
+    )
+    storage_class_name: Optional[str] = Field(
+        default=None, description="Storage class of a claim the operator creates; the cluster default if unset."
+    )
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"] = Field(
+        default="ReadWriteMany",
+        description="Access mode of a claim the operator creates. ReadWriteMany lets replicas on many nodes share it.",
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _quantity(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.match(QUANTITY_PATTERN, v):
+            raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 100Gi)")
+        return v
+
+
+# ---------------------------------------------------------------- spec
+class DeepSeekModelSpec(_Model):
+    """Desired state of a DeepSeekModel: a checkpoint, its engine, and how Triton serves it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.serving.dynamicBatching.preferredBatchSizes.all(s, s <= self.engine.maxBatchSize)",
+                    "serving.dynamicBatching.preferredBatchSizes must each be at most engine.maxBatchSize",
+                    ".serving.dynamicBatching.preferredBatchSizes",
+                ),
+                cel(
+                    "self.engine.backend != 'tensorrt' || self.serving.gpusPerReplica >= 1",
+                    "engine.backend tensorrt needs serving.gpusPerReplica >= 1; use onnxruntime to serve on CPU",
+                    ".serving.gpusPerReplica",
+                ),
+            ]
+        }
+    )
+
+    model: ModelSpec = Field(description="The checkpoint to serve.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="How the engine is built.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="How Triton serves the engine.")
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec, description="Horizontal autoscaling of the Triton replicas."
+    )
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="Where built engines are kept and reused.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "DeepSeekModelSpec":
+        too_big = [s for s in self.serving.dynamic_batching.preferred_batch_sizes if s > self.engine.max_batch_size]
+        if too_big:
+            raise ValueError(
+                f"serving.dynamicBatching.preferredBatchSizes {too_big} exceed engine.maxBatchSize "
+                f"({self.engine.max_batch_size})"
+            )
+        if self.engine.backend == "tensorrt" and self.serving.gpus_per_replica < 1:
+            raise ValueError(
+                "engine.backend tensorrt needs serving.gpusPerReplica >= 1; use onnxruntime to serve on CPU"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- status
+Phase = Literal["Pending", "Building", "Deploying", "Ready", "Failed"]
+
+
+class Condition(_Model):
+    """A Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(description="EngineBuilt, Serving or Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason for the last transition.")
+    message: str = Field(default="", description="What happened, and what to do about it.")
+    last_transition_time: Optional[str] = Field(default=None, description="When status last changed (RFC 3339).")
+    observed_generation: Optional[int] = Field(default=None, description="The spec generation this reflects.")
+
+
+class EngineStatus(_Model):
+    """The engine Triton serves (or is being built)."""
+
+    cache_key: Optional[str] = Field(default=None, description="Content key of the engine inputs.")
+    location: Optional[str] = Field(default=None, description="Where the engine lives (pvc://claim/path).")
+    build_job: Optional[str] = Field(default=None, description="Name of the build Job, when one ran.")
+    built_at: Optional[str] = Field(default=None, description="When the engine was built (RFC 3339).")
+    build_seconds: Optional[float] = Field(default=None, description="How long the build Job ran.")
+    reused: Optional[bool] = Field(default=None, description="True when the engine came from the cache with no build.")
+
+
+class EndpointsStatus(_Model):
+    """In-cluster URLs of the Triton Service."""
+
+    http: Optional[str] = Field(default=None, description="KServe v2 HTTP/REST endpoint.")
+    grpc: Optional[str] = Field(default=None, description="KServe v2 gRPC endpoint.")
+    metrics: Optional[str] = Field(default=None, description="Prometheus metrics endpoint.")
+
+
+class AutoscalingStatus(_Model):
+    """What the HorizontalPodAutoscaler reports."""
+
+    current_replicas: Optional[int] = Field(default=None, description="Replicas the autoscaler sees now.")
+    desired_replicas: Optional[int] = Field(default=None, description="Replicas the autoscaler wants.")
+
+
+class DeepSeekModelStatus(_Model):
+    """Observed state, written by the operator."""
+
+    phase: Optional[Phase] = Field(default=None, description="Pending, Building, Deploying, Ready or Failed.")
+    conditions: list[Condition] = Field(default_factory=list, description="EngineBuilt, Serving and Ready.")
+    observed_generation: Optional[int] = Field(default=None, description="The spec generation last reconciled.")
+    engine: Optional[EngineStatus] = Field(default=None, description="The engine being served or built.")
+    endpoints: Optional[EndpointsStatus] = Field(default=None, description="Where clients reach Triton.")
+    replicas: Optional[int] = Field(default=None, description="Triton pods that exist.")
+    ready_replicas: Optional[int] = Field(default=None, description="Triton pods that are ready.")
+    autoscaling: Optional[AutoscalingStatus] = Field(default=None, description="The autoscaler's view.")
+
+
+# ---------------------------------------------------------------- parsing
+def format_validation_error(exc: ValidationError, prefix: str = "spec") -> list[str]:
+    """Turn pydantic's errors into 'spec.engine.maxBatchSize: ...' lines."""
+    problems = []
+    for err in exc.errors():
+        path = ".".join([prefix] + [str(p) for p in err["loc"]])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `kubectl explain deepseekmodel.spec` lists the fields)"
+        elif err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
+            msg = f"must be one of {err['ctx']['expected']}, got {err.get('input')!r}"
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
+def parse_spec(spec: Any) -> DeepSeekModelSpec:
+    """Validate a ``spec`` dict from the API or a file; raise SpecError naming the fields."""
+    if not isinstance(spec, dict):
+        raise SpecError(["spec: must be a mapping"])
+    try:
+        return DeepSeekModelSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc)) from None
+
+
+NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class DeepSeekModel(BaseModel):
+    """A whole custom resource as read from a file: name, namespace and validated spec."""
+
+    name: str
+    namespace: str = "default"
+    uid: Optional[str] = None
+    generation: Optional[int] = None
+    labels: dict[str, str] = {}
+    spec: DeepSeekModelSpec
+
+
+def parse_resource(obj: Any) -> DeepSeekModel:
+    """Validate a whole DeepSeekModel object (apiVersion, kind, metadata.name, spec)."""
+    problems: list[str] = []
+    if not isinstance(obj, dict):
+        raise SpecError(["the document must be a mapping with apiVersion, kind, metadata and spec"])
+    if obj.get("apiVersion") != API_VERSION:
+        problems.append(f"apiVersion: must be {API_VERSION}, got {obj.get('apiVersion')!r}")
+    if obj.get("kind") != KIND:
+        problems.append(f"kind: must be {KIND}, got {obj.get('kind')!r}")
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if not name:
+        problems.append("metadata.name: required")
+    elif len(name) > 63 or not NAME_PATTERN.match(name):
+        problems.append(
+            f"metadata.name: {name!r} must be at most 63 lowercase letters, digits and '-', starting and ending "
+            "with a letter or digit"
+        )
+    spec = None
+    try:
+        spec = parse_spec(obj.get("spec"))
+    except SpecError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
+    return DeepSeekModel(
+        name=name,
+        namespace=meta.get("namespace") or "default",
+        uid=meta.get("uid"),
+        generation=meta.get("generation"),
+        labels=meta.get("labels") or {},
+        spec=spec,
+    )
+
+
+def load_resource_file(path: str) -> DeepSeekModel:
+    """Read the first DeepSeekModel in a YAML file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            docs = [d for d in yaml.safe_load_all(fh) if d]
+    except FileNotFoundError:
+        raise SpecError([f"{path}: no such file"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{path}: not valid YAML: {exc}"]) from None
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == KIND:
+            return parse_resource(doc)
+    raise SpecError([f"{path}: holds no {KIND} document"])
