@@ -377,6 +377,7 @@ class DeepSeekModelSpec(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
+                    "!has(self.serving.dynamicBatching.preferredBatchSizes) || "
                     "self.serving.dynamicBatching.preferredBatchSizes.all(s, s <= self.engine.maxBatchSize)",
                     "serving.dynamicBatching.preferredBatchSizes must each be at most engine.maxBatchSize",
                     ".serving.dynamicBatching.preferredBatchSizes",

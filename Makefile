@@ -1,0 +1,32 @@
+# The two commands a new user needs:
+#   make demo   set everything up, then build a tiny DeepSeek model, serve it on a real Triton and ask it something
+#   make test   set everything up, then run the test suite (what CI runs)
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_PROMPT ?= The capital of France is
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup:
+	@scripts/bootstrap.sh
+
+demo: setup
+	$(BIN)/deepseek-operator local up
+	$(BIN)/deepseek-operator local generate "$(DEMO_PROMPT)" --max-tokens 24
+	$(BIN)/deepseek-operator local generate "$(DEMO_PROMPT)" --max-tokens 24 --stream
+	$(BIN)/deepseek-operator local down
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -ra tests/unit
+
+bench: setup
+	$(BIN)/python bench/build/run.py
+	$(BIN)/python bench/batching/run.py
+	$(BIN)/python bench/autoscaling/run.py
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache
