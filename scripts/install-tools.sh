@@ -50,4 +50,35 @@ fi
 # Append further tools below as their own section (e.g. promtool from Debian's prometheus package),
 # each guarded by `have <tool>` so the script stays idempotent.
 
+# ---------------------------------------------------------------- promtool and prometheus (monitoring tests)
+# Debian's `prometheus` package: promtool checks the chart's rules, and the monitoring tests run a
+# real Prometheus on loopback. Needs root (CI runs as root). The package's service is kept from
+# starting during the install (policy-rc.d), so nothing listens on :9090 afterwards.
+if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+  echo "install-tools: promtool and prometheus already installed"
+else
+  need apt-get
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-tools: installing Debian's prometheus package needs root: sudo apt-get install -y prometheus" >&2
+    exit 1
+  fi
+  made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  if ! apt-cache show prometheus >/dev/null 2>&1; then
+    apt-get update
+  fi
+  rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus || rc=$?
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  if [ "$rc" -ne 0 ]; then
+    echo "install-tools: apt-get install prometheus failed (exit $rc)" >&2
+    exit "$rc"
+  fi
+  promtool --version | head -n1
+fi
+
 echo "install-tools: done; add $BIN to PATH to use them"
