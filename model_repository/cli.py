@@ -1,0 +1,67 @@
+"""``deepseek-operator repository``: write a Triton model repository for a built engine.
+
+The Triton pods' init container runs this in the cluster, so a serving change
+(batching, instance count) rewrites the repository without rebuilding the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .repository import RepositoryError, resolve_engine_ref, write_repository
+
+
+@click.command("repository")
+@click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), help="A built engine directory.")
+@click.option(
+    "--engine-ref",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A cache ref, <cache>/refs/<key>.json, naming the engine directory.",
+)
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Repository to write.")
+@click.option("--model-name", required=True, help="The name clients call (the DeepSeekModel's name).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--preferred-batch-size", "preferred_batch_sizes", type=click.IntRange(min=1), multiple=True)
+@click.option("--no-dynamic-batching", is_flag=True, help="Serve one request per execution.")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per replica.")
+@click.option("--instance-count", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--runtime", type=click.Choice(["triton", "local"]), default="triton", show_default=True)
+@click.option("--copy", "copy_files", is_flag=True, help="Copy engine files instead of symlinking them.")
+def repository(
+    engine_dir: Optional[Path],
+    engine_ref: Optional[Path],
+    output: Path,
+    model_name: str,
+    max_queue_delay_us: int,
+    preferred_batch_sizes: tuple[int, ...],
+    no_dynamic_batching: bool,
+    gpus: int,
+    instance_count: int,
+    runtime: str,
+    copy_files: bool,
+) -> None:
+    """Write the Triton model repository (config.pbtxt and Python models) for a built engine."""
+    if (engine_dir is None) == (engine_ref is None):
+        raise click.UsageError("give exactly one of --engine-dir or --engine-ref")
+    try:
+        if engine_ref is not None:
+            engine_dir = resolve_engine_ref(engine_ref)
+        out = write_repository(
+            engine_dir,
+            output,
+            model_name,
+            runtime=runtime,
+            max_queue_delay_us=max_queue_delay_us,
+            preferred_batch_sizes=list(preferred_batch_sizes),
+            gpus=gpus,
+            instance_count=instance_count,
+            dynamic_batching=not no_dynamic_batching,
+            link=not copy_files,
+        )
+    except RepositoryError as exc:
+        raise click.ClickException(str(exc)) from None
+    models = sorted(p.name for p in out.iterdir() if (p / "config.pbtxt").exists())
+    click.echo(f"wrote {out}: {', '.join(models)}")

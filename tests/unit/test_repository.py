@@ -1,0 +1,207 @@
+"""write_repository and the `repository` command: which models, which configs, where the engine files go."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from deepseek_model_repository import RepositoryError, write_repository
+from deepseek_model_repository.cli import repository
+from deepseek_model_repository.config import parse_pbtxt
+
+KV = {
+    "num_layers": 1,
+    "past_inputs": ["past_key_values.0.key", "past_key_values.0.value"],
+    "present_outputs": ["present.0.key", "present.0.value"],
+}
+
+
+def model_info(task: str = "text-generation", backend: str = "onnxruntime") -> dict:
+    """A model-info.json as ENGINE_FORMAT.md describes it."""
+    inputs = [
+        {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1]},
+        {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1]},
+    ]
+    outputs = [{"name": "logits", "data_type": "TYPE_FP32", "dims": [-1]}]
+    info = {
+        "format": 1,
+        "task": task,
+        "backend": backend,
+        "precision": "fp32",
+        "architecture": "deepseek_v3",
+        "engine_file": "engine/model.plan" if backend == "tensorrt" else "engine/model.onnx",
+        "max_batch_size": 8,
+        "max_sequence_length": 256,
+        "inputs": inputs,
+        "outputs": outputs,
+        "tokenizer_dir": "tokenizer",
+        "bos_token_id": 0,
+        "eos_token_ids": [1],
+        "pad_token_id": 1,
+    }
+    if task == "text-generation":
+        info["inputs"] += [{"name": "position_ids", "data_type": "TYPE_INT64", "dims": [-1]}] + [
+            {"name": n, "data_type": "TYPE_FP32", "dims": [2, -1, 8]} for n in KV["past_inputs"]
+        ]
+        info["outputs"] += [{"name": n, "data_type": "TYPE_FP32", "dims": [2, -1, 8]} for n in KV["present_outputs"]]
+        info["kv_cache"] = KV
+    if task == "text-classification":
+        info["labels"] = ["NEGATIVE", "POSITIVE"]
+    if task == "feature-extraction":
+        info["outputs"] = [{"name": "embedding", "data_type": "TYPE_FP32", "dims": [64]}]
+    return info
+
+
+def engine_dir(root: Path, **kw) -> Path:
+    """An engine directory with model-info.json and a placeholder engine file (configs only; nothing loads it)."""
+    info = model_info(**kw)
+    d = root / "engines" / "k1"
+    (d / "engine").mkdir(parents=True)
+    (d / info["engine_file"]).write_bytes(b"engine bytes")
+    if info["backend"] == "onnxruntime":
+        (d / "engine" / "model.onnx.data").write_bytes(b"weights")
+    (d / "model-info.json").write_text(json.dumps(info))
+    return d
+
+
+def configs(repo: Path) -> dict:
+    return {p.parent.name: parse_pbtxt(p.read_text()) for p in repo.glob("*/config.pbtxt")}
+
+
+def test_text_generation_for_triton_links_the_onnx_engine_under_the_native_backend(tmp_path):
+    engine = engine_dir(tmp_path)
+    repo = write_repository(engine, tmp_path / "repo", "chat", runtime="triton", preferred_batch_sizes=[4, 8])
+    c = configs(repo)
+    assert set(c) == {"chat", "chat_stream", "chat_engine"}
+    assert c["chat_engine"].platform == "onnxruntime_onnx"
+    assert c["chat_engine"].max_batch_size == 8
+    assert {i.name for i in c["chat_engine"].input} >= {"input_ids", "past_key_values.0.key"}
+    linked = repo / "chat_engine" / "1" / "model.onnx"
+    assert linked.is_symlink() and linked.resolve() == (engine / "engine" / "model.onnx").resolve()
+    assert (repo / "chat_engine" / "1" / "model.onnx.data").is_symlink()
+    assert list(c["chat"].dynamic_batching.preferred_batch_size) == [4, 8]
+    assert not c["chat"].model_transaction_policy.decoupled
+    assert c["chat_stream"].model_transaction_policy.decoupled
+    assert [i.name for i in c["chat"].input] == [
+        "text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream"
+    ]
+    assert [i.optional for i in c["chat"].input] == [False] + [True] * 6
+    assert c["chat"].parameters["engine_dir"].string_value == str(engine.resolve())
+    assert (repo / "chat" / "1" / "model.py").read_text().startswith('"""Text generation')
+
+
+def test_local_runtime_runs_the_engine_in_a_python_model(tmp_path):
+    repo = write_repository(engine_dir(tmp_path), tmp_path / "repo", "m", runtime="local")
+    c = configs(repo)
+    assert c["m_engine"].backend == "python"
+    assert c["m_engine"].parameters["engine_file"].string_value == "engine/model.onnx"
+    assert "onnxruntime.InferenceSession" in (repo / "m_engine" / "1" / "model.py").read_text()
+
+
+def test_tensorrt_engine_goes_to_gpu_instances(tmp_path):
+    repo = write_repository(
+        engine_dir(tmp_path, backend="tensorrt"), tmp_path / "repo", "m", runtime="triton", gpus=1, instance_count=2
+    )
+    c = configs(repo)["m_engine"]
+    assert c.platform == "tensorrt_plan"
+    assert c.instance_group[0].kind == c.instance_group[0].KIND_GPU and c.instance_group[0].count == 2
+    assert (repo / "m_engine" / "1" / "model.plan").is_symlink()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"runtime": "local"}, "set spec.engine.backend: onnxruntime"),
+        ({"runtime": "triton", "gpus": 0}, "needs a GPU"),
+    ],
+)
+def test_tensorrt_refused_where_it_cannot_run(tmp_path, kwargs, message):
+    with pytest.raises(RepositoryError, match=message):
+        write_repository(engine_dir(tmp_path, backend="tensorrt"), tmp_path / "repo", "m", **kwargs)
+
+
+def test_classification_and_extraction_outputs(tmp_path):
+    c = configs(write_repository(engine_dir(tmp_path / "a", task="text-classification"), tmp_path / "r1", "cls",
+                                 runtime="local"))
+    assert set(c) == {"cls", "cls_engine"}
+    assert [(o.name, list(o.dims)) for o in c["cls"].output] == [("label", [1]), ("probabilities", [2])]
+    assert [i.name for i in c["cls"].input] == ["text_input"]
+    c = configs(write_repository(engine_dir(tmp_path / "b", task="feature-extraction"), tmp_path / "r2", "emb",
+                                 runtime="local"))
+    assert [o.name for o in c["emb"].output] == ["embedding"]
+
+
+def test_dynamic_batching_off(tmp_path):
+    c = configs(write_repository(engine_dir(tmp_path), tmp_path / "repo", "m", runtime="local", dynamic_batching=False))
+    assert not any(m.HasField("dynamic_batching") for m in c.values())
+
+
+def test_rewriting_replaces_own_models_and_keeps_others(tmp_path):
+    engine = engine_dir(tmp_path)
+    repo = tmp_path / "repo"
+    write_repository(engine, repo, "a", runtime="local", max_queue_delay_us=100)
+    write_repository(engine, repo, "b", runtime="local")
+    write_repository(engine, repo, "a", runtime="local", max_queue_delay_us=500)
+    c = configs(repo)
+    assert set(c) == {"a", "a_stream", "a_engine", "b", "b_stream", "b_engine"}
+    assert c["a"].dynamic_batching.max_queue_delay_microseconds == 500
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda i: i.update(format=2), "format 2 is not supported"),
+        (lambda i: i.pop("kv_cache"), "kv_cache is missing"),
+        (lambda i: i.update(task="translation"), "task 'translation' must be one of"),
+    ],
+)
+def test_bad_model_info_names_the_problem(tmp_path, mutate, message):
+    engine = engine_dir(tmp_path)
+    info = json.loads((engine / "model-info.json").read_text())
+    mutate(info)
+    (engine / "model-info.json").write_text(json.dumps(info))
+    with pytest.raises(RepositoryError, match=message):
+        write_repository(engine, tmp_path / "repo", "m", runtime="triton")
+
+
+def test_preferred_batch_size_above_engine_max_is_refused(tmp_path):
+    with pytest.raises(RepositoryError, match=r"between 1 and the engine's max batch size \(8\)"):
+        write_repository(engine_dir(tmp_path), tmp_path / "repo", "m", runtime="triton", preferred_batch_sizes=[16])
+
+
+def test_cli_resolves_an_engine_ref(tmp_path):
+    engine = engine_dir(tmp_path)
+    (tmp_path / "refs").mkdir()
+    ref = tmp_path / "refs" / "spec.json"
+    ref.write_text(json.dumps({"content_key": "k1", "engine_dir": "engines/k1"}))
+    result = CliRunner().invoke(
+        repository,
+        ["--engine-ref", str(ref), "--output", str(tmp_path / "repo"), "--model-name", "m",
+         "--preferred-batch-size", "2", "--preferred-batch-size", "4", "--max-queue-delay-us", "300"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "m, m_engine, m_stream" in result.output
+    c = configs(tmp_path / "repo")
+    assert c["m"].dynamic_batching.max_queue_delay_microseconds == 300
+    assert c["m_engine"].platform == "onnxruntime_onnx"
+    assert engine.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--engine-ref", "{tmp}/refs/missing.json"], "has the build finished?"),
+        (["--engine-dir", "{tmp}/nowhere"], "is {tmp}/nowhere a finished engine directory?"),
+        ([], "give exactly one of --engine-dir or --engine-ref"),
+    ],
+)
+def test_cli_errors_are_clear_and_nonzero_without_traceback(tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = CliRunner().invoke(repository, args + ["--output", str(tmp_path / "r"), "--model-name", "m"])
+    assert result.exit_code != 0
+    assert message.format(tmp=tmp_path) in result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
