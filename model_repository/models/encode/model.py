@@ -17,6 +17,13 @@ class RequestError(Exception):
     """A bad request: answered with this message, the rest of the batch goes on."""
 
 
+def error_response(message, invalid=True):
+    """An error response; a bad request is INVALID_ARG (HTTP 400), anything else INTERNAL."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
 class TritonPythonModel:
     """The client-facing model for text-classification and feature-extraction engines."""
 
@@ -25,7 +32,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         engine_dir = params["engine_dir"]
-        with open(os.path.join(engine_dir, "model-info.json")) as fh:
+        with open(os.path.join(engine_dir, "model-info.json"), encoding="utf-8") as fh:
             info = json.load(fh)
         self.task = info["task"]
         self.labels = list(info.get("labels") or [])
@@ -35,7 +42,7 @@ class TritonPythonModel:
         self.add_bos = False
         config_path = os.path.join(tok_dir, "tokenizer_config.json")
         if os.path.exists(config_path):
-            with open(config_path) as fh:
+            with open(config_path, encoding="utf-8") as fh:
                 self.add_bos = bool(json.load(fh).get("add_bos_token", False))
         self.bos = info.get("bos_token_id")
         self.pad = int(info.get("pad_token_id") or 0)
@@ -109,7 +116,7 @@ class TritonPythonModel:
             try:
                 parsed[index] = self._parse(request)
             except Exception as exc:  # noqa: BLE001 - answers this request only
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
+                responses[index] = error_response(str(exc))
         if parsed:
             rows = [ids for index in parsed for ids in parsed[index]]
             try:
@@ -120,9 +127,7 @@ class TritonPythonModel:
                     start += len(ids_list)
             except Exception as exc:  # noqa: BLE001
                 for index in parsed:
-                    responses[index] = pb_utils.InferenceResponse(
-                        output_tensors=[], error=pb_utils.TritonError(f"inference failed: {exc}")
-                    )
+                    responses[index] = error_response(f"inference failed: {exc}", invalid=False)
         return responses
 
     def finalize(self):

@@ -50,7 +50,7 @@ def load_tokenizer(engine_dir, info):
     add_bos = False
     config_path = os.path.join(tok_dir, "tokenizer_config.json")
     if os.path.exists(config_path):
-        with open(config_path) as fh:
+        with open(config_path, encoding="utf-8") as fh:
             add_bos = bool(json.load(fh).get("add_bos_token", False))
     return tokenizer, add_bos
 
@@ -63,7 +63,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         engine_dir = params["engine_dir"]
-        with open(os.path.join(engine_dir, "model-info.json")) as fh:
+        with open(os.path.join(engine_dir, "model-info.json"), encoding="utf-8") as fh:
             info = json.load(fh)
         self.engine_model = params["engine_model"]
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
@@ -251,8 +251,11 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", array)])
 
     @staticmethod
-    def _error_response(message):
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+    def _error_response(message, invalid=True):
+        """An error response; a bad request is INVALID_ARG (HTTP 400), anything else INTERNAL."""
+        code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def execute(self, requests):
         """Answer every request of this batch: errors for bad ones, completions for the rest."""
@@ -288,7 +291,7 @@ class TritonPythonModel:
                 self._generate(sequences, on_token)
             except Exception as exc:  # noqa: BLE001 - an engine failure answers the whole batch
                 for index in per_request:
-                    responses[index] = self._error_response(f"generation failed: {exc}")
+                    responses[index] = self._error_response(f"generation failed: {exc}", invalid=False)
                 per_request = {}
         for index, seqs in per_request.items():
             if self.decoupled and seqs[0].stream:

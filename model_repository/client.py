@@ -1,0 +1,105 @@
+"""A small tritonclient (gRPC) client for the served models: the CLI's `local generate`, the tests, the bench.
+
+It builds requests the way any Triton client would: ``text_input`` as BYTES of
+shape [1, 1] plus the optional controls, each [1, 1].
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Iterator, Optional
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+class ServingError(RuntimeError):
+    """The server answered with an error."""
+
+
+def generation_inputs(
+    module,
+    prompt: str,
+    *,
+    max_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None,
+    stream: Optional[bool] = None,
+) -> list:
+    """InferInput objects for ``tritonclient.grpc`` or ``tritonclient.http`` (pass the module)."""
+    inputs = []
+
+    def add(name: str, datatype: str, value) -> None:
+        tensor = module.InferInput(name, [1, 1], datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+
+    add("text_input", "BYTES", np.array([[prompt.encode("utf-8")]], dtype=np.object_))
+    if max_tokens is not None:
+        add("max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32))
+    if temperature is not None:
+        add("temperature", "FP32", np.array([[temperature]], dtype=np.float32))
+    if top_p is not None:
+        add("top_p", "FP32", np.array([[top_p]], dtype=np.float32))
+    if top_k is not None:
+        add("top_k", "INT32", np.array([[top_k]], dtype=np.int32))
+    if seed is not None:
+        add("seed", "UINT64", np.array([[seed]], dtype=np.uint64))
+    if stream is not None:
+        add("stream", "BOOL", np.array([[stream]], dtype=bool))
+    return inputs
+
+
+def text_of(result) -> str:
+    """The completion in a response's ``text_output``."""
+    value = result.as_numpy("text_output").reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class GenerationClient:
+    """Unary calls to model NAME, streaming calls to NAME_stream, over gRPC."""
+
+    def __init__(self, url: str, model: str):
+        self.model = model
+        self.client = grpcclient.InferenceServerClient(url)
+
+    def generate(self, prompt: str, **controls) -> str:
+        try:
+            return text_of(self.client.infer(self.model, generation_inputs(grpcclient, prompt, **controls)))
+        except InferenceServerException as exc:
+            raise ServingError(exc.message()) from None
+
+    def stream(self, prompt: str, timeout: float = 300.0, **controls) -> Iterator[str]:
+        """Yield the completion's pieces as the server makes them."""
+        pieces: "queue.Queue" = queue.Queue()
+
+        def callback(result=None, error=None) -> None:
+            pieces.put((result, error))
+
+        self.client.start_stream(callback=callback)
+        try:
+            self.client.async_stream_infer(
+                f"{self.model}_stream",
+                generation_inputs(grpcclient, prompt, stream=True, **controls),
+                enable_empty_final_response=True,
+            )
+            while True:
+                result, error = pieces.get(timeout=timeout)
+                if error is not None:
+                    raise ServingError(error.message() if hasattr(error, "message") else str(error))
+                response = result.get_response()
+                final = response.parameters.get("triton_final_response")
+                if result.as_numpy("text_output") is not None:
+                    piece = text_of(result)
+                    if piece:
+                        yield piece
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            self.client.stop_stream()
+
+    def close(self) -> None:
+        self.client.close()

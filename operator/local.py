@@ -1,0 +1,559 @@
+"""The local mode: build a DeepSeekModel and serve it on a real Triton Inference Server on this machine.
+
+``deepseek-operator local up`` runs the same build as the cluster (same cache,
+same engine directory), writes the model repository with ``runtime="local"``
+(the ONNX engine inside a Python-backend model, since the Triton that
+``nvidia-pytriton`` bundles has only the Python backend), starts ``tritonserver``
+in its own session and returns once the model is ready.  Its pid and ports go to
+``<cache>/local/<name>.json``; ``down`` stops it, ``status`` lists what runs,
+``generate`` is a tritonclient client.
+
+The server is started as RECIPES.md measured: the Python backend copied into a
+``backends/`` directory with the stub for this Python, the venv's ``bin`` first
+on PATH, ``LD_LIBRARY_PATH`` at ``nvidia_pytriton.libs``, loopback addresses and
+a short exit timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+import yaml
+
+from . import api
+
+ENV_CACHE = "DEEPSEEK_OPERATOR_CACHE"
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+READY_TIMEOUT_S = 300.0
+EXIT_TIMEOUT_S = 5
+DEFAULT_EXAMPLE = "local-tiny.yaml"
+#: Python backend shared memory: logits of a full batch (vocab ~128k x fp32) cross it on every decode step.
+PYTHON_BACKEND_CONFIG = ("shm-default-byte-size=33554432", "shm-growth-byte-size=16777216")
+
+
+class LocalError(click.ClickException):
+    """A local-mode failure the user can fix; printed without a traceback, exit status 1."""
+
+
+# ------------------------------------------------------------------ paths and state
+def default_cache_dir() -> Path:
+    """``$DEEPSEEK_OPERATOR_CACHE``, else ``$XDG_CACHE_HOME/deepseek-operator`` (``~/.cache/deepseek-operator``)."""
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deepseek-operator"
+
+
+@dataclass
+class LocalServer:
+    """A running local Triton: what ``status`` and ``down`` need (stored as <cache>/local/<name>.json)."""
+
+    name: str
+    pid: int
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    repository: str
+    log: str
+    engine_dir: str = ""
+    task: str = "text-generation"
+    started_at: float = 0.0
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "http": f"http://127.0.0.1:{self.http_port}",
+            "grpc": f"127.0.0.1:{self.grpc_port}",
+            "metrics": f"http://127.0.0.1:{self.metrics_port}/metrics",
+        }
+
+
+def state_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "local"
+
+
+def state_file(cache_dir: Path, name: str) -> Path:
+    return state_dir(cache_dir) / f"{name}.json"
+
+
+def read_state(cache_dir: Path, name: str) -> Optional[LocalServer]:
+    path = state_file(cache_dir, name)
+    try:
+        return LocalServer(**json.loads(path.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def write_state(cache_dir: Path, server: LocalServer) -> None:
+    path = state_file(cache_dir, server.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(server), indent=2))
+    tmp.replace(path)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie child of this process is reaped and counts as gone)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+# ------------------------------------------------------------------ the Triton binary
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the server binary, the Python backend and its stub live."""
+
+    binary: Path
+    python_backend: Path
+    stub: Optional[Path]
+    libs: Optional[Path]
+
+
+def find_triton() -> TritonInstall:
+    """The tritonserver bundled in ``nvidia-pytriton``, else ``tritonserver`` from PATH."""
+    try:
+        import pytriton  # noqa: F401 - located, not used
+
+        root = Path(resources.files("pytriton")) / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        libs = Path(resources.files("pytriton")).parent / "nvidia_pytriton.libs"
+        if (root / "bin" / "tritonserver").exists():
+            if not stub.exists():
+                raise LocalError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+            return TritonInstall(root / "bin" / "tritonserver", root / "backends" / "python", stub, libs)
+    except ImportError:
+        pass
+    binary = shutil.which("tritonserver")
+    if binary:
+        backends = Path(binary).resolve().parent.parent / "backends"
+        return TritonInstall(Path(binary), backends / "python", None, None)
+    raise LocalError(
+        "no Triton Inference Server found: install the local extra (pip install 'deepseek-operator[local]', "
+        "which bundles tritonserver in nvidia-pytriton) or put tritonserver on PATH"
+    )
+
+
+def prepare_backends(install: TritonInstall, directory: Path) -> Path:
+    """A backends/ directory holding the Python backend with the stub for this interpreter."""
+    target = directory / "python"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(install.python_backend, target, ignore=shutil.ignore_patterns("__pycache__"))
+    if install.stub is not None:
+        shutil.copy2(install.stub, target / "triton_python_backend_stub")
+    return directory
+
+
+def check_port_free(port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise LocalError(f"port {port} ({what}) is in use on 127.0.0.1: pass --{what}-port with a free port") from None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(install: TritonInstall) -> dict[str, str]:
+    """PATH with this venv's bin first (the stub's packages) and LD_LIBRARY_PATH at the bundled libraries."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUTF8", "1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if install.libs is not None and install.libs.exists():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.libs), env.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+def start_triton(
+    repository: Path, workdir: Path, *, http_port: int, grpc_port: int, metrics_port: int, log_path: Path
+) -> int:
+    """Start tritonserver in its own session (it outlives this command); return its pid."""
+    install = find_triton()
+    backends = prepare_backends(install, workdir / "backends")
+    argv = [
+        str(install.binary),
+        f"--model-repository={repository}",
+        f"--backend-directory={backends}",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-port={metrics_port}",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+        "--log-verbose=0",
+    ] + [f"--backend-config=python,{kv}" for kv in PYTHON_BACKEND_CONFIG]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        pid = os.posix_spawn(
+            argv[0],
+            argv,
+            server_env(install),
+            file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, fd, 2)],
+            setsid=True,
+        )
+    finally:
+        os.close(fd)
+        os.close(devnull)
+    return pid
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_ready(pid: int, http_port: int, models: list[str], log_path: Path, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll /v2/models/<m>/ready until every model is ready; fail with the log's tail if the server dies."""
+    deadline = time.monotonic() + timeout
+    pending = list(models)
+    while pending:
+        if not pid_alive(pid):
+            raise LocalError(f"tritonserver exited before the model was ready; its log ({log_path}) ends:\n"
+                             f"{log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{pending[0]}/ready", timeout=2) as r:
+                if r.status == 200:
+                    pending.pop(0)
+                    continue
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            stop_pid(pid)
+            raise LocalError(f"model {pending[0]} not ready after {timeout:.0f}s; log ({log_path}) ends:\n"
+                             f"{log_tail(log_path)}")
+        time.sleep(0.25)
+
+
+def stop_pid(pid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> bool:
+    """SIGTERM, wait for the exit, SIGKILL after ``timeout``; True if it had been running."""
+    if not pid_alive(pid):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            time.sleep(0.2)
+            pid_alive(pid)
+            break
+        time.sleep(0.1)
+    return True
+
+
+# ------------------------------------------------------------------ the CR and the build
+def load_default_resource(cache_dir: Path) -> api.DeepSeekModel:
+    """The embedded local-tiny.yaml, its source pointed at a tiny random-weight model made in the cache on first use."""
+    raw = yaml.safe_load(resources.files("deepseek_operator").joinpath("examples", DEFAULT_EXAMPLE).read_text())
+    annotations = raw.get("metadata", {}).get("annotations", {}) or {}
+    arch = annotations.get("deepseek.ai/tiny-architecture", "deepseek_v3")
+    task = raw["spec"]["model"].get("task", "text-generation")
+    model_dir = Path(cache_dir) / "tiny-models" / f"{arch}-{task}"
+    ensure_tiny_model(model_dir, arch, task)
+    raw["spec"]["model"]["source"] = f"file://{model_dir.resolve()}"
+    return api.parse_resource(raw)
+
+
+def ensure_tiny_model(model_dir: Path, arch: str, task: str) -> None:
+    """Write the builder's tiny random-weight model once (config.json marks a finished one)."""
+    if (model_dir / "config.json").exists():
+        return
+    try:
+        from deepseek_builder.tiny import write_tiny_model
+    except ImportError as exc:
+        raise LocalError(f"the builder is not installed ({exc}): pip install 'deepseek-operator[builder,local]'") from None
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_tiny_model(tmp, arch=arch, task=task, seed=0)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+
+
+def load_resource(path: Optional[str], cache_dir: Path) -> api.DeepSeekModel:
+    if path is None:
+        return load_default_resource(cache_dir)
+    try:
+        return api.load_resource_file(path)
+    except api.SpecError as exc:
+        raise LocalError(str(exc)) from None
+
+
+def check_runnable(resource: api.DeepSeekModel) -> None:
+    """Refuse what this machine cannot serve, before any build."""
+    spec = resource.spec
+    if spec.engine.backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise LocalError(
+                f"{resource.name}: engine.backend is tensorrt, but TensorRT is not installed here (and the local "
+                "Triton has no TensorRT backend): set spec.engine.backend: onnxruntime (precision fp32, fp16 or int8) "
+                "and serving.gpusPerReplica: 0 to run it locally"
+            ) from None
+        raise LocalError(
+            f"{resource.name}: the local mode serves ONNX Runtime engines only (the Triton bundled with PyTriton has "
+            "no TensorRT backend): set spec.engine.backend: onnxruntime"
+        )
+
+
+def build_engine(resource: api.DeepSeekModel, cache_dir: Path, echo: Callable[[str], None]) -> Path:
+    """The cluster's build, on this machine: returns the engine directory in the cache (reused when present)."""
+    try:
+        from deepseek_builder import api as builder
+    except ImportError as exc:
+        raise LocalError(f"the builder is not installed ({exc}): pip install 'deepseek-operator[builder,local]'") from None
+    result = builder.build_for_resource(resource, cache_dir, log=echo)
+    return Path(result.engine_dir)
+
+
+# ------------------------------------------------------------------ up / down
+def serve_repository(
+    name: str,
+    repository: Path,
+    cache_dir: Path,
+    *,
+    models: list[str],
+    http_port: int = DEFAULT_PORTS["http"],
+    grpc_port: int = DEFAULT_PORTS["grpc"],
+    metrics_port: int = DEFAULT_PORTS["metrics"],
+    engine_dir: str = "",
+    task: str = "text-generation",
+) -> LocalServer:
+    """Start Triton on an existing repository, wait for ``models``, record the state; ports 0 pick free ones."""
+    ports = {}
+    for what, port in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)):
+        if port == 0:
+            port = free_port()
+        check_port_free(port, what)
+        ports[what] = port
+    workdir = state_dir(cache_dir) / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "tritonserver.log"
+    pid = start_triton(
+        Path(repository).resolve(), workdir, http_port=ports["http"], grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"], log_path=log_path,
+    )
+    server = LocalServer(
+        name=name, pid=pid, http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"],
+        repository=str(Path(repository).resolve()), log=str(log_path), engine_dir=engine_dir, task=task,
+        started_at=time.time(),
+    )
+    write_state(cache_dir, server)
+    try:
+        wait_ready(pid, ports["http"], models, log_path)
+    except LocalError:
+        state_file(cache_dir, name).unlink(missing_ok=True)
+        raise
+    return server
+
+
+def up_resource(
+    resource: api.DeepSeekModel,
+    cache_dir: Path,
+    *,
+    http_port: int = DEFAULT_PORTS["http"],
+    grpc_port: int = DEFAULT_PORTS["grpc"],
+    metrics_port: int = DEFAULT_PORTS["metrics"],
+    echo: Callable[[str], None] = click.echo,
+) -> LocalServer:
+    """Build (or reuse) the engine, write the repository, start Triton, wait until the model is ready."""
+    from deepseek_model_repository import RepositoryError, write_repository
+    from deepseek_model_repository.repository import ModelNames
+
+    cache_dir = Path(cache_dir)
+    running = read_state(cache_dir, resource.name)
+    if running and pid_alive(running.pid):
+        raise LocalError(
+            f"{resource.name} is already running (pid {running.pid}, HTTP {running.endpoints['http']}, "
+            f"gRPC {running.endpoints['grpc']}): run `deepseek-operator local down` first"
+        )
+    check_runnable(resource)
+    engine_dir = build_engine(resource, cache_dir, echo)
+    batching = resource.spec.serving.dynamic_batching
+    repo = state_dir(cache_dir) / resource.name / "repository"
+    try:
+        write_repository(
+            engine_dir, repo, resource.name, runtime="local",
+            max_queue_delay_us=batching.max_queue_delay_microseconds,
+            preferred_batch_sizes=batching.preferred_batch_sizes,
+        )
+    except RepositoryError as exc:
+        raise LocalError(str(exc)) from None
+    names = ModelNames.of(resource.name)
+    echo(f"starting Triton Inference Server for {resource.name} ...")
+    return serve_repository(
+        resource.name, repo, cache_dir, models=[names.engine, names.client],
+        http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        engine_dir=str(engine_dir), task=resource.spec.model.task,
+    )
+
+
+def down_name(name: str, cache_dir: Path) -> Optional[LocalServer]:
+    """Stop the named model's server and forget it; None if nothing was recorded."""
+    server = read_state(cache_dir, name)
+    if server is None:
+        return None
+    stop_pid(server.pid)
+    state_file(cache_dir, name).unlink(missing_ok=True)
+    return server
+
+
+# ------------------------------------------------------------------ the click group
+cache_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=f"Engine cache (default ${ENV_CACHE} or ~/.cache/deepseek-operator).",
+)
+file_option = click.option(
+    "-f", "--filename", "filename", type=click.Path(dir_okay=False), default=None,
+    help="A DeepSeekModel YAML (default: the embedded tiny example, operator/examples/local-tiny.yaml).",
+)
+
+
+def _cache(cache_dir: Optional[Path]) -> Path:
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+def _name_of(filename: Optional[str]) -> str:
+    """The model name of a CR file, or of the embedded example, without building anything."""
+    if filename is None:
+        raw = yaml.safe_load(resources.files("deepseek_operator").joinpath("examples", DEFAULT_EXAMPLE).read_text())
+        return raw["metadata"]["name"]
+    try:
+        return api.load_resource_file(filename).name
+    except api.SpecError as exc:
+        raise LocalError(str(exc)) from None
+
+
+@click.group("local")
+def local() -> None:
+    """Build and serve a DeepSeekModel on this machine with a real Triton Inference Server."""
+
+
+@local.command("up")
+@file_option
+@click.option("--http-port", type=click.IntRange(0, 65535), default=DEFAULT_PORTS["http"], show_default=True)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=DEFAULT_PORTS["grpc"], show_default=True)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=DEFAULT_PORTS["metrics"], show_default=True)
+@cache_option
+def up(filename: Optional[str], http_port: int, grpc_port: int, metrics_port: int, cache_dir: Optional[Path]) -> None:
+    """Build the engine (or reuse the cache), start Triton, and return once the model is ready."""
+    cache = _cache(cache_dir)
+    resource = load_resource(filename, cache)
+    server = up_resource(resource, cache, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    click.echo(f"{server.name} is ready (pid {server.pid}, task {server.task})")
+    click.echo(f"  HTTP     {server.endpoints['http']}   (model {server.name})")
+    click.echo(f"  gRPC     {server.endpoints['grpc']}   (streaming: model {server.name}_stream)")
+    click.echo(f"  metrics  {server.endpoints['metrics']}")
+    click.echo(f"  log      {server.log}")
+
+
+@local.command("down")
+@file_option
+@cache_option
+def down(filename: Optional[str], cache_dir: Optional[Path]) -> None:
+    """Stop the model's Triton server."""
+    name = _name_of(filename)
+    server = down_name(name, _cache(cache_dir))
+    if server is None:
+        click.echo(f"{name} is not running")
+    else:
+        click.echo(f"stopped {name} (pid {server.pid})")
+
+
+@local.command("status")
+@cache_option
+def status(cache_dir: Optional[Path]) -> None:
+    """List the models running locally."""
+    directory = state_dir(_cache(cache_dir))
+    servers = [read_state(_cache(cache_dir), p.stem) for p in sorted(directory.glob("*.json"))]
+    servers = [s for s in servers if s is not None]
+    if not servers:
+        click.echo("no local models")
+        return
+    click.echo(f"{'NAME':<24} {'STATE':<8} {'PID':>7}  {'HTTP':<24} {'GRPC':<18} METRICS")
+    for s in servers:
+        state = "running" if pid_alive(s.pid) else "stopped"
+        click.echo(
+            f"{s.name:<24} {state:<8} {s.pid:>7}  {s.endpoints['http']:<24} {s.endpoints['grpc']:<18} "
+            f"{s.endpoints['metrics']}"
+        )
+
+
+@local.command("generate")
+@file_option
+@click.argument("prompt")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--stream", is_flag=True, help="Print tokens as they are made (gRPC streaming).")
+@cache_option
+def generate(
+    filename: Optional[str], prompt: str, max_tokens: int, temperature: float, seed: Optional[int], stream: bool,
+    cache_dir: Optional[Path],
+) -> None:
+    """Send PROMPT to the running model and print the completion."""
+    from deepseek_model_repository.client import GenerationClient, ServingError
+
+    name = _name_of(filename)
+    server = read_state(_cache(cache_dir), name)
+    if server is None or not pid_alive(server.pid):
+        raise LocalError(f"{name} is not running: start it with `deepseek-operator local up`")
+    client = GenerationClient(server.endpoints["grpc"], name)
+    try:
+        if stream:
+            for piece in client.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed):
+                click.echo(piece, nl=False)
+            click.echo()
+        else:
+            click.echo(client.generate(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed))
+    except ServingError as exc:
+        raise LocalError(str(exc)) from None
+    finally:
+        client.close()
