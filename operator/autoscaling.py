@@ -33,7 +33,7 @@ GPU_UTIL_METRIC = "DCGM_FI_DEV_GPU_UTIL"
 #: Pods metric exposed by the adapter rules: Triton queue time / compute time.
 QUEUE_RATIO_METRIC = "triton_queue_compute_ratio"
 #: Recording rule (PrometheusRule) of the same ratio, per namespace/pod/model, for dashboards and alerts.
-QUEUE_RATIO_RECORD = "deepseek:triton_queue_compute_ratio:rate1m"
+QUEUE_RATIO_RECORD = "deepseek:triton_queue_compute_ratio"
 #: Triton counters the ratio is made of (cumulative microseconds).
 TRITON_QUEUE_US = "nv_inference_queue_duration_us"
 TRITON_COMPUTE_US = "nv_inference_compute_infer_duration_us"
