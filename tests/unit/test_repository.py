@@ -205,3 +205,11 @@ def test_cli_errors_are_clear_and_nonzero_without_traceback(tmp_path, args, mess
     assert result.exit_code != 0
     assert message.format(tmp=tmp_path) in result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_serving_image_uses_the_triton_release_the_engines_are_built_for():
+    from deepseek_operator.cachekey import TRITON_RELEASE
+
+    dockerfile = (Path(__file__).parents[2] / "Dockerfile.triton").read_text()
+    assert f"ARG TRITON_RELEASE={TRITON_RELEASE}\n" in dockerfile
+    assert 'numpy<2' in dockerfile and "tokenizers" in dockerfile
