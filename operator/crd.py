@@ -77,6 +77,12 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         out["format"] = "double"
     if "properties" in out:
         out["type"] = "object"
+    # OpenAPI 3.0 (the API server's dialect) has boolean exclusive bounds beside minimum/maximum;
+    # pydantic writes JSON Schema 2020-12's numeric ones (gt=0 -> exclusiveMinimum: 0).
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if exclusive in out and not isinstance(out[exclusive], bool):
+            out[bound] = out.pop(exclusive)
+            out[exclusive] = True
     return out
 
 

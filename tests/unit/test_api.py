@@ -165,7 +165,7 @@ def _api_server_accepts(spec: dict) -> tuple[bool, list[str]]:
     schema = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]
     obj = _apply_defaults(copy.deepcopy(spec), schema)
     try:
-        jsonschema.validate(obj, schema)
+        jsonschema.Draft4Validator(schema).validate(obj)  # OpenAPI 3.0 schemas are draft-4 style
     except jsonschema.ValidationError as exc:
         return False, [exc.message]
     errors = _cel_errors(obj, schema)
