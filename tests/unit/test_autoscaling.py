@@ -170,8 +170,14 @@ def test_keda_backend_renders_scaled_object_with_prometheus_triggers():
     spec = so["spec"]
     assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat-triton"}
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 6)
-    assert set(spec) <= {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "minReplicaCount",
-                         "maxReplicaCount", "advanced", "triggers", "fallback", "idleReplicaCount"}
+    # Field sets of KEDA's CRD (config/crd/bases/keda.sh_scaledobjects.yaml, keda.sh/v1alpha1): the API
+    # server would prune anything else. spec requires scaleTargetRef and triggers; a trigger, type and metadata.
+    assert set(spec) <= {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+                         "minReplicaCount", "maxReplicaCount", "advanced", "triggers", "fallback", "idleReplicaCount"}
+    assert set(spec["advanced"]) <= {"horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount",
+                                     "scalingModifiers"}
+    assert set(spec["advanced"]["horizontalPodAutoscalerConfig"]) <= {"behavior", "name"}
+    assert all(isinstance(spec[k], int) for k in ("pollingInterval", "minReplicaCount", "maxReplicaCount"))
     gpu, queue = spec["triggers"]
     for trigger in (gpu, queue):
         assert trigger["type"] == "prometheus"
