@@ -39,12 +39,6 @@ class TritonPythonModel:
         self.engine_model = params["engine_model"]
         tok_dir = os.path.join(engine_dir, info.get("tokenizer_dir", "tokenizer"))
         self.tokenizer = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
-        self.add_bos = False
-        config_path = os.path.join(tok_dir, "tokenizer_config.json")
-        if os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as fh:
-                self.add_bos = bool(json.load(fh).get("add_bos_token", False))
-        self.bos = info.get("bos_token_id")
         self.pad = int(info.get("pad_token_id") or 0)
         self.max_seq = int(info["max_sequence_length"])
         self.engine_output = "logits" if self.task == "text-classification" else "embedding"
@@ -63,8 +57,6 @@ class TritonPythonModel:
             if str(raw) == "":
                 raise RequestError("text_input is empty: send non-empty text")
             ids = self.tokenizer.encode(str(raw)).ids
-            if self.add_bos and self.bos is not None and (not ids or ids[0] != self.bos):
-                ids = [int(self.bos)] + ids
             if not ids:
                 raise RequestError("text_input tokenizes to no tokens: send non-empty text")
             if len(ids) > self.max_seq:

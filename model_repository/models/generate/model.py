@@ -44,15 +44,13 @@ class Sequence:
 
 
 def load_tokenizer(engine_dir, info):
-    """The engine's tokenizer (the `tokenizers` library: no transformers inside Triton) and its BOS rule."""
+    """The engine's tokenizer through the `tokenizers` library (no transformers inside Triton).
+
+    Special tokens (a BOS, say) come from tokenizer.json's post-processor, exactly as
+    transformers' fast tokenizer that saved it applies them.
+    """
     tok_dir = os.path.join(engine_dir, info.get("tokenizer_dir", "tokenizer"))
-    tokenizer = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
-    add_bos = False
-    config_path = os.path.join(tok_dir, "tokenizer_config.json")
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as fh:
-            add_bos = bool(json.load(fh).get("add_bos_token", False))
-    return tokenizer, add_bos
+    return Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
 
 
 class TritonPythonModel:
@@ -69,8 +67,7 @@ class TritonPythonModel:
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.model_name = config["name"]
-        self.tokenizer, self.add_bos = load_tokenizer(engine_dir, info)
-        self.bos = info.get("bos_token_id")
+        self.tokenizer = load_tokenizer(engine_dir, info)
         self.eos = set(int(t) for t in info.get("eos_token_ids", []))
         self.pad = int(info.get("pad_token_id") or 0)
         self.max_seq = int(info["max_sequence_length"])
@@ -143,8 +140,6 @@ class TritonPythonModel:
             if top_k[row] < 0:
                 raise RequestError(f"top_k must be 0 (off) or positive, got {top_k[row]}")
             ids = self.tokenizer.encode(prompt).ids
-            if self.add_bos and self.bos is not None and (not ids or ids[0] != self.bos):
-                ids = [int(self.bos)] + ids
             if not ids:
                 raise RequestError("text_input tokenizes to no tokens: send a non-empty prompt")
             if len(ids) >= self.max_seq:
