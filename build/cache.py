@@ -1,0 +1,113 @@
+"""The engine cache (layout in model_repository/ENGINE_FORMAT.md).
+
+An entry ``engines/<content key>/`` appears only by renaming a finished build from
+``tmp/<unique>/``, so whatever exists there is complete.  Two builders of one key: the
+first to rename wins, the other discards its copy.  A per-key lock makes the second wait
+for the first instead of building the same engine twice when both run on one node.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import BuildError
+
+CACHE_ENV = "DEEPSEEK_OPERATOR_CACHE"
+#: The files a finished entry always has.
+ENTRY_MARKERS = ("model-info.json", "build-report.json")
+#: Leftovers of interrupted builds older than this are removed by the next build.
+STALE_TMP_SECONDS = 24 * 3600
+
+
+def default_cache_dir(explicit: Optional[str] = None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path.home() / ".cache" / "deepseek-operator"
+
+
+class EngineCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        for sub in ("engines", "refs", "tmp", "timing", "locks", "downloads"):
+            try:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BuildError(f"cache directory {self.root} is not writable ({exc.strerror}); pass --cache-dir or "
+                                 f"set {CACHE_ENV}") from None
+
+    def entry(self, content_key: str) -> Path:
+        return self.root / "engines" / content_key
+
+    def ref_path(self, spec_key: str) -> Path:
+        return self.root / "refs" / f"{spec_key}.json"
+
+    def finished(self, content_key: str) -> Optional[Path]:
+        """The entry when it is complete; an incomplete one (edited by hand) is removed."""
+        entry = self.entry(content_key)
+        if not entry.exists():
+            return None
+        if all((entry / m).is_file() for m in ENTRY_MARKERS):
+            return entry
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+    def new_workdir(self) -> Path:
+        self._clean_stale_tmp()
+        work = self.root / "tmp" / f"{uuid.uuid4().hex}.{os.getpid()}"
+        work.mkdir(parents=True)
+        return work
+
+    def _clean_stale_tmp(self) -> None:
+        now = time.time()
+        for p in (self.root / "tmp").iterdir():
+            try:
+                if now - p.stat().st_mtime > STALE_TMP_SECONDS:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+    def publish(self, staged: Path, content_key: str) -> tuple[Path, bool]:
+        """Rename ``staged`` into place; returns (entry, True) or (entry, False) when another build won."""
+        entry = self.entry(content_key)
+        try:
+            os.rename(staged, entry)
+            return entry, True
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and self.finished(content_key):
+                shutil.rmtree(staged, ignore_errors=True)
+                return entry, False
+            raise
+
+    def write_ref(self, spec_key: str, ref: dict) -> Path:
+        path = self.ref_path(spec_key)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(ref, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @contextmanager
+    def lock(self, content_key: str, on_wait=None) -> Iterator[None]:
+        """Hold an exclusive lock on the key (waits while another builder on this filesystem holds it)."""
+        path = self.root / "locks" / f"{content_key}.lock"
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)

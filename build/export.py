@@ -1,0 +1,277 @@
+"""ONNX export: a wrapper per task with the tensor names and shapes of ENGINE_FORMAT.md.
+
+The wrappers take plain tensors only (so the legacy TorchScript exporter can trace them):
+text generation takes the past keys and values as flat inputs, rebuilds a transformers
+``DynamicCache`` from them, and returns the last position's logits and the flat present tensors.
+Every wrapper builds its own 4-D additive attention mask (causal plus left padding), which
+transformers passes to the attention layers as it is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BuildError
+
+OPSET = 17
+
+
+def padding_causal_mask(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, P+T] additive mask: query t (absolute P+t) sees key s when s <= P+t and the key is not padding."""
+    total = attention_mask.shape[1]
+    key_pos = torch.arange(total, device=attention_mask.device)
+    query_pos = torch.arange(query_length, device=attention_mask.device) + (total - query_length)
+    causal = key_pos[None, :] <= query_pos[:, None]  # [T, S]
+    allowed = causal[None, None, :, :] & (attention_mask[:, None, None, :] > 0)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, blocked)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """position_ids of left-padded rows: cumsum(mask) - 1, clipped at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The decoder stack of a task model (``model.model`` for every supported architecture)."""
+    return getattr(model, model.base_model_prefix, model)
+
+
+class TextGenerationWrapper(nn.Module):
+    """(input_ids, attention_mask, position_ids, past k/v ...) -> (logits of the last position, present k/v ...)."""
+
+    def __init__(self, model: nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        dtype = self.model.get_input_embeddings().weight.dtype
+        layers = []
+        for i in range(self.num_layers):
+            layer = DynamicLayer()
+            layer.keys, layer.values = past[2 * i], past[2 * i + 1]
+            layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
+            layer.is_initialized = True
+            layers.append(layer)
+        cache = DynamicCache()
+        cache.layers = layers
+        mask = padding_causal_mask(attention_mask, input_ids.shape[1], dtype)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1, :].float()
+        present = []
+        for layer in cache.layers:
+            present += [layer.keys, layer.values]
+        return (logits, *present)
+
+
+class ClassificationWrapper(nn.Module):
+    """(input_ids, attention_mask) -> logits of the last real token (prompts are left-padded)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        base = base_model_of(self.model)
+        dtype = self.model.score.weight.dtype
+        mask = padding_causal_mask(attention_mask, input_ids.shape[1], dtype)
+        hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(attention_mask),
+                      use_cache=False).last_hidden_state
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (steps[None, :] * (attention_mask > 0).long()).argmax(-1)  # [B]
+        index = last[:, None, None].expand(-1, 1, hidden.shape[-1])
+        pooled = hidden.gather(1, index)[:, 0, :]
+        return self.model.score(pooled).float()
+
+
+class FeatureExtractionWrapper(nn.Module):
+    """(input_ids, attention_mask) -> embedding: the mean of the last hidden state over the mask."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        base = base_model_of(self.model)
+        dtype = base.get_input_embeddings().weight.dtype
+        mask = padding_causal_mask(attention_mask, input_ids.shape[1], dtype)
+        hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(attention_mask),
+                      use_cache=False).last_hidden_state.float()
+        weights = (attention_mask > 0).float()[:, :, None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+@dataclass
+class KvLayout:
+    """Shapes of one layer's cache: heads and key/value head dims."""
+
+    heads: int
+    key_dim: int
+    value_dim: int
+
+
+@dataclass
+class ExportSpec:
+    """What the ONNX graph looks like: names, dynamic axes, the wrapper, and how to make sample inputs."""
+
+    task: str
+    wrapper: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    kv: list[KvLayout] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+    vocab_size: int = 0
+    #: Width of the single output of the encoder tasks (labels or hidden size).
+    out_width: int = -1
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv)
+
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+
+def kv_layout(model: nn.Module) -> list[KvLayout]:
+    """The cache shapes, read from one real forward pass (MLA keys and values have different head dims)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=True)
+    layers = []
+    for layer in out.past_key_values.layers:
+        layers.append(KvLayout(heads=layer.keys.shape[1], key_dim=layer.keys.shape[-1], value_dim=layer.values.shape[-1]))
+    return layers
+
+
+def export_spec(model: nn.Module, task: str) -> ExportSpec:
+    """The wrapper, names and dynamic axes for ``task``."""
+    dtype = model.get_input_embeddings().weight.dtype
+    if task == "text-generation":
+        kv = kv_layout(model)
+        spec = ExportSpec(task, TextGenerationWrapper(model, len(kv)), [], [], {}, kv=kv, dtype=dtype,
+                          vocab_size=model.config.get_text_config().vocab_size)
+        spec.input_names = ["input_ids", "attention_mask", "position_ids", *spec.past_names()]
+        spec.output_names = ["logits", *spec.present_names()]
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+        for name in spec.past_names():
+            axes[name] = {0: "batch", 2: "past_sequence"}
+        for name in spec.present_names():
+            axes[name] = {0: "batch", 2: "total_sequence"}
+        spec.dynamic_axes = axes
+        return spec
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    if task == "text-classification":
+        axes["logits"] = {0: "batch"}
+        return ExportSpec(task, ClassificationWrapper(model), ["input_ids", "attention_mask"], ["logits"], axes,
+                          dtype=dtype, out_width=model.config.num_labels)
+    if task == "feature-extraction":
+        axes["embedding"] = {0: "batch"}
+        return ExportSpec(task, FeatureExtractionWrapper(model), ["input_ids", "attention_mask"], ["embedding"], axes,
+                          dtype=dtype, out_width=model.config.get_text_config().hidden_size)
+    raise BuildError(f"unsupported task {task!r}")
+
+
+def sample_inputs(spec: ExportSpec, batch: int, new_tokens: int, past: int, vocab: int, *, pad: int = 0,
+                  generator: torch.Generator | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random inputs: ``batch`` rows, the last row left-padded by ``pad`` tokens, ``past`` cached tokens."""
+    g = generator
+    total = past + new_tokens
+    ids = torch.randint(3, vocab, (batch, new_tokens), generator=g)
+    mask = torch.ones((batch, total), dtype=torch.long)
+    if pad:
+        mask[-1, :pad] = 0
+    inputs = {"input_ids": ids.to(device)}
+    if spec.task != "text-generation":
+        inputs["attention_mask"] = mask[:, past:].to(device)
+        return inputs
+    inputs["attention_mask"] = mask.to(device)
+    inputs["position_ids"] = positions_from_mask(mask)[:, past:].to(device)
+    for i, layout in enumerate(spec.kv):
+        k = torch.randn((batch, layout.heads, past, layout.key_dim), generator=g) * 0.5
+        v = torch.randn((batch, layout.heads, past, layout.value_dim), generator=g) * 0.5
+        inputs[f"past_key_values.{i}.key"] = k.to(device=device, dtype=spec.dtype)
+        inputs[f"past_key_values.{i}.value"] = v.to(device=device, dtype=spec.dtype)
+    return inputs
+
+
+def export_onnx(spec: ExportSpec, out_file: Path, vocab: int, device: str = "cpu") -> None:
+    """Trace the wrapper with the legacy exporter into ``out_file`` (weights beside it when over 2 GB)."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1234)
+    # Distinct sizes for batch, new tokens and past, none of them 1, so no axis gets specialised.
+    inputs = sample_inputs(spec, batch=2, new_tokens=3, past=5 if spec.task == "text-generation" else 0,
+                           vocab=vocab, pad=1, generator=g, device=device)
+    args = tuple(inputs[name] for name in spec.input_names)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            spec.wrapper,
+            args,
+            str(out_file),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    _consolidate_external_data(out_file)
+
+
+def _consolidate_external_data(out_file: Path) -> None:
+    """Large models: the exporter scatters weights into one file per tensor; gather them into model.onnx.data."""
+    folder = out_file.parent
+    strays = [p for p in folder.iterdir() if p != out_file]
+    if not strays:
+        return
+    import onnx
+
+    model = onnx.load(str(out_file), load_external_data=True)
+    for p in strays:
+        p.unlink()
+    onnx.save_model(model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out_file.name + ".data", size_threshold=1024)
+
+
+def io_description(spec: ExportSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """model-info.json's inputs/outputs: Triton data types and dims without the batch dimension."""
+    kv_type = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16: "TYPE_BF16"}[spec.dtype]
+    if spec.task == "text-generation":
+        inputs = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]}
+                  for n in ("input_ids", "attention_mask", "position_ids")]
+        outputs = [{"name": "logits", "data_type": "TYPE_FP32", "dims": [spec.vocab_size]}]
+        for i, layout in enumerate(spec.kv):
+            inputs.append({"name": f"past_key_values.{i}.key", "data_type": kv_type,
+                           "dims": [layout.heads, -1, layout.key_dim]})
+            inputs.append({"name": f"past_key_values.{i}.value", "data_type": kv_type,
+                           "dims": [layout.heads, -1, layout.value_dim]})
+            outputs.append({"name": f"present.{i}.key", "data_type": kv_type,
+                            "dims": [layout.heads, -1, layout.key_dim]})
+            outputs.append({"name": f"present.{i}.value", "data_type": kv_type,
+                            "dims": [layout.heads, -1, layout.value_dim]})
+        return inputs, outputs
+    inputs = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]} for n in ("input_ids", "attention_mask")]
+    return inputs, [{"name": spec.output_names[0], "data_type": "TYPE_FP32", "dims": [spec.out_width]}]

@@ -1,0 +1,149 @@
+"""TensorRT engines (TensorRT 10.x, strongly typed networks) from the exported ONNX graph.
+
+Precision lives in the ONNX graph: the model is exported in fp16 or bf16 and the network is parsed
+strongly typed, so TensorRT keeps every tensor's type (BuilderFlag.FP16/INT8 are gone in TensorRT 11).
+int8 and fp8 need Q/DQ nodes in the graph, which this builder does not produce yet: they are refused.
+``tensorrt`` is imported only here, only when a TensorRT build is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from deepseek_operator.cachekey import TENSORRT_VERSION, TRITON_RELEASE
+
+from .errors import BuildError
+
+PRECISIONS = ("fp16", "bf16")
+#: Builder workspace limit: generous, the optimiser uses what it needs.
+WORKSPACE_BYTES = 8 << 30
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BuildError(f"--backend tensorrt needs the tensorrt Python package {TENSORRT_VERSION} (the TensorRT of "
+                         f"Triton {TRITON_RELEASE}) and an NVIDIA GPU: run the build in the builder image, or "
+                         "pip install 'deepseek-operator[tensorrt]' on a GPU machine; use --backend onnxruntime "
+                         "for a CPU engine") from None
+    return trt
+
+
+def check_tensorrt_available(precision: str) -> None:
+    """Refuse a TensorRT build that cannot produce an engine Triton will load, before any work."""
+    if precision in ("int8", "fp8"):
+        raise BuildError(f"TensorRT {precision} engines need a quantized ONNX graph (Q/DQ nodes, e.g. from NVIDIA "
+                         "ModelOpt), which this builder does not produce yet; use --precision fp16 or bf16")
+    if precision not in PRECISIONS:
+        raise BuildError(f"TensorRT engines are built in {', '.join(PRECISIONS)} here, not {precision}")
+    trt = _import_tensorrt()
+    if trt.__version__ != TENSORRT_VERSION:
+        raise BuildError(f"installed tensorrt is {trt.__version__} but Triton {TRITON_RELEASE} runs TensorRT "
+                         f"{TENSORRT_VERSION}; an engine only loads under the TensorRT that built it: "
+                         f"pip install tensorrt-cu12=={TENSORRT_VERSION}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BuildError("--backend tensorrt needs an NVIDIA GPU visible to this process (none found; check "
+                         "the Job's nvidia.com/gpu limit and the node's driver)")
+
+
+def _profile_shapes(spec, max_batch: int, max_seq: int) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) per input: batch 1..max, sequence 1..max, past 0..max-1."""
+    opt_batch = max(1, max_batch // 2)
+    opt_seq = max(1, min(128, max_seq // 2))
+    shapes = {}
+    if spec.task == "text-generation":
+        shapes["input_ids"] = ((1, 1), (opt_batch, 1), (max_batch, max_seq))
+        shapes["position_ids"] = shapes["input_ids"]
+        shapes["attention_mask"] = ((1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
+        for i, layout in enumerate(spec.kv):
+            for name, dim in ((f"past_key_values.{i}.key", layout.key_dim),
+                              (f"past_key_values.{i}.value", layout.value_dim)):
+                shapes[name] = ((1, layout.heads, 0, dim), (opt_batch, layout.heads, opt_seq, dim),
+                                (max_batch, layout.heads, max_seq - 1, dim))
+        return shapes
+    for name in ("input_ids", "attention_mask"):
+        shapes[name] = ((1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
+    return shapes
+
+
+def build_tensorrt_engine(onnx_file: Path, plan_file: Path, spec, *, max_batch: int, max_seq: int,
+                          timing_cache: Path, log: Callable[[str], None]) -> None:
+    """Parse the ONNX graph strongly typed, add one optimisation profile, build and write ``model.plan``."""
+    trt = _import_tensorrt()
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):  # noqa: D401 - TensorRT's callback
+            if severity <= trt.ILogger.Severity.WARNING:
+                log(f"tensorrt: {msg}")
+
+    logger = Logger()
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_file)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BuildError(f"TensorRT could not parse the ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in _profile_shapes(spec, max_batch, max_seq).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    log(f"building (timing cache {timing_cache}, {len(blob)} bytes); this takes minutes on a large model")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError("TensorRT failed to build the engine; the tensorrt lines above say why")
+    plan_file.write_bytes(bytes(serialized))
+    updated = config.get_timing_cache()
+    tmp = timing_cache.with_suffix(".tmp")
+    tmp.write_bytes(bytes(updated.serialize()))
+    tmp.replace(timing_cache)
+
+
+def tensorrt_runner(plan_file: Path, spec):
+    """A function running the plan on the GPU with torch tensors as buffers (numpy in, numpy out)."""
+    import torch
+
+    trt = _import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan_file.read_bytes())
+    context = engine.create_execution_context()
+    to_torch = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
+                trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        stream = torch.cuda.current_stream()
+        keep = []
+        for name in spec.input_names:
+            dtype = to_torch[engine.get_tensor_dtype(name)]
+            tensor = torch.from_numpy(np.ascontiguousarray(feed[name])).to("cuda").to(dtype).contiguous()
+            keep.append(tensor)
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        outputs = []
+        for name in spec.output_names:
+            shape = tuple(context.get_tensor_shape(name))
+            out = torch.empty(shape, dtype=to_torch[engine.get_tensor_dtype(name)], device="cuda")
+            context.set_tensor_address(name, out.data_ptr())
+            outputs.append(out)
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise BuildError("TensorRT execution failed during the numerical check")
+        stream.synchronize()
+        return [o.float().cpu().numpy() for o in outputs]
+
+    return run
