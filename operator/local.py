@@ -345,9 +345,13 @@ def build_engine(resource: api.DeepSeekModel, cache_dir: Path, echo: Callable[[s
     """The cluster's build, on this machine: returns the engine directory in the cache (reused when present)."""
     try:
         from deepseek_builder import api as builder
+        from deepseek_builder.errors import BuildError
     except ImportError as exc:
         raise LocalError(f"the builder is not installed ({exc}): pip install 'deepseek-operator[builder,local]'") from None
-    result = builder.build_for_resource(resource, cache_dir, log=echo)
+    try:
+        result = builder.build_for_resource(resource, cache_dir, log=echo)
+    except BuildError as exc:
+        raise LocalError(f"build of {resource.name} failed: {exc}") from None
     return Path(result.engine_dir)
 
 

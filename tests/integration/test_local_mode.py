@@ -1,0 +1,215 @@
+"""`deepseek-operator local` end to end on the embedded tiny CR, against a real Triton Inference Server.
+
+One server for the module: `local up` with no -f (the tiny random-weight DeepSeek-V3
+model made in the cache, built into an fp32 ONNX Runtime engine), then every check
+against it: greedy parity with transformers over HTTP and gRPC, streaming, 32
+concurrent clients, bad requests, the CLI's status/generate/down.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from click.testing import CliRunner
+from tritonclient.utils import InferenceServerException
+
+from deepseek_model_repository.client import GenerationClient, generation_inputs, text_of
+from deepseek_operator import local
+from triton_harness import model_stats
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::UserWarning:transformers.*"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+NAME = "deepseek-tiny"
+PROMPTS = [
+    "Hello",
+    "The capital of France is",
+    "DeepSeek models run on Triton Inference Server with dynamic batching and",
+    "1 2 3 4 5",
+    "写一首诗",
+]
+MAX_TOKENS = 12
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(local.local, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def server(cache_dir):
+    result = invoke("up", "--cache-dir", str(cache_dir), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0")
+    assert result.exit_code == 0, result.output
+    state = local.read_state(cache_dir, NAME)
+    assert state is not None and f"{NAME} is ready" in result.output
+    assert state.endpoints["grpc"] in result.output and state.endpoints["http"] in result.output
+    yield state
+    invoke("down", "--cache-dir", str(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(cache_dir, server):
+    """transformers' greedy completions on the same weights, prompt by prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = cache_dir / "tiny-models" / "deepseek_v3-text-generation"
+    tokenizer = AutoTokenizer.from_pretrained(Path(server.engine_dir) / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    out = {}
+    for prompt in PROMPTS:
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**enc, do_sample=False, max_new_tokens=MAX_TOKENS)
+        out[prompt] = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def http_generate(server, prompt: str, **controls) -> str:
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        return text_of(client.infer(NAME, generation_inputs(httpclient, prompt, **controls)))
+    finally:
+        client.close()
+
+
+def test_up_builds_the_default_cr_from_the_embedded_tiny_model(server, cache_dir):
+    engine = Path(server.engine_dir)
+    info = json.loads((engine / "model-info.json").read_text())
+    assert info["backend"] == "onnxruntime" and info["task"] == "text-generation"
+    assert engine.parent == cache_dir / "engines"
+    assert (cache_dir / "tiny-models" / "deepseek_v3-text-generation" / "config.json").exists()
+
+
+def test_greedy_completions_equal_transformers_over_http_and_grpc(server, reference):
+    grpc = GenerationClient(server.endpoints["grpc"], NAME)
+    try:
+        for prompt in PROMPTS:
+            assert http_generate(server, prompt, max_tokens=MAX_TOKENS) == reference[prompt], prompt
+            assert grpc.generate(prompt, max_tokens=MAX_TOKENS, temperature=0.0) == reference[prompt], prompt
+    finally:
+        grpc.close()
+
+
+def test_streaming_yields_the_same_text_piece_by_piece(server, reference):
+    client = GenerationClient(server.endpoints["grpc"], NAME)
+    try:
+        for prompt in PROMPTS[:3]:
+            pieces = list(client.stream(prompt, max_tokens=MAX_TOKENS))
+            assert "".join(pieces) == reference[prompt]
+            assert len(pieces) > 1, "tokens arrive one by one, not as one response"
+    finally:
+        client.close()
+
+
+def test_32_concurrent_clients_get_their_own_correct_answers_in_shared_batches(server, reference):
+    before = model_stats(server, NAME)
+    jobs = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+
+    def call(prompt: str) -> str:
+        client = GenerationClient(server.endpoints["grpc"], NAME)
+        try:
+            return client.generate(prompt, max_tokens=MAX_TOKENS)
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, jobs))
+    assert answers == [reference[p] for p in jobs]
+    after = model_stats(server, NAME)
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == 32
+    assert executions < 32, f"dynamic batching should share executions, got {executions} for 32 requests"
+
+
+def test_sampling_is_reproducible_with_a_seed(server):
+    a = http_generate(server, "Once upon a time", max_tokens=8, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    b = http_generate(server, "Once upon a time", max_tokens=8, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert a == b
+
+
+def _bad_requests(module):
+    def tensor(name, datatype, value):
+        t = module.InferInput(name, list(value.shape), datatype)
+        t.set_data_from_numpy(value)
+        return t
+
+    return {
+        "no text_input": ([tensor("max_tokens", "INT32", np.array([[4]], np.int32))], "text_input"),
+        "wrong dtype": ([tensor("text_input", "INT32", np.array([[4]], np.int32))], "expects 'BYTES'"),
+        "empty prompt": (generation_inputs(module, ""), "text_input is empty"),
+        "too long": (generation_inputs(module, "word " * 400), "maxSequenceLength is 256"),
+        "max_tokens 0": (generation_inputs(module, "hi", max_tokens=0), "max_tokens must be at least 1"),
+        "negative temperature": (generation_inputs(module, "hi", temperature=-1.0), "temperature must be"),
+    }
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_clear_errors_and_the_next_request_succeeds(server, reference, protocol):
+    module = httpclient if protocol == "http" else grpcclient
+    port = server.http_port if protocol == "http" else server.grpc_port
+    client = module.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        for case, (inputs, message) in _bad_requests(module).items():
+            with pytest.raises(InferenceServerException) as err:
+                client.infer(NAME, inputs)
+            assert message in err.value.message(), case
+            good = text_of(client.infer(NAME, generation_inputs(module, PROMPTS[0], max_tokens=MAX_TOKENS)))
+            assert good == reference[PROMPTS[0]], f"after {case}"
+    finally:
+        client.close()
+
+
+def test_stream_on_the_unary_model_points_to_the_stream_model(server):
+    with pytest.raises(InferenceServerException, match=f"{NAME}_stream"):
+        http_generate(server, "hi", stream=True)
+
+
+def test_cli_generate_status_and_second_up(server, cache_dir, reference):
+    result = invoke("generate", "--cache-dir", str(cache_dir), "--max-tokens", str(MAX_TOKENS), PROMPTS[1])
+    assert result.exit_code == 0 and result.output == reference[PROMPTS[1]] + "\n"
+    result = invoke("generate", "--cache-dir", str(cache_dir), "--max-tokens", str(MAX_TOKENS), "--stream", PROMPTS[1])
+    assert result.exit_code == 0 and result.output == reference[PROMPTS[1]] + "\n"
+    result = invoke("status", "--cache-dir", str(cache_dir))
+    assert NAME in result.output and "running" in result.output and str(server.grpc_port) in result.output
+    result = CliRunner().invoke(local.local, ["up", "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 1 and "already running" in result.output and "Traceback" not in result.output
+
+
+def test_tensorrt_cr_is_refused_with_a_hint(tmp_path):
+    cr = tmp_path / "trt.yaml"
+    cr.write_text(
+        "apiVersion: deepseek.ai/v1alpha1\nkind: DeepSeekModel\nmetadata: {name: trt}\n"
+        "spec: {model: {source: hf://org/model}, engine: {backend: tensorrt}}\n"
+    )
+    result = CliRunner().invoke(local.local, ["up", "-f", str(cr), "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "backend: onnxruntime" in result.output and "Traceback" not in result.output
+
+
+def test_generate_without_a_server_says_how_to_start_one(tmp_path):
+    result = CliRunner().invoke(local.local, ["generate", "--cache-dir", str(tmp_path), "hi"])
+    assert result.exit_code == 1 and "local up" in result.output
+
+
+def test_down_stops_the_server_and_frees_the_ports(server, cache_dir):
+    result = invoke("down", "--cache-dir", str(cache_dir))
+    assert result.exit_code == 0 and f"stopped {NAME}" in result.output
+    assert not local.pid_alive(server.pid)
+    assert local.read_state(cache_dir, NAME) is None
+    assert "no local models" in invoke("status", "--cache-dir", str(cache_dir)).output
+    local.check_port_free(server.http_port, "http")

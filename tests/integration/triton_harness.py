@@ -1,0 +1,107 @@
+"""A real Triton Inference Server for tests, started the way `deepseek-operator local up` starts it.
+
+Reuse it from any test module::
+
+    from triton_harness import local_triton, tiny_resource
+
+    with local_triton(tiny_resource(cache_dir, "m"), cache_dir) as server:
+        server.http_port, server.grpc_port, server.metrics_port   # loopback, free ports
+
+``local_triton`` runs the local mode's own code path (the builder's build into
+``cache_dir``, ``write_repository(runtime="local")``, tritonserver from
+nvidia-pytriton) on free ports and stops the server on exit.  ``serve_engines``
+serves several already-built engines from one repository (one server, many
+models).  Nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+from deepseek_model_repository import write_repository
+from deepseek_model_repository.repository import ModelNames
+from deepseek_operator import api, local
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "operator" / "examples" / "local-tiny.yaml"
+
+
+def tiny_model(cache_dir: Path, arch: str = "deepseek_v3", task: str = "text-generation") -> Path:
+    """The builder's tiny random-weight checkpoint, written once per cache directory."""
+    model_dir = Path(cache_dir) / "tiny-models" / f"{arch}-{task}"
+    local.ensure_tiny_model(model_dir, arch, task)
+    return model_dir
+
+
+def tiny_resource(
+    cache_dir: Path,
+    name: str,
+    *,
+    task: str = "text-generation",
+    arch: str = "deepseek_v3",
+    adapter: Optional[Path] = None,
+    spec_overrides: Optional[dict[str, Any]] = None,
+) -> api.DeepSeekModel:
+    """The local-tiny example CR, renamed, for ``task``, pointing at the tiny checkpoint (and an adapter)."""
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw = copy.deepcopy(raw)
+    raw["metadata"]["name"] = name
+    raw["spec"]["model"]["task"] = task
+    raw["spec"]["model"]["source"] = f"file://{tiny_model(cache_dir, arch, task).resolve()}"
+    if adapter is not None:
+        raw["spec"]["model"]["adapter"] = {"source": f"file://{Path(adapter).resolve()}"}
+    for section, values in (spec_overrides or {}).items():
+        raw["spec"].setdefault(section, {}).update(values)
+    return api.parse_resource(raw)
+
+
+@contextmanager
+def local_triton(resource: api.DeepSeekModel, cache_dir: Path) -> Iterator[local.LocalServer]:
+    """`local up` for ``resource`` on free loopback ports; `local down` afterwards."""
+    server = local.up_resource(resource, Path(cache_dir), http_port=0, grpc_port=0, metrics_port=0, echo=lambda _: None)
+    try:
+        yield server
+    finally:
+        local.down_name(resource.name, Path(cache_dir))
+
+
+def build(resource: api.DeepSeekModel, cache_dir: Path) -> Path:
+    """The engine directory for ``resource`` (the local mode's build: the builder, through the cache)."""
+    return local.build_engine(resource, Path(cache_dir), echo=lambda _: None)
+
+
+@contextmanager
+def serve_engines(
+    engines: dict[str, Path], cache_dir: Path, server_name: str = "harness", **repository_options: Any
+) -> Iterator[local.LocalServer]:
+    """One Triton serving several engines: ``{model name: engine dir}``; options go to write_repository."""
+    repo = local.state_dir(Path(cache_dir)) / server_name / "repository"
+    models = []
+    for name, engine_dir in engines.items():
+        write_repository(engine_dir, repo, name, runtime="local", **repository_options)
+        names = ModelNames.of(name)
+        models += [names.engine, names.client]
+    server = local.serve_repository(server_name, repo, Path(cache_dir), models=models, http_port=0, grpc_port=0,
+                                    metrics_port=0)
+    try:
+        yield server
+    finally:
+        local.down_name(server_name, Path(cache_dir))
+
+
+def model_stats(server: local.LocalServer, model: str) -> dict[str, Any]:
+    """Triton's /v2/models/<model>/stats for the model's single version."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/models/{model}/stats", timeout=10) as r:
+        return json.load(r)["model_stats"][0]
+
+
+def metrics_text(server: local.LocalServer) -> str:
+    """The Prometheus text the metrics port serves."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
