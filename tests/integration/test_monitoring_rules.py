@@ -327,7 +327,37 @@ def test_adapter_rules_follow_configured_dcgm_labels_and_namespace():
     assert 'exported_pod!=""' in gpu["seriesQuery"]
 
 
+def test_operator_metric_names_are_what_the_operator_registry_exports():
+    from prometheus_client import generate_latest
+
+    from deepseek_operator.metrics import REGISTRY
+
+    exported = set()
+    for line in generate_latest(REGISTRY).decode().splitlines():
+        match = re.match(r"# TYPE (\S+) (\S+)", line)
+        if not match or match.group(1).endswith("_created"):
+            continue
+        name, kind = match.groups()
+        exported |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    assert exported == OPERATOR_METRICS
+
+
 # ---------------------------------------------------------------- ServiceMonitors
+def test_triton_service_monitor_selects_the_rendered_triton_service(rendered):
+    from deepseek_operator.render import render_service
+
+    model = parse_resource({
+        "apiVersion": "deepseek.ai/v1alpha1", "kind": "DeepSeekModel", "metadata": {"name": "chat", "namespace": "ns"},
+        "spec": {"model": {"source": "hf://deepseek-ai/x"}},
+    })
+    service = render_service(model)
+    [sm] = [d for d in by_kind(rendered, "ServiceMonitor") if d["metadata"]["name"].endswith("-triton")]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports.get("metrics") == 8002
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
+
+
 def test_triton_service_monitor_selects_the_operators_triton_services(rendered):
     [sm] = [d for d in by_kind(rendered, "ServiceMonitor") if d["metadata"]["name"].endswith("-triton")]
     triton_labels = naming.standard_labels("chat", "triton")
