@@ -68,7 +68,7 @@ def reference(cache_dir, server):
 
     model_dir = cache_dir / "tiny-models" / "deepseek_v3-text-generation"
     tokenizer = AutoTokenizer.from_pretrained(Path(server.engine_dir) / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = {}
     for prompt in PROMPTS:
         enc = tokenizer(prompt, return_tensors="pt")
