@@ -9,6 +9,7 @@ transformers passes to the attention layers as it is.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,9 @@ def padding_causal_mask(attention_mask: torch.Tensor, query_length: int, dtype: 
     key_pos = torch.arange(total, device=attention_mask.device)
     query_pos = torch.arange(query_length, device=attention_mask.device) + (total - query_length)
     causal = key_pos[None, :] <= query_pos[:, None]  # [T, S]
-    allowed = causal[None, None, :, :] & (attention_mask[:, None, None, :] > 0)
+    # A padding query sees only itself: no row is fully masked, so padding stays finite in every precision.
+    itself = key_pos[None, :] == query_pos[:, None]
+    allowed = causal[None, None, :, :] & ((attention_mask[:, None, None, :] > 0) | itself[None, None, :, :])
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
     blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
     return torch.where(allowed, zero, blocked)
@@ -217,6 +220,50 @@ def sample_inputs(spec: ExportSpec, batch: int, new_tokens: int, past: int, voca
     return inputs
 
 
+def _real_rotary_forward(self, x, position_ids):
+    """DeepSeek-V2's rotary embedding as (cos, sin) pairs instead of complex numbers (ONNX has no complex)."""
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling  # [B, T, D/2, 2]
+
+
+def _real_apply_rotary_emb(xq, xk, freqs):
+    """The complex product of DeepSeek-V2's apply_rotary_emb written on real (even, odd) pairs."""
+    cos, sin = freqs[..., 0].unsqueeze(1), freqs[..., 1].unsqueeze(1)  # [B, 1, T, D/2]
+
+    def rotate(x):
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+@contextlib.contextmanager
+def export_friendly(model: nn.Module):
+    """Swap code the ONNX exporter cannot trace for equivalent real-valued code, for the export only.
+
+    DeepSeek-V2 computes its rotary embedding with complex tensors (torch.polar, view_as_complex). The
+    numerical check runs after this context has restored the original code, so it compares the engine
+    with the unmodified model.
+    """
+    if getattr(model.config, "model_type", "") != "deepseek_v2":
+        yield
+        return
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
+
+    rotaries = [m for m in model.modules() if isinstance(m, v2.DeepseekV2RotaryEmbedding)]
+    original_apply = v2.apply_rotary_emb
+    for m in rotaries:
+        m.forward = _real_rotary_forward.__get__(m)
+    v2.apply_rotary_emb = _real_apply_rotary_emb
+    try:
+        yield
+    finally:
+        v2.apply_rotary_emb = original_apply
+        for m in rotaries:
+            del m.forward
+
+
 def export_onnx(spec: ExportSpec, out_file: Path, vocab: int, device: str = "cpu") -> None:
     """Trace the wrapper with the legacy exporter into ``out_file`` (weights beside it when over 2 GB)."""
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -225,19 +272,23 @@ def export_onnx(spec: ExportSpec, out_file: Path, vocab: int, device: str = "cpu
     inputs = sample_inputs(spec, batch=2, new_tokens=3, past=5 if spec.task == "text-generation" else 0,
                            vocab=vocab, pad=1, generator=g, device=device)
     args = tuple(inputs[name] for name in spec.input_names)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), export_friendly(spec.wrapper.model):
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            spec.wrapper,
-            args,
-            str(out_file),
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes,
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                spec.wrapper,
+                args,
+                str(out_file),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except (RuntimeError, TypeError, ValueError) as exc:  # the exporter's errors carry a whole IR dump
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BuildError(f"ONNX export of the {spec.task} model failed: {first}") from None
     _consolidate_external_data(out_file)
 
 

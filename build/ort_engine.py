@@ -48,5 +48,13 @@ def build_ort_engine(exported: Path, out_file: Path, precision: str, float_outpu
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(exported), str(out_file), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=large)
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" advice is for convolutional models
+    try:
+        quantize_dynamic(str(exported), str(out_file), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=large)
+    finally:
+        root.setLevel(level)
