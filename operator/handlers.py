@@ -236,6 +236,8 @@ class Reconciler:
             hpa = self.kube.get("HorizontalPodAutoscaler", namespace, autoscaler_hpa_name(model))
             counts = {k: v for k, v in autoscaler_status(hpa or {}).items() if v is not None}
             extra["autoscaling"] = counts
+        else:
+            extra["autoscaling"] = None  # the merge patch drops what an earlier autoscaler reported
 
         current = {ENGINE_BUILT: self._engine_built(engine, live_key)}
         current[SERVING] = self._serving(model, deployment, engine)
@@ -352,8 +354,10 @@ def _owned_by(obj: dict, uid: Optional[str]) -> bool:
 
 
 def _status_changed(old: dict, new: dict) -> bool:
-    """Ignore lastTransitionTime-only differences (they only move with status anyway)."""
-    return json.dumps(old, sort_keys=True) != json.dumps({**old, **new}, sort_keys=True)
+    """Would merge-patching ``new`` change ``old``? (None removes a key; removing an absent key changes nothing.)"""
+    merged = {**old, **new}
+    merged = {k: v for k, v in merged.items() if v is not None}
+    return json.dumps(old, sort_keys=True) != json.dumps(merged, sort_keys=True)
 
 
 # ---------------------------------------------------------------- the kopf side

@@ -109,6 +109,7 @@ async def test_serving_and_autoscaling_changes_never_rebuild(cluster, start_oper
 
     await cluster.patch_spec("r1", {"autoscaling": {"enabled": False}})
     await cluster.wait_for(lambda: _absent(cluster, "HorizontalPodAutoscaler", triton), what="HPA removed")
+    await cluster.wait_model("r1", lambda o: "autoscaling" not in o["status"], what="autoscaling status dropped")
     assert await jobs(cluster) == before  # no rebuild for any of it
 
 
