@@ -205,7 +205,13 @@ def _build_entry(request, cache, progress, source, adapter, spec_key, content_ke
     work = cache.new_workdir()
     staged = work / "entry"
     try:
-        report = _run_stages(request, cache, progress, source, adapter, work, staged, gpu)
+        try:
+            report = _run_stages(request, cache, progress, source, adapter, work, staged, gpu)
+        except Exception as exc:
+            # Libraries that write files (the ONNX exporter, protobuf) turn ENOSPC into their own errors.
+            if _disk_full(work) and not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+                raise OSError(errno.ENOSPC, "No space left on device", str(cache.root)) from exc
+            raise
         report.update({"spec_key": spec_key, "content_key": content_key,
                        "toolchain": {k: v for k, v in toolchain}})
         (staged / "build-report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -322,7 +328,8 @@ def model_info(inputs: EngineInputs, model_type: str, spec, model_dir: Path, con
     from .export import io_description
 
     bos, eos_ids, pad = arch.special_token_ids(model_dir, config)
-    ins, outs = io_description(spec)
+    kv_type = "TYPE_FP16" if inputs.backend == "onnxruntime" and inputs.precision == "fp16" else None
+    ins, outs = io_description(spec, kv_type)
     info: dict[str, Any] = {
         "format": MODEL_INFO_FORMAT,
         "task": inputs.task,
@@ -348,6 +355,13 @@ def model_info(inputs: EngineInputs, model_type: str, spec, model_dir: Path, con
         id2label = model.config.id2label
         info["labels"] = [str(id2label[i]) for i in range(len(id2label))]
     return info
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < 16 << 20
+    except OSError:
+        return False
 
 
 def _np_dtype(torch_dtype):

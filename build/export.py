@@ -307,9 +307,14 @@ def _consolidate_external_data(out_file: Path) -> None:
                     location=out_file.name + ".data", size_threshold=1024)
 
 
-def io_description(spec: ExportSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """model-info.json's inputs/outputs: Triton data types and dims without the batch dimension."""
-    kv_type = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16: "TYPE_BF16"}[spec.dtype]
+def io_description(spec: ExportSpec, kv_type: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """model-info.json's inputs/outputs: Triton data types and dims without the batch dimension.
+
+    ``kv_type`` is the engine's KV-cache type when it differs from the export's (an fp16 ONNX Runtime engine
+    converted from the fp32 export).
+    """
+    kv_type = kv_type or {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16",
+                          torch.bfloat16: "TYPE_BF16"}[spec.dtype]
     if spec.task == "text-generation":
         inputs = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]}
                   for n in ("input_ids", "attention_mask", "position_ids")]
