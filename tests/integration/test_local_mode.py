@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from deepseek_model_repository.client import GenerationClient, generation_inputs, text_of
 from deepseek_operator import local
-from triton_harness import model_stats
+from triton_harness import EXAMPLE, model_stats
 
 pytestmark = [
     pytest.mark.slow,
@@ -204,6 +207,36 @@ def test_tensorrt_cr_is_refused_with_a_hint(tmp_path):
 def test_generate_without_a_server_says_how_to_start_one(tmp_path):
     result = CliRunner().invoke(local.local, ["generate", "--cache-dir", str(tmp_path), "hi"])
     assert result.exit_code == 1 and "local up" in result.output
+
+
+def test_console_script_up_returns_while_the_server_keeps_running(cache_dir, tmp_path, reference):
+    """The real `deepseek-operator` process: `up` exits, Triton stays; the cache comes from the environment."""
+    import yaml
+
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["metadata"]["name"] = "tiny-cli"
+    raw["spec"]["model"]["source"] = f"file://{cache_dir / 'tiny-models' / 'deepseek_v3-text-generation'}"
+    cr = tmp_path / "tiny-cli.yaml"
+    cr.write_text(yaml.safe_dump(raw))
+    exe = str(Path(sys.executable).parent / "deepseek-operator")
+    env = {**os.environ, local.ENV_CACHE: str(cache_dir)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, "local", *args], env=env, capture_output=True, text=True, timeout=300)
+
+    ports = [str(local.free_port()) for _ in range(3)]
+    up = cli("up", "-f", str(cr), "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2])
+    assert up.returncode == 0, up.stderr
+    assert "reusing" in up.stderr or "reusing" in up.stdout, "the engine comes from the cache"
+    state = local.read_state(cache_dir, "tiny-cli")
+    try:
+        assert local.pid_alive(state.pid)
+        out = cli("generate", "-f", str(cr), "--max-tokens", str(MAX_TOKENS), PROMPTS[1])
+        assert out.returncode == 0 and out.stdout == reference[PROMPTS[1]] + "\n"
+    finally:
+        down = cli("down", "-f", str(cr))
+    assert down.returncode == 0 and "stopped tiny-cli" in down.stdout
+    assert not local.pid_alive(state.pid)
 
 
 def test_down_stops_the_server_and_frees_the_ports(server, cache_dir):
