@@ -11,9 +11,10 @@ import yaml
 
 
 def run_command(command: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run one of our click commands in a fresh interpreter, as the console script would."""
-    code = f"from deepseek_operator.cli_operator import {command}; {command}.main(prog_name='deepseek-operator {command}')"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=env)
+    """Run ``deepseek-operator COMMAND ARGS`` in a fresh interpreter, through the console script's entry point."""
+    code = "from deepseek_operator.cli import main; main(prog_name='deepseek-operator')"
+    return subprocess.run([sys.executable, "-c", code, command, *args], capture_output=True, text=True, timeout=60,
+                          env=env)
 
 
 def write(tmp_path, text: str):
