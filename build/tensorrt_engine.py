@@ -82,9 +82,10 @@ def build_tensorrt_engine(onnx_file: Path, plan_file: Path, spec, *, max_batch: 
             trt.ILogger.__init__(self)
 
         def log(self, severity, msg):  # noqa: D401 - TensorRT's callback
-            if severity <= trt.ILogger.Severity.WARNING:
+            if severity in shown:
                 log(f"tensorrt: {msg}")
 
+    shown = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR, trt.ILogger.Severity.WARNING)
     logger = Logger()
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
