@@ -390,7 +390,8 @@ def serve_repository(
     write_state(cache_dir, server)
     try:
         wait_ready(pid, ports["http"], models, log_path)
-    except LocalError:
+    except BaseException:  # not ready, or Ctrl-C while waiting: leave nothing running or recorded
+        stop_pid(pid)
         state_file(cache_dir, name).unlink(missing_ok=True)
         raise
     return server

@@ -107,6 +107,15 @@ def test_greedy_completions_equal_transformers_over_http_and_grpc(server, refere
         grpc.close()
 
 
+def test_decoding_reuses_the_kv_cache_one_engine_step_per_token(server):
+    """One engine execution per new token: a prefill, then decode steps fed the cache (parity proves the cache)."""
+    engine = f"{NAME}_engine"
+    before = model_stats(server, engine)
+    http_generate(server, PROMPTS[2], max_tokens=5)
+    after = model_stats(server, engine)
+    assert after["execution_count"] - before["execution_count"] == 5
+
+
 def test_streaming_yields_the_same_text_piece_by_piece(server, reference):
     client = GenerationClient(server.endpoints["grpc"], NAME)
     try:

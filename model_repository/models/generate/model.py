@@ -81,7 +81,8 @@ class TritonPythonModel:
             dtype = NUMPY_DTYPES.get(by_name[name]["data_type"])
             if dtype is None:
                 raise pb_utils.TritonModelException(
-                    f"KV cache type {by_name[name]['data_type']} is not supported by the generation model"
+                    f"KV cache type {by_name[name]['data_type']} of {name} is not supported by the generation "
+                    "model (numpy has no bfloat16): build the engine with precision fp16 or fp32"
                 )
             self.past_shapes[name] = (int(dims[0]), int(dims[2]), dtype)
         self.engine_outputs = ["logits"] + self.present_names
