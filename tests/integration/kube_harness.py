@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import datetime
 import itertools
 import logging
@@ -24,6 +25,7 @@ import uuid
 import warnings
 from typing import Any, Callable, Optional
 
+import aiohttp.web
 import jsonpatch
 import kmock
 import kopf
@@ -55,6 +57,28 @@ class ApiServer(kmock.KubernetesEmulator):
     """kmock's emulator plus the object metadata a real API server maintains."""
 
     _versions = itertools.count(1)
+
+    async def __call__(self, raw_request):  # type: ignore[override]
+        # kmock 0.8's path parser reads ``/api/v1/namespaces`` as "namespace <missing>" and answers 500;
+        # kopf lists and watches that path when it serves named namespaces (``run --namespace``).
+        if raw_request.path == "/api/v1/namespaces" and raw_request.method == "GET":
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw_request):
+        items = [obj.raw for (resource, _, _), obj in list(self.objects.items())
+                 if str(resource.plural) == "namespaces" and not obj.deleted]
+        if raw_request.query.get("watch") not in ("true", "1"):
+            return aiohttp.web.json_response({"apiVersion": "v1", "kind": "NamespaceList",
+                                              "metadata": {"resourceVersion": "1"}, "items": items})
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+        for item in items:
+            await response.write(json.dumps({"type": "ADDED", "object": item}).encode() + b"\n")
+        timeout = float(raw_request.query.get("timeoutSeconds") or 3600)
+        await asyncio.sleep(timeout)  # namespaces do not change in these tests; the client reconnects
+        await response.write_eof()
+        return response
 
     async def _handle(self, request):  # type: ignore[override]
         if request.resource is not None and isinstance(request.data, (dict, list)):
@@ -139,7 +163,7 @@ class RunningOperator:
 
     def start(self) -> "RunningOperator":
         self.thread, self.stop_flag, _ = handlers.start_in_thread(
-            self.operator, self.registry, self.settings, namespaces=None)
+            self.operator, self.registry, self.settings, namespaces=[NAMESPACE])
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -213,6 +237,11 @@ class Cluster:
             return len(self.server[kmock.action.WATCH, kmock.resource(api.GROUP, api.VERSION, api.PLURAL)]) > 0
 
         await self.wait_for(watching, timeout, "kopf's watch on deepseekmodels")
+
+    def watched_namespaces(self) -> set:
+        """Namespaces of kopf's watches on deepseekmodels (None for a cluster-wide watch)."""
+        watches = self.server[kmock.action.WATCH, kmock.resource(api.GROUP, api.VERSION, api.PLURAL)]
+        return {request.namespace for request in watches}
 
     # ------------------------------------------------------------ the other controllers
     async def finish_job(self, name: str, succeeded: bool, reason: str = "BackoffLimitExceeded",

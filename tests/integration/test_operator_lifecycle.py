@@ -25,6 +25,7 @@ def key_of(spec: dict) -> str:
 
 async def test_model_goes_from_pending_to_ready_through_a_build(cluster, start_operator):
     await start_operator()
+    assert cluster.watched_namespaces() == {NAMESPACE}  # as `run --namespace models` watches
     created = await cluster.create_model("r1", SPEC)
     key = key_of(SPEC)
     job_name = naming.build_job_name("r1", key)

@@ -55,6 +55,7 @@ async def test_run_serves_liveness_and_metrics_and_reconciles(cluster, tmp_path)
     )
     try:
         await cluster.wait_watching(timeout=30)
+        assert cluster.watched_namespaces() == {None}  # --all-namespaces: one cluster-wide watch
         await cluster.create_model("r1", SPEC)
         obj = await cluster.wait_phase("r1", "Building")
         assert condition(obj, "EngineBuilt")["reason"] == "BuildRunning"
