@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,25 @@ def test_streaming_yields_the_same_text_piece_by_piece(server, reference):
             assert len(pieces) > 1, "tokens arrive one by one, not as one response"
     finally:
         client.close()
+
+
+def post_json(server, path: str, body: dict) -> str:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}{path}", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read().decode()
+
+
+def test_http_generate_and_server_sent_event_streaming(server, reference):
+    """Triton's generate extension: JSON over HTTP, and token streaming as server-sent events."""
+    prompt = PROMPTS[1]
+    body = {"text_input": prompt, "max_tokens": MAX_TOKENS}
+    assert json.loads(post_json(server, f"/v2/models/{NAME}/generate", body))["text_output"] == reference[prompt]
+    events = post_json(server, f"/v2/models/{NAME}_stream/generate_stream", {**body, "stream": True})
+    pieces = [json.loads(line[len("data: "):])["text_output"] for line in events.splitlines() if line.startswith("data: ")]
+    assert len(pieces) > 1 and "".join(pieces) == reference[prompt]
 
 
 def test_32_concurrent_clients_get_their_own_correct_answers_in_shared_batches(server, reference):
