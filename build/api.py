@@ -152,9 +152,10 @@ def _build(request: BuildRequest, progress: Progress) -> BuildResult:
     cache = EngineCache(request.cache_dir)
     hashes = sources.FileHashCache(cache.root / "file-hashes.json")
     with progress.stage("resolve", inputs.source):
-        source = sources.resolve(inputs.source, inputs.revision, hashes)
-        adapter = sources.resolve(inputs.adapter_source, inputs.adapter_revision, hashes) if inputs.adapter_source \
-            else None
+        downloads = cache.root / "downloads"
+        source = sources.resolve(inputs.source, inputs.revision, hashes, downloads)
+        adapter = sources.resolve(inputs.adapter_source, inputs.adapter_revision, hashes, downloads) \
+            if inputs.adapter_source else None
         hashes.save()
         gpu = gpu_info() if inputs.backend == "tensorrt" else None
         toolchain = real_toolchain(inputs, gpu)

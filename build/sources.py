@@ -154,32 +154,45 @@ def _hf_repo(uri: str) -> str:
     return repo
 
 
-def resolve_hf(uri: str, revision: Optional[str]) -> ResolvedSource:
-    """The commit a branch/tag points at (HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE are honoured)."""
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_hf(uri: str, revision: Optional[str], download_dir: Optional[Path] = None) -> ResolvedSource:
+    """The commit a branch/tag points at (HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE are honoured).
+
+    Offline, the snapshot comes from the builder's download folder or else the default HF cache
+    (HF_HUB_CACHE / HF_HOME), exactly as a previous online build or `hf download` left it.
+    """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo = _hf_repo(uri)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline:
-        # Offline: the local snapshot of that revision is the content.
-        try:
-            path = Path(snapshot_download(repo, revision=revision, local_files_only=True))
-        except Exception as exc:  # noqa: BLE001 - huggingface_hub raises several unrelated types here
-            raise BuildError(f"{uri}: HF_HUB_OFFLINE is set and no local copy of revision "
-                             f"{revision or 'main'} exists ({type(exc).__name__})") from None
-        return ResolvedSource(uri, "hf", revision=path.name, digest=f"hf:{repo}@{path.name}", local_dir=path,
-                              details={"repo": repo})
+    if _hf_offline():
+        # Offline: the local snapshot of that revision is the content; its folder name is the commit.
+        caches = ([str(download_dir / "hf")] if download_dir else []) + [os.environ.get("HF_HUB_CACHE")]
+        for cache_dir in caches:
+            try:
+                path = Path(snapshot_download(repo, revision=revision, local_files_only=True, cache_dir=cache_dir))
+            except Exception:  # noqa: BLE001 - huggingface_hub raises several unrelated types here
+                continue
+            return ResolvedSource(uri, "hf", revision=path.name, digest=f"hf:{repo}@{path.name}", local_dir=path,
+                                  details={"repo": repo})
+        raise BuildError(f"{uri}: HF_HUB_OFFLINE is set and no local copy of revision {revision or 'main'} exists "
+                         "in the builder's download cache or HF_HUB_CACHE; download it first or unset HF_HUB_OFFLINE")
     try:
-        info = HfApi().model_info(repo, revision=revision)
+        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(repo, revision=revision)
     except RepositoryNotFoundError:
         raise BuildError(f"{uri}: no such model on {os.environ.get('HF_ENDPOINT', 'huggingface.co')}, or it is "
                          "private/gated and HF_TOKEN is missing or lacks access") from None
     except RevisionNotFoundError:
         raise BuildError(f"{uri}: revision {revision!r} does not exist") from None
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as exc:
-        raise BuildError(f"{uri}: cannot reach the Hub ({exc}); set HF_ENDPOINT for a mirror or HF_HUB_OFFLINE=1 "
-                         "with a pre-filled HF cache") from None
+    except HfHubHTTPError as exc:
+        raise BuildError(f"{uri}: the Hub answered an error ({exc}); check HF_TOKEN and HF_ENDPOINT") from None
+    except Exception as exc:  # noqa: BLE001 - connection errors come from the HTTP library huggingface_hub uses
+        where = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        raise BuildError(f"{uri}: cannot reach {where} ({type(exc).__name__}: {exc}); set HF_ENDPOINT for a mirror, "
+                         "or HF_HUB_OFFLINE=1 with the model in the HF cache") from None
     size = sum((s.size or 0) for s in (info.siblings or []))
     return ResolvedSource(uri, "hf", revision=info.sha, digest=f"hf:{repo}@{info.sha}", size_bytes=size,
                           details={"repo": repo})
@@ -193,6 +206,7 @@ def fetch_hf(source: ResolvedSource, download_dir: Path) -> Path:
     try:
         path = snapshot_download(
             source.details["repo"], revision=source.revision, cache_dir=str(download_dir / "hf"),
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"],
         )
     except Exception as exc:  # noqa: BLE001
@@ -263,10 +277,11 @@ def fetch_s3(source: ResolvedSource, download_dir: Path, log: Callable[[str], No
 
 
 # ------------------------------------------------------------------ entry points
-def resolve(uri: str, revision: Optional[str], hashes: FileHashCache) -> ResolvedSource:
+def resolve(uri: str, revision: Optional[str], hashes: FileHashCache,
+            download_dir: Optional[Path] = None) -> ResolvedSource:
     scheme = scheme_of(uri)
     if scheme == "hf":
-        return resolve_hf(uri, revision)
+        return resolve_hf(uri, revision, download_dir)
     if scheme == "s3":
         return resolve_s3(uri)
     return resolve_local(uri, hashes)
