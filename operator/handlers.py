@@ -175,7 +175,7 @@ class Reconciler:
             _, live[obj["kind"]] = self.kube.apply(obj)
         name = naming.triton_name(model.name)
         for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler", "ScaledObject"):
-            if kind not in live and self.kube.get(kind, model.namespace, name) is not None:
+            if kind not in live and self.kube.get_optional(kind, model.namespace, name) is not None:
                 self.kube.delete(kind, model.namespace, name)
         return live
 
@@ -337,7 +337,7 @@ class Reconciler:
         deleted = []
         triton = naming.triton_name(name)
         for kind in ("HorizontalPodAutoscaler", "ScaledObject", "PodDisruptionBudget", "Service", "Deployment"):
-            live = self.kube.get(kind, namespace, triton)
+            live = self.kube.get_optional(kind, namespace, triton)
             if live is not None and _owned_by(live, uid):
                 self.kube.delete(kind, namespace, triton)
                 deleted.append(f"{kind}/{triton}")

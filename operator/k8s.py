@@ -81,6 +81,15 @@ class Kube:
                 return None
             raise
 
+    def get_optional(self, kind: str, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        """Like get, for kinds the operator may not be allowed to read (KEDA's, when the chart leaves KEDA off)."""
+        try:
+            return self.get(kind, namespace, name)
+        except ApiException as exc:
+            if exc.status == 403:
+                return None
+            raise
+
     def list(self, kind: str, namespace: str, labels: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
         """Objects of a kind in a namespace matching ``labels`` (also filtered here: selectors are advisory)."""
         query = []
