@@ -476,6 +476,27 @@ def _name_of(filename: Optional[str]) -> str:
         raise LocalError(str(exc)) from None
 
 
+def _infer_text(server: LocalServer, name: str, text: str) -> dict:
+    """A classifier's label and probabilities, or an embedding, as plain JSON."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    tensor = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
+    client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+    try:
+        result = client.infer(name, [tensor])
+    except InferenceServerException as exc:
+        raise LocalError(exc.message()) from None
+    finally:
+        client.close()
+    if server.task == "text-classification":
+        return {"label": result.as_numpy("label")[0, 0].decode("utf-8"),
+                "probabilities": [round(float(p), 6) for p in result.as_numpy("probabilities")[0]]}
+    return {"embedding": [round(float(v), 6) for v in result.as_numpy("embedding")[0]]}
+
+
 @click.group("local")
 def local() -> None:
     """Build and serve a DeepSeekModel on this machine with a real Triton Inference Server."""
@@ -494,7 +515,8 @@ def up(filename: Optional[str], http_port: int, grpc_port: int, metrics_port: in
     server = up_resource(resource, cache, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
     click.echo(f"{server.name} is ready (pid {server.pid}, task {server.task})")
     click.echo(f"  HTTP     {server.endpoints['http']}   (model {server.name})")
-    click.echo(f"  gRPC     {server.endpoints['grpc']}   (streaming: model {server.name}_stream)")
+    stream_hint = f"   (streaming: model {server.name}_stream)" if server.task == "text-generation" else ""
+    click.echo(f"  gRPC     {server.endpoints['grpc']}{stream_hint}")
     click.echo(f"  metrics  {server.endpoints['metrics']}")
     click.echo(f"  log      {server.log}")
 
@@ -543,13 +565,16 @@ def generate(
     filename: Optional[str], prompt: str, max_tokens: int, temperature: float, seed: Optional[int], stream: bool,
     cache_dir: Optional[Path],
 ) -> None:
-    """Send PROMPT to the running model and print the completion."""
+    """Send PROMPT to the running model and print the completion (a classifier's label, an embedding)."""
     from deepseek_model_repository.client import GenerationClient, ServingError
 
     name = _name_of(filename)
     server = read_state(_cache(cache_dir), name)
     if server is None or not pid_alive(server.pid):
         raise LocalError(f"{name} is not running: start it with `deepseek-operator local up`")
+    if server.task != "text-generation":
+        click.echo(json.dumps(_infer_text(server, name, prompt)))
+        return
     client = GenerationClient(server.endpoints["grpc"], name)
     try:
         if stream:

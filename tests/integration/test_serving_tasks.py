@@ -164,3 +164,31 @@ def test_embeddings_equal_torch_mean_pooling(server, engines, cache_dir):
         np.testing.assert_allclose(single[0], want[0], atol=1e-4, rtol=1e-3)
     finally:
         client.close()
+
+
+def test_local_mode_serves_a_classifier_and_generate_prints_its_label(engines, cache_dir, tmp_path):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from deepseek_operator import local
+    from triton_harness import EXAMPLE
+
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["metadata"]["name"] = "tiny-cls-local"
+    raw["spec"]["model"].update(task="text-classification",
+                                source=f"file://{tiny_model(cache_dir, task='text-classification')}")
+    cr = tmp_path / "cls.yaml"
+    cr.write_text(yaml.safe_dump(raw))
+    common = ["-f", str(cr), "--cache-dir", str(cache_dir)]
+    up = CliRunner().invoke(local.local, ["up", *common, "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"])
+    assert up.exit_code == 0, up.output
+    assert "_stream" not in up.output
+    try:
+        out = CliRunner().invoke(local.local, ["generate", *common, TEXTS[0]])
+        assert out.exit_code == 0, out.output
+        answer = json.loads(out.output)
+        assert answer["label"] in ("NEGATIVE", "POSITIVE") and abs(sum(answer["probabilities"]) - 1) < 1e-4
+    finally:
+        CliRunner().invoke(local.local, ["down", *common])
