@@ -48,6 +48,8 @@ class Reason:
     ROLLING_OUT = "RollingOut"
     #: A new engine is being built; the previous one keeps serving.
     ENGINE_REBUILDING = "EngineRebuilding"
+    #: The autoscaler's API (KEDA's ScaledObject, or autoscaling/v2) is not served by this cluster.
+    AUTOSCALER_UNAVAILABLE = "AutoscalerUnavailable"
     #: Everything in the spec is in effect and Triton is available.
     MODEL_READY = "ModelReady"
 

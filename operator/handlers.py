@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from . import cachekey, metrics, naming, render
 from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION, DeepSeekModel, SpecError, parse_resource
@@ -34,7 +35,9 @@ log = logging.getLogger("deepseek_operator")
 #: Set on a finished build Job once its outcome is counted (metrics, index), so a restart does not count it twice.
 OUTCOME_ANNOTATION = "deepseek.ai/build-outcome"
 #: Reasons of a False condition that deserve a Warning event.
-WARNING_REASONS = {Reason.INVALID_SPEC, Reason.CACHE_CLAIM_MISSING, Reason.BUILD_FAILED, Reason.DEPLOYMENT_UNAVAILABLE}
+WARNING_REASONS = {Reason.INVALID_SPEC, Reason.CACHE_CLAIM_MISSING, Reason.BUILD_FAILED, Reason.DEPLOYMENT_UNAVAILABLE,
+                   Reason.AUTOSCALER_UNAVAILABLE}
+AUTOSCALER_KINDS = ("HorizontalPodAutoscaler", "ScaledObject")
 
 
 def _now() -> str:
@@ -172,7 +175,12 @@ class Reconciler:
         """Deployment, Service, PDB and autoscaler for ``deploy_key``; stale PDB/autoscaler removed."""
         live: dict[str, Any] = {}
         for obj in render.render_serving(model, self.config, deploy_key):
-            _, live[obj["kind"]] = self.kube.apply(obj)
+            try:
+                _, live[obj["kind"]] = self.kube.apply(obj)
+            except ApiException as exc:
+                if obj["kind"] not in AUTOSCALER_KINDS or exc.status != 404:
+                    raise
+                live["missing-autoscaler"] = obj  # the cluster does not serve this API (e.g. no KEDA)
         name = naming.triton_name(model.name)
         for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler", "ScaledObject"):
             if kind not in live and self.kube.get_optional(kind, model.namespace, name) is not None:
@@ -189,6 +197,8 @@ class Reconciler:
         deployment = self.kube.get("Deployment", namespace, naming.triton_name(name))
         try:
             model = parse_resource({**obj, "apiVersion": API_VERSION, "kind": KIND})
+            # Some rules live in the renderers (e.g. KEDA needs prometheusAddress): render once before acting.
+            render.render_serving(model, self.config, cachekey.spec_key(model.spec))
         except SpecError as exc:
             message = "Fix the spec: " + "; ".join(exc.problems)
             current = {
@@ -218,9 +228,11 @@ class Reconciler:
         live_key = self._deployed_key(deployment)
         deploy_key = key if engine.state == "ready" else live_key
         extra: dict[str, Any] = {}
+        missing_autoscaler = None
         if deploy_key:
             live = self._apply_serving(model, deploy_key)
             deployment = live["Deployment"]
+            missing_autoscaler = live.get("missing-autoscaler")
             extra["endpoints"] = render.endpoints(model)
         if deploy_key == key or not live_key:
             extra["engine"] = engine.status(model)
@@ -242,6 +254,12 @@ class Reconciler:
         current = {ENGINE_BUILT: self._engine_built(engine, live_key)}
         current[SERVING] = self._serving(model, deployment, engine)
         current[READY] = self._ready(model, engine, current[SERVING], deployment, key)
+        if missing_autoscaler is not None and current[READY].status == "True":
+            current[READY] = ConditionValue(
+                "False", Reason.AUTOSCALER_UNAVAILABLE,
+                f"This cluster does not serve {missing_autoscaler['apiVersion']} {missing_autoscaler['kind']}: "
+                "install KEDA, or set spec.autoscaling.metricsBackend to prometheus-adapter.",
+            )
         return self._finish(previous, current, generation, extra, events)
 
     @staticmethod

@@ -195,13 +195,17 @@ async def test_restart_while_the_job_runs_keeps_waiting_for_it(cluster, start_op
     await cluster.wait_phase("r1", "Deploying")
 
 
-async def test_invalid_spec_is_reported_with_the_field(cluster, start_operator):
+@pytest.mark.parametrize("patch, field", [
+    ({"serving": {"gpusPerReplica": 0, "dynamicBatching": {"preferredBatchSizes": [64]}}}, "preferredBatchSizes"),
+    ({"autoscaling": {"enabled": True, "metricsBackend": "keda"}}, "spec.autoscaling.prometheusAddress"),
+])
+async def test_invalid_spec_is_reported_with_the_field(cluster, start_operator, patch, field):
     await start_operator()
-    await cluster.create_model("bad", {**SPEC, "serving": {"gpusPerReplica": 0, "dynamicBatching": {
-        "preferredBatchSizes": [64]}}})
+    await cluster.create_model("bad", {**SPEC, **patch})
     obj = await cluster.wait_phase("bad", "Failed")
     ready = condition(obj, "Ready")
-    assert ready["reason"] == "InvalidSpec" and "preferredBatchSizes" in ready["message"]
+    assert ready["reason"] == "InvalidSpec" and field in ready["message"]
+    assert condition(obj, "EngineBuilt")["reason"] == "InvalidSpec"
     assert await jobs(cluster) == []
 
 
@@ -212,3 +216,25 @@ async def test_missing_cache_claim_keeps_the_model_pending(cluster, start_operat
     assert condition(obj, "EngineBuilt")["reason"] == "CacheClaimMissing"
     assert "engines" in condition(obj, "EngineBuilt")["message"]
     assert await jobs(cluster) == []
+
+
+async def test_keda_backend_without_keda_installed_says_what_to_do(cluster, start_operator):
+    # A cluster without KEDA answers 404 for its API (kmock would otherwise store any resource).
+    cluster.server[kmock.resource("keda.sh", "v1alpha1", "scaledobjects")] << 404
+    await start_operator()
+    spec = {**SPEC, "autoscaling": {"enabled": True, "metricsBackend": "keda",
+                                    "prometheusAddress": "http://prometheus.monitoring:9090"}}
+    await bring_to_deploying(cluster, "r1", spec)
+    await cluster.make_available(naming.triton_name("r1"))
+    obj = await cluster.wait_model("r1", lambda o: condition(o, "Ready").get("reason") == "AutoscalerUnavailable",
+                                   what="Ready=False AutoscalerUnavailable")
+    assert "install KEDA" in condition(obj, "Ready")["message"]
+    assert condition(obj, "Serving")["status"] == "True"
+    assert "replicas" not in (await cluster.get("Deployment", naming.triton_name("r1")))["spec"]
+
+
+async def bring_to_deploying(cluster, name: str, spec: dict) -> dict:
+    await cluster.create_model(name, spec)
+    await cluster.wait_phase(name, "Building")
+    await cluster.finish_job(naming.build_job_name(name, key_of(spec)), succeeded=True)
+    return await cluster.wait_phase(name, "Deploying")
