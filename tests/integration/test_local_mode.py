@@ -23,7 +23,7 @@ import tritonclient.http as httpclient
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
-from deepseek_model_repository.client import GenerationClient, generation_inputs, text_of
+from deepseek_model_repository.client import GenerationClient, ServingError, generation_inputs, text_of
 from deepseek_operator import local
 from triton_harness import EXAMPLE, model_stats
 
@@ -204,6 +204,28 @@ def test_bad_requests_get_clear_errors_and_the_next_request_succeeds(server, ref
             assert good == reference[PROMPTS[0]], f"after {case}"
     finally:
         client.close()
+
+
+def test_bad_requests_batched_with_good_ones_fail_alone(server, reference):
+    """Bad and good requests arriving together share executions; only the bad ones get errors."""
+    jobs = [(PROMPTS[i % len(PROMPTS)], MAX_TOKENS) for i in range(8)] + [("", MAX_TOKENS), ("hi", 0)] * 2
+
+    def call(job):
+        client = GenerationClient(server.endpoints["grpc"], NAME)
+        try:
+            return client.generate(job[0], max_tokens=job[1])
+        except ServingError as exc:
+            return exc
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(call, jobs))
+    for (prompt, max_tokens), answer in zip(jobs, answers):
+        if prompt and max_tokens:
+            assert answer == reference[prompt]
+        else:
+            assert isinstance(answer, ServingError)
 
 
 def test_stream_on_the_unary_model_points_to_the_stream_model(server):
