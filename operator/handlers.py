@@ -16,7 +16,6 @@ import asyncio
 import datetime
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -501,18 +500,3 @@ def run_operator(config: OperatorConfig, liveness_url: Optional[str] = None) -> 
             liveness_endpoint=liveness_url,
         )
     )
-
-
-def start_in_thread(operator: Operator, registry: kopf.OperatorRegistry, settings: kopf.OperatorSettings,
-                    namespaces: list[str] | None = None) -> tuple[threading.Thread, threading.Event, threading.Event]:
-    """Run kopf in its own thread and event loop (kopf cancels foreign tasks at shutdown); returns (thread, stop, ready)."""
-    stop, ready = threading.Event(), threading.Event()
-
-    def main() -> None:
-        asyncio.run(kopf.operator(registry=registry, settings=settings, standalone=True,
-                                  clusterwide=not namespaces, namespaces=namespaces or [],
-                                  stop_flag=stop, ready_flag=ready))
-
-    thread = threading.Thread(target=main, name="kopf", daemon=True)
-    thread.start()
-    return thread, stop, ready

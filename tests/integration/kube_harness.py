@@ -162,8 +162,15 @@ class RunningOperator:
         self.stop_flag: Optional[threading.Event] = None
 
     def start(self) -> "RunningOperator":
-        self.thread, self.stop_flag, _ = handlers.start_in_thread(
-            self.operator, self.registry, self.settings, namespaces=[NAMESPACE])
+        """kopf in its own thread and loop: at shutdown it cancels tasks it did not start, so not in the test's loop."""
+        self.stop_flag = threading.Event()
+
+        def main() -> None:
+            asyncio.run(kopf.operator(registry=self.registry, settings=self.settings, standalone=True,
+                                      namespaces=[NAMESPACE], stop_flag=self.stop_flag))
+
+        self.thread = threading.Thread(target=main, name="kopf", daemon=True)
+        self.thread.start()
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
