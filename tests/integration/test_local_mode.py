@@ -168,10 +168,18 @@ def test_32_concurrent_clients_get_their_own_correct_answers_in_shared_batches(s
     assert executions < 32, f"dynamic batching should share executions, got {executions} for 32 requests"
 
 
+def test_sampling_with_top_k_1_or_a_tiny_top_p_is_greedy(server, reference):
+    prompt = PROMPTS[2]
+    assert http_generate(server, prompt, max_tokens=MAX_TOKENS, temperature=1.5, top_k=1) == reference[prompt]
+    assert http_generate(server, prompt, max_tokens=MAX_TOKENS, temperature=1.5, top_p=1e-6) == reference[prompt]
+
+
 def test_sampling_is_reproducible_with_a_seed(server):
     a = http_generate(server, "Once upon a time", max_tokens=8, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     b = http_generate(server, "Once upon a time", max_tokens=8, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     assert a == b
+    others = {http_generate(server, "Once upon a time", max_tokens=8, temperature=1.5, seed=s) for s in range(4)}
+    assert len(others) > 1, "different seeds should sample different completions"
 
 
 def _bad_requests(module):
