@@ -151,7 +151,9 @@ def write_tiny_model(
     """Write a random-weight checkpoint (safetensors, config.json, tokenizer) of ``arch`` for ``task`` into ``out``."""
     import torch
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if arch not in ARCHITECTURES:
         raise TinyModelError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     if task not in TASKS:
