@@ -98,3 +98,10 @@ async def test_failed_build_is_reported_and_not_retried(cluster, start_operator)
     assert [j["metadata"]["name"] for j in jobs] == [job_name]
     job = await cluster.get("Job", job_name)
     assert job["metadata"]["annotations"]["deepseek.ai/build-outcome"] == "failed"
+
+    # Changing an engine field gives a new key, so the operator may try again.
+    fixed = {**SPEC, "engine": {**SPEC["engine"], "precision": "fp16"}}
+    await cluster.patch_spec("r2", {"engine": {"precision": "fp16"}})
+    await cluster.wait_phase("r2", "Building")
+    assert sorted(j["metadata"]["name"] for j in await cluster.list("Job")) == sorted(
+        [job_name, naming.build_job_name("r2", key_of(fixed))])
