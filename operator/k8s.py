@@ -7,7 +7,6 @@ object's hash is kept in an annotation and compared on the next pass.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Optional
 
@@ -28,7 +27,10 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
     "DeepSeekModel": ("/apis/deepseek.ai/v1alpha1", "deepseekmodels"),
 }
-APPLIED_HASH = "deepseek.ai/applied-hash"
+#: The operator's last rendering of a child (JSON), for three-way patches.
+LAST_APPLIED = "deepseek.ai/last-applied"
+#: Fields left alone when a new rendering drops them: an autoscaler owns the replica count.
+KEEP_WHEN_DROPPED: dict[str, tuple[tuple[str, ...], ...]] = {"Deployment": (("spec", "replicas"),)}
 
 
 def default_api_client() -> ApiClient:
@@ -38,10 +40,6 @@ def default_api_client() -> ApiClient:
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
     return ApiClient()
-
-
-def rendered_hash(obj: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 class Kube:
@@ -140,10 +138,14 @@ class Kube:
             return False, self.get(obj["kind"], meta["namespace"], meta["name"]) or obj
 
     def apply(self, obj: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Create, or merge-patch when the rendering changed since the last apply: 'created'|'updated'|'unchanged'."""
-        digest = rendered_hash(obj)
+        """Create, or patch when the rendering changed since the last apply: 'created'|'updated'|'unchanged'.
+
+        The last rendering is kept in an annotation (as ``kubectl apply`` does), so a field the new
+        rendering drops is removed from the live object instead of lingering.
+        """
+        rendered = json.loads(json.dumps(obj))
         desired = json.loads(json.dumps(obj))
-        desired["metadata"].setdefault("annotations", {})[APPLIED_HASH] = digest
+        desired["metadata"].setdefault("annotations", {})[LAST_APPLIED] = json.dumps(rendered, sort_keys=True)
         meta = obj["metadata"]
         live = self.get(obj["kind"], meta["namespace"], meta["name"])
         if live is None:
@@ -153,7 +155,32 @@ class Kube:
                 if exc.status != 409:
                     raise
                 live = self.get(obj["kind"], meta["namespace"], meta["name"]) or {}
-        if ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_HASH) == digest:
+        previous_text = ((live.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
+        try:
+            previous = json.loads(previous_text) if previous_text else {}
+        except ValueError:
+            previous = {}
+        if previous == rendered:
             return "unchanged", live
-        body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+        body = three_way_patch(previous, desired, keep=KEEP_WHEN_DROPPED.get(obj["kind"], ()))
+        body.pop("apiVersion", None)
+        body.pop("kind", None)
         return "updated", self.patch(obj["kind"], meta["namespace"], meta["name"], body)
+
+
+def three_way_patch(last: Any, desired: Any, keep: tuple[tuple[str, ...], ...] = (), _path: tuple = ()) -> Any:
+    """A JSON merge patch to ``desired`` that also deletes (null) what ``last`` applied and ``desired`` dropped.
+
+    Fields nobody applied (set by the API server or other controllers) are left alone; so are ``keep``
+    paths, e.g. a Deployment's ``spec.replicas`` once an autoscaler owns it (dropping it would reset it to 1).
+    """
+    if not isinstance(desired, dict):
+        return desired
+    patch: dict[str, Any] = {}
+    last = last if isinstance(last, dict) else {}
+    for key, value in desired.items():
+        patch[key] = three_way_patch(last.get(key), value, keep, _path + (key,))
+    for key in last:
+        if key not in desired and _path + (key,) not in keep:
+            patch[key] = None
+    return patch

@@ -103,6 +103,8 @@ async def test_serving_and_autoscaling_changes_never_rebuild(cluster, start_oper
     await cluster.patch_spec("r1", {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 5}})
     hpa = await cluster.wait_for(lambda: cluster.get("HorizontalPodAutoscaler", triton), what="the HPA")
     assert hpa["spec"]["scaleTargetRef"]["name"] == triton
+    # The HPA owns the count now: the operator neither sets nor drops it (dropping would reset it to 1).
+    assert (await cluster.get("Deployment", triton))["spec"]["replicas"] == 3
     assert hpa["metadata"]["ownerReferences"][0]["kind"] == "DeepSeekModel"
     await cluster.call(cluster.kube.patch, "HorizontalPodAutoscaler", "models", triton,
                        {"status": {"currentReplicas": 3, "desiredReplicas": 4}}, "status")
@@ -238,3 +240,22 @@ async def bring_to_deploying(cluster, name: str, spec: dict) -> dict:
     await cluster.wait_phase(name, "Building")
     await cluster.finish_job(naming.build_job_name(name, key_of(spec)), succeeded=True)
     return await cluster.wait_phase(name, "Deploying")
+
+
+async def test_a_dropped_serving_field_is_removed_from_the_deployment(cluster, start_operator):
+    await start_operator()
+    spec = merged(SPEC, "serving", nodeSelector={"pool": "inference"},
+                  tolerations=[{"key": "dedicated", "operator": "Exists"}])
+    await bring_to_ready(cluster, "r1", spec)
+    triton = naming.triton_name("r1")
+    pod = (await cluster.get("Deployment", triton))["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "inference"} and pod["tolerations"]
+
+    await cluster.patch_spec("r1", {"serving": {"nodeSelector": None, "tolerations": None}})
+
+    async def dropped():
+        pod = (await cluster.get("Deployment", triton))["spec"]["template"]["spec"]
+        return "nodeSelector" not in pod and "tolerations" not in pod
+
+    await cluster.wait_for(dropped, what="nodeSelector and tolerations removed")
+    assert await jobs(cluster) == [naming.build_job_name("r1", key_of(SPEC))]
