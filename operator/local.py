@@ -127,6 +127,20 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def server_running(server: LocalServer) -> bool:
+    """True while the recorded pid is still that tritonserver (a pid reused after a reboot is not ours)."""
+    if not pid_alive(server.pid):
+        return False
+    try:
+        with open(f"/proc/{server.pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return True  # no /proc: trust the pid
+    return any(arg.endswith(b"tritonserver") for arg in argv) and any(
+        arg == f"--model-repository={server.repository}".encode() for arg in argv
+    )
+
+
 # ------------------------------------------------------------------ the Triton binary
 @dataclass(frozen=True)
 class TritonInstall:
@@ -412,7 +426,7 @@ def up_resource(
 
     cache_dir = Path(cache_dir)
     running = read_state(cache_dir, resource.name)
-    if running and pid_alive(running.pid):
+    if running and server_running(running):
         raise LocalError(
             f"{resource.name} is already running (pid {running.pid}, HTTP {running.endpoints['http']}, "
             f"gRPC {running.endpoints['grpc']}): run `deepseek-operator local down` first"
@@ -443,7 +457,8 @@ def down_name(name: str, cache_dir: Path) -> Optional[LocalServer]:
     server = read_state(cache_dir, name)
     if server is None:
         return None
-    stop_pid(server.pid)
+    if server_running(server):
+        stop_pid(server.pid)
     state_file(cache_dir, name).unlink(missing_ok=True)
     return server
 
@@ -546,7 +561,7 @@ def status(cache_dir: Optional[Path]) -> None:
         return
     click.echo(f"{'NAME':<24} {'STATE':<8} {'PID':>7}  {'HTTP':<24} {'GRPC':<18} METRICS")
     for s in servers:
-        state = "running" if pid_alive(s.pid) else "stopped"
+        state = "running" if server_running(s) else "stopped"
         click.echo(
             f"{s.name:<24} {state:<8} {s.pid:>7}  {s.endpoints['http']:<24} {s.endpoints['grpc']:<18} "
             f"{s.endpoints['metrics']}"
@@ -570,7 +585,7 @@ def generate(
 
     name = _name_of(filename)
     server = read_state(_cache(cache_dir), name)
-    if server is None or not pid_alive(server.pid):
+    if server is None or not server_running(server):
         raise LocalError(f"{name} is not running: start it with `deepseek-operator local up`")
     if server.task != "text-generation":
         click.echo(json.dumps(_infer_text(server, name, prompt)))
