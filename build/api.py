@@ -55,7 +55,8 @@ class BuildRequest:
     output_dir: Optional[Path] = None
     model_name: str = "deepseek"
     runtime: str = "triton"
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: Passed to write_repository: max_queue_delay_us, preferred_batch_sizes, instance_count.
+    serving: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ validation and versions
@@ -195,7 +196,7 @@ def write_output(entry: Path, request: BuildRequest, reused: bool) -> Path:
     from deepseek_model_repository import write_repository
 
     gpus = 1 if request.inputs.backend == "tensorrt" else 0
-    write_repository(entry, out, request.model_name, runtime=request.runtime, gpus=gpus)
+    write_repository(entry, out, request.model_name, runtime=request.runtime, gpus=gpus, **request.serving)
     report = json.loads((entry / "build-report.json").read_text())
     report["reused_from_cache"] = reused
     (out / "build-report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -237,6 +238,7 @@ def _run_stages(request, cache, progress, source, adapter, work, staged, gpu) ->
     with progress.stage("download", source.uri):
         model_dir = sources.fetch(source, cache.root / "downloads", progress.say)
         adapter_dir = sources.fetch(adapter, cache.root / "downloads", progress.say) if adapter else None
+        progress.say(f"{_size(model_dir) / 1e6:.1f} MB in {model_dir}")
     device = "cuda" if inputs.backend == "tensorrt" else "cpu"
     with progress.stage("load", f"{inputs.task}, {inputs.precision}"):
         config = arch.read_config(model_dir)

@@ -38,10 +38,27 @@ def _fail(message: str) -> None:
 @click.option("--model-name", default="deepseek", show_default=True, help="Triton model name in the repository.")
 @click.option("--runtime", type=click.Choice(["triton", "local"]), default="triton", show_default=True,
               help="triton: native engine backend (cluster image); local: the engine in a Python model (local mode).")
+@click.option("--max-queue-delay-us", type=click.IntRange(0), default=1000, show_default=True,
+              help="Dynamic batching: longest wait to form a batch, in microseconds.")
+@click.option("--preferred-batch-size", "preferred_batch_sizes", type=click.IntRange(1), multiple=True,
+              help="Dynamic batching: a batch size to aim for (repeatable).")
+@click.option("--instance-count", type=click.IntRange(1), default=1, show_default=True,
+              help="Engine model instances per Triton server.")
 def build(source, revision, adapter, adapter_revision, task, backend, precision, max_batch_size, max_seq_len,
-          output_dir, cache_dir, gpu_type, model_name, runtime):
+          output_dir, cache_dir, gpu_type, model_name, runtime, max_queue_delay_us, preferred_batch_sizes,
+          instance_count):
     """Build a checkpoint into a cached engine and a Triton model repository in --output."""
+    import signal
+
     from .errors import BuildError
+
+    def _terminated(signum, frame):  # a deleted Job's pod gets SIGTERM: clean the scratch folder, then exit
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminated)
+    too_big = [b for b in preferred_batch_sizes if b > max_batch_size]
+    if too_big:
+        _fail(f"--preferred-batch-size {too_big} exceed --max-batch-size {max_batch_size}")
 
     try:
         from . import api
@@ -55,6 +72,8 @@ def build(source, revision, adapter, adapter_revision, task, backend, precision,
         adapter_revision=adapter_revision, gpu_type=gpu_type, cache_dir=cache_dir, output_dir=output_dir,
         model_name=model_name, runtime=runtime,
     )
+    request.serving = {"max_queue_delay_us": max_queue_delay_us, "preferred_batch_sizes": list(preferred_batch_sizes),
+                       "instance_count": instance_count}
     try:
         result = api.build(request)
     except BuildError as exc:

@@ -178,3 +178,19 @@ def test_two_builders_of_one_key_build_once(ws, tiny):
     for out in ("out-a", "out-b"):
         assert json.loads((ws / out / "build-report.json").read_text())["content_key"] == entry.name
     assert not list((cache / "tmp").iterdir())
+
+
+def test_terminated_build_cleans_its_scratch_and_says_so(ws, tiny):
+    """A deleted build Job's pod gets SIGTERM: the builder removes its scratch folder and exits non-zero."""
+    cache = ws / "cache-term"
+    proc = cli_process(tiny, ws / "out-term", cache)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "export: started" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "interrupted; nothing was added to the cache" in rest and "Traceback" not in rest
+    assert not list((cache / "engines").iterdir()) and not list((cache / "tmp").iterdir())
