@@ -179,6 +179,8 @@ class TritonPythonModel:
         if 0 < seq.top_k < x.size:
             kth = np.partition(x, -seq.top_k)[-seq.top_k]
             x = np.where(x < kth, -np.inf, x)
+        if not np.isfinite(np.max(x)):
+            return int(np.argmax(logits))  # inf/nan logits: no distribution to sample from
         x = x - np.max(x)
         probs = np.exp(x)
         probs /= probs.sum()
