@@ -23,7 +23,7 @@ COPY operator ./operator
 COPY build ./build
 COPY model_repository ./model_repository
 RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/simple "torch==2.13.0" \
- && pip install ".[builder,tensorrt]" "tensorrt-cu12==${TENSORRT_VERSION}" \
+ && pip install --extra-index-url https://pypi.nvidia.com ".[builder,tensorrt]" "tensorrt-cu12==${TENSORRT_VERSION}" \
  && python -c "import tensorrt, deepseek_builder.cli; assert tensorrt.__version__ == '${TENSORRT_VERSION}'"
 
 RUN useradd --create-home --uid 1000 builder && mkdir -p /cache && chown builder /cache

@@ -8,6 +8,7 @@ int8 and fp8 need Q/DQ nodes in the graph, which this builder does not produce y
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -103,16 +104,20 @@ def build_tensorrt_engine(onnx_file: Path, plan_file: Path, spec, *, max_batch: 
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None:  # an unreadable cache file (another TensorRT's, or truncated): start an empty one
+        log(f"ignoring the unreadable timing cache {timing_cache}")
+        blob = b""
+        cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, False)
     log(f"building (timing cache {timing_cache}, {len(blob)} bytes); this takes minutes on a large model")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError("TensorRT failed to build the engine; the tensorrt lines above say why")
     plan_file.write_bytes(bytes(serialized))
-    updated = config.get_timing_cache()
-    tmp = timing_cache.with_suffix(".tmp")
-    tmp.write_bytes(bytes(updated.serialize()))
-    tmp.replace(timing_cache)
+    # The build added its measurements to the attached cache: keep them for the next build on this GPU type.
+    tmp = timing_cache.with_name(f"{timing_cache.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(bytes(cache.serialize()))
+    os.replace(tmp, timing_cache)
 
 
 def tensorrt_runner(plan_file: Path, spec):
