@@ -294,7 +294,12 @@ class AutoscalingSpec(_Model):
                     "self.minReplicas <= self.maxReplicas",
                     "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
                     ".minReplicas",
-                )
+                ),
+                cel(
+                    "self.metricsBackend != 'keda' || has(self.prometheusAddress)",
+                    "autoscaling.prometheusAddress is required when autoscaling.metricsBackend is keda",
+                    ".prometheusAddress",
+                ),
             ]
         }
     )
@@ -334,6 +339,11 @@ class AutoscalingSpec(_Model):
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})"
+            )
+        if self.metrics_backend == "keda" and not self.prometheus_address:
+            raise ValueError(
+                "prometheusAddress is required when metricsBackend is keda (KEDA queries Prometheus itself), "
+                "e.g. http://prometheus-operated.monitoring:9090"
             )
         return self
 

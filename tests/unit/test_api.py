@@ -69,6 +69,7 @@ def test_wire_form_is_camel_case_and_round_trips():
         ({"autoscaling.targetGPUUtilization": 101}, "spec.autoscaling.targetGPUUtilization", "100"),
         ({"autoscaling.metricsBackend": "datadog"}, "spec.autoscaling.metricsBackend", "keda"),
         ({"cache.size": "big"}, "spec.cache.size", "quantity"),
+        ({"autoscaling.metricsBackend": "keda"}, "spec.autoscaling", "prometheusAddress is required"),
         ({"engine.maxBatchsize": 4}, "spec.engine.maxBatchsize", "unknown field"),
     ],
 )
@@ -189,6 +190,8 @@ def _api_server_accepts(spec: dict) -> tuple[bool, list[str]]:
         {"engine.backend": "onnxruntime", "serving.gpusPerReplica": 0},
         {"serving.gpusPerReplica": 0},
         {"engine.precision": "bf16"},
+        {"autoscaling.metricsBackend": "keda"},
+        {"autoscaling.metricsBackend": "keda", "autoscaling.prometheusAddress": "http://prometheus:9090"},
     ],
 )
 def test_cel_rules_and_pydantic_agree(patch):
