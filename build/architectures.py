@@ -119,9 +119,9 @@ def merge_adapter(model, adapter_dir: Path, base_arch: str):
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), torch_device="cpu"
                                                if next(model.parameters()).device.type == "cpu" else None)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         raise BuildError(f"adapter {adapter_dir} does not fit this {base_arch} model (it was trained for another "
-                         f"architecture or size): {first}") from None
+                         f"architecture or size): {' '.join(lines[:2])[:400]}") from None
     with torch.no_grad():
         merged = peft_model.merge_and_unload()
     return merged.eval()

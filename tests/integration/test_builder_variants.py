@@ -182,6 +182,22 @@ def test_adapter_for_another_architecture_is_refused_clearly(ws, cache):
     assert "another architecture" in result.output and "Traceback" not in result.output
 
 
+def test_adapter_for_another_model_size_is_refused_clearly(ws, cache):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from deepseek_builder.tiny import tiny_config
+
+    config = tiny_config("llama", 129280)
+    config.hidden_size, config.intermediate_size = 32, 64
+    small = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    small.save_pretrained(ws / "lora-small-llama")
+    result = cli_build(tiny(ws, "llama"), ws / "out-badsize", cache, "--adapter", f"file://{ws / 'lora-small-llama'}")
+    assert result.exit_code == 1 and "does not fit this llama model" in result.output
+    assert "size mismatch" in result.output and "Traceback" not in result.output
+
+
 # ------------------------------------------------------------------ precisions
 @pytest.mark.parametrize("precision, kv_type", [("fp16", "TYPE_FP16"), ("int8", "TYPE_FP32")])
 def test_onnxruntime_precisions_build_checked_engines(ws, cache, precision, kv_type):
