@@ -157,3 +157,18 @@ def to_pbtxt(cfg: dict[str, Any]) -> str:
 def parse_pbtxt(text: str) -> model_config_pb2.ModelConfig:
     """Read config.pbtxt text back (tests, and the CLI's --check)."""
     return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+#: Python-backend shared memory: logits and KV tensors cross it on every decoding step.
+PYTHON_BACKEND_CONFIG = ("shm-default-byte-size=33554432", "shm-growth-byte-size=16777216")
+
+
+def server_flags() -> list[str]:
+    """tritonserver flags every deployment of this repository needs, in the cluster and locally.
+
+    ``summary_latencies`` gives the p50/p99 request latencies the dashboard and alerts read.
+    """
+    return [
+        "--allow-metrics=true",
+        "--metrics-config=summary_latencies=true",
+    ] + [f"--backend-config=python,{kv}" for kv in PYTHON_BACKEND_CONFIG]

@@ -33,6 +33,8 @@ from typing import Callable, Optional
 import click
 import yaml
 
+from deepseek_model_repository.config import server_flags
+
 from . import api
 
 ENV_CACHE = "DEEPSEEK_OPERATOR_CACHE"
@@ -41,7 +43,6 @@ READY_TIMEOUT_S = 300.0
 EXIT_TIMEOUT_S = 5
 DEFAULT_EXAMPLE = "local-tiny.yaml"
 #: Python backend shared memory: logits of a full batch (vocab ~128k x fp32) cross it on every decode step.
-PYTHON_BACKEND_CONFIG = ("shm-default-byte-size=33554432", "shm-growth-byte-size=16777216")
 
 
 class LocalError(click.ClickException):
@@ -231,7 +232,7 @@ def start_triton(
         f"--metrics-port={metrics_port}",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         "--log-verbose=0",
-    ] + [f"--backend-config=python,{kv}" for kv in PYTHON_BACKEND_CONFIG]
+    ] + server_flags()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     devnull = os.open(os.devnull, os.O_RDONLY)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from deepseek_model_repository.config import server_flags
+
 from . import autoscaling, cachekey, naming
 from .api import API_VERSION, KIND, DeepSeekModel
 from .config import OperatorConfig
@@ -272,9 +274,8 @@ def triton_args() -> list[str]:
         f"--http-port={HTTP_PORT}",
         f"--grpc-port={GRPC_PORT}",
         f"--metrics-port={METRICS_PORT}",
-        "--allow-metrics=true",
         "--allow-gpu-metrics=true",
-    ]
+    ] + server_flags()
 
 
 def _triton_resources(model: DeepSeekModel) -> dict[str, Any]:
