@@ -13,7 +13,7 @@ import re
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "deepseek.ai"
@@ -340,12 +340,17 @@ class AutoscalingSpec(_Model):
             raise ValueError(
                 f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})"
             )
-        if self.metrics_backend == "keda" and not self.prometheus_address:
+        return self
+
+    @field_validator("prometheus_address")
+    @classmethod
+    def _keda_needs_prometheus(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if info.data.get("metrics_backend") == "keda" and not v:
             raise ValueError(
-                "prometheusAddress is required when metricsBackend is keda (KEDA queries Prometheus itself), "
+                "required when metricsBackend is keda (KEDA queries Prometheus itself), "
                 "e.g. http://prometheus-operated.monitoring:9090"
             )
-        return self
+        return v
 
 
 # ---------------------------------------------------------------- spec.cache
@@ -479,11 +484,22 @@ class DeepSeekModelStatus(_Model):
 
 
 # ---------------------------------------------------------------- parsing
+def _wire_name(part: Any) -> str:
+    """A location part as the user wrote it: pydantic reports defaulted fields by their Python name."""
+    if isinstance(part, str) and "_" in part:
+        for model in _Model.__subclasses__():
+            field = model.model_fields.get(part)
+            if field is not None and field.alias:
+                return field.alias
+        return to_camel(part)
+    return str(part)
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "spec") -> list[str]:
     """Turn pydantic's errors into 'spec.engine.maxBatchSize: ...' lines."""
     problems = []
     for err in exc.errors():
-        path = ".".join([prefix] + [str(p) for p in err["loc"]])
+        path = ".".join([prefix] + [_wire_name(p) for p in err["loc"]])
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]

@@ -69,7 +69,7 @@ def test_wire_form_is_camel_case_and_round_trips():
         ({"autoscaling.targetGPUUtilization": 101}, "spec.autoscaling.targetGPUUtilization", "100"),
         ({"autoscaling.metricsBackend": "datadog"}, "spec.autoscaling.metricsBackend", "keda"),
         ({"cache.size": "big"}, "spec.cache.size", "quantity"),
-        ({"autoscaling.metricsBackend": "keda"}, "spec.autoscaling", "prometheusAddress is required"),
+        ({"autoscaling.metricsBackend": "keda"}, "spec.autoscaling.prometheusAddress", "required when"),
         ({"engine.maxBatchsize": 4}, "spec.engine.maxBatchsize", "unknown field"),
     ],
 )

@@ -204,7 +204,7 @@ def test_keda_scaled_object_carries_the_same_behavior_as_the_hpa():
 
 
 def test_keda_without_prometheus_address_names_the_missing_field():
-    with pytest.raises(SpecError, match=r"spec\.autoscaling: prometheusAddress is required"):
+    with pytest.raises(SpecError, match=r"spec\.autoscaling\.prometheusAddress"):
         render_autoscaler(model({"enabled": True, "metricsBackend": "keda"}), OWNER)
 
 
