@@ -230,7 +230,7 @@ def _run_stages(request, cache, progress, source, adapter, work, staged, gpu) ->
 
     from . import architectures as arch
     from .check import check_engine, ort_runner
-    from .export import export_onnx, export_spec, io_description
+    from .export import export_onnx, export_spec
 
     inputs = request.inputs
     started = time.time()

@@ -68,7 +68,6 @@ def _dtype(precision: str, backend: str):
 def load_model(model_dir: Path, task: str, *, precision: str = "fp32", backend: str = "onnxruntime",
                device: str = "cpu"):
     """The model for ``task`` in eval mode, eager attention, export-friendly MoE."""
-    import torch
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(model_dir))

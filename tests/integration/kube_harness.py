@@ -33,7 +33,7 @@ from kmock._internal import dicts as kmock_dicts  # the emulator's own patch sem
 from kmock._internal.k8s import KubernetesError
 from kubernetes.client import ApiClient, Configuration
 
-from deepseek_operator import api, handlers, naming
+from deepseek_operator import api, cachekey, handlers, naming
 from deepseek_operator.config import OperatorConfig
 from deepseek_operator.k8s import Kube
 
@@ -299,6 +299,19 @@ def condition(obj: dict, ctype: str) -> dict:
 
 def build_job_for(name: str, key: str) -> str:
     return naming.build_job_name(name, key)
+
+
+#: A small CPU model spec the operator tests start from.
+SPEC = {
+    "model": {"source": "hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "revision": "abc123"},
+    "engine": {"backend": "onnxruntime", "precision": "fp32", "maxBatchSize": 4},
+    "serving": {"gpusPerReplica": 0, "replicas": 1},
+}
+
+
+def key_of(spec: dict) -> str:
+    """The engine cache key the operator computes for ``spec``."""
+    return cachekey.spec_key(api.parse_spec(spec))
 
 
 logging.getLogger("kopf").setLevel(logging.INFO)

@@ -6,21 +6,10 @@ import asyncio
 
 import pytest
 
-from deepseek_operator import cachekey, naming
-from deepseek_operator.api import parse_spec
-from kube_harness import NAMESPACE, condition
+from deepseek_operator import naming
+from kube_harness import NAMESPACE, SPEC, condition, key_of
 
 pytestmark = [pytest.mark.timeout(60)]
-
-SPEC = {
-    "model": {"source": "hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "revision": "abc123"},
-    "engine": {"backend": "onnxruntime", "precision": "fp32", "maxBatchSize": 4},
-    "serving": {"gpusPerReplica": 0, "replicas": 1},
-}
-
-
-def key_of(spec: dict) -> str:
-    return cachekey.spec_key(parse_spec(spec))
 
 
 async def test_model_goes_from_pending_to_ready_through_a_build(cluster, start_operator):

@@ -7,21 +7,10 @@ import asyncio
 import kmock
 import pytest
 
-from deepseek_operator import cachekey, metrics, naming
-from deepseek_operator.api import parse_spec
-from kube_harness import condition
+from deepseek_operator import metrics, naming
+from kube_harness import SPEC, condition, key_of
 
 pytestmark = [pytest.mark.timeout(90)]
-
-SPEC = {
-    "model": {"source": "hf://deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "revision": "abc123"},
-    "engine": {"backend": "onnxruntime", "precision": "fp32", "maxBatchSize": 4},
-    "serving": {"gpusPerReplica": 0, "replicas": 1},
-}
-
-
-def key_of(spec: dict) -> str:
-    return cachekey.spec_key(parse_spec(spec))
 
 
 def merged(base: dict, section: str, **fields) -> dict:
