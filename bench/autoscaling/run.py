@@ -240,15 +240,19 @@ def simulate(trace: Trace, signal: Signal, pipeline: Pipeline, behavior: Behavio
             queue.append([now, n])
             queued += n
         # idle ready replicas take up to B queued requests
+        # (a replica that frees up inside this tick starts its next batch at that instant, not at the next
+        # tick: rounding starts up to DT would idle it for part of every batch and understate its utilization)
         for r in replicas:
-            if r["ready_at"] <= now and r["busy_until"] <= now and queued:
+            free_at = max(r["ready_at"], r["busy_until"])
+            if free_at < now + DT and queued:
+                start = max(free_at, now)
                 take = min(service.batch, queued)
                 exec_s = service.exec_time(take)
                 left = take
                 while left:
                     head = queue[0]
                     k = min(left, head[1])
-                    wait = now - head[0]
+                    wait = start - head[0]
                     latencies.append(wait + exec_s)
                     weights.append(k)
                     queue_us += k * wait * 1e6
@@ -258,8 +262,8 @@ def simulate(trace: Trace, signal: Signal, pipeline: Pipeline, behavior: Behavio
                     if head[1] == 0:
                         queue.popleft()
                 queued -= take
-                r["busy_until"] = now + exec_s
-                r["busy_log"].append((now, now + exec_s))
+                r["busy_until"] = start + exec_s
+                r["busy_log"].append((start, start + exec_s))
         replica_seconds += len(replicas) * DT
 
         # DCGM: duty cycle over the last second, averaged over the ready replicas
