@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from . import __version__
+from .version import __version__
 
 #: Image of the engine-build Job (the operator package with the ``builder`` extra).
 DEFAULT_BUILDER_IMAGE = f"ghcr.io/deepseek-operator/builder:{__version__}"

@@ -42,6 +42,8 @@ DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 READY_TIMEOUT_S = 300.0
 EXIT_TIMEOUT_S = 5
 DEFAULT_EXAMPLE = "local-tiny.yaml"
+#: Packaged beside this module (package data; operator/ is a namespace package, so not via importlib.resources).
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 #: Python backend shared memory: logits of a full batch (vocab ~128k x fp32) cross it on every decode step.
 
 
@@ -304,7 +306,7 @@ def stop_pid(pid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> bool:
 # ------------------------------------------------------------------ the CR and the build
 def load_default_resource(cache_dir: Path) -> api.DeepSeekModel:
     """The embedded local-tiny.yaml, its source pointed at a tiny random-weight model made in the cache on first use."""
-    raw = yaml.safe_load(resources.files("deepseek_operator").joinpath("examples", DEFAULT_EXAMPLE).read_text())
+    raw = yaml.safe_load(EXAMPLES_DIR.joinpath(DEFAULT_EXAMPLE).read_text())
     annotations = raw.get("metadata", {}).get("annotations", {}) or {}
     arch = annotations.get("deepseek.ai/tiny-architecture", "deepseek_v3")
     task = raw["spec"]["model"].get("task", "text-generation")
@@ -484,7 +486,7 @@ def _cache(cache_dir: Optional[Path]) -> Path:
 def _name_of(filename: Optional[str]) -> str:
     """The model name of a CR file, or of the embedded example, without building anything."""
     if filename is None:
-        raw = yaml.safe_load(resources.files("deepseek_operator").joinpath("examples", DEFAULT_EXAMPLE).read_text())
+        raw = yaml.safe_load(EXAMPLES_DIR.joinpath(DEFAULT_EXAMPLE).read_text())
         return raw["metadata"]["name"]
     try:
         return api.load_resource_file(filename).name
