@@ -72,6 +72,16 @@ class TritonPythonModel:
 '''
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def need(binary: str) -> str:
     found = shutil.which(binary)
     if not found:
@@ -122,12 +132,7 @@ def triton(tmp_path_factory):
         local.wait_ready(proc.pid, http_port, [MODEL], log, timeout=60)
         yield http_port, metrics_port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +186,7 @@ def prometheus(triton, rendered, tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def query(url: str, promql: str) -> list[dict]:
