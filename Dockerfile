@@ -13,12 +13,15 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.cfg README.md ./
 COPY operator/ operator/
 COPY build/ build/
 COPY model_repository/ model_repository/
+COPY contract/ contract/
+COPY local/ local/
+COPY cli/ cli/
 # Same as `pip install .`, in two steps so the runtime stage gets no sources and no build scratch
-# (setuptools writes its scratch under ./build/, which here is the builder package's own folder).
+# (setup.cfg keeps setuptools' scratch out of ./build/, the builder package's folder).
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- runtime

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The engine-build Job's image: `deepseek-operator build ...` with torch, transformers, ONNX, ONNX Runtime
 # and the TensorRT of the Triton release the operator serves with.  An engine runs only under the
-# TensorRT that built it, so TENSORRT_VERSION must equal deepseek_operator.cachekey.TENSORRT_VERSION
+# TensorRT that built it, so TENSORRT_VERSION must equal deepseek_contract.versions.TENSORRT_VERSION
 # (the builder refuses to build when they differ).  Everything comes from pip wheels (CUDA runtime
 # libraries included); the node supplies only the NVIDIA driver.
 #
@@ -22,6 +22,9 @@ COPY pyproject.toml setup.cfg README.md ./
 COPY operator ./operator
 COPY build ./build
 COPY model_repository ./model_repository
+COPY contract ./contract
+COPY local ./local
+COPY cli ./cli
 RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/simple "torch==2.13.0" \
  && pip install --extra-index-url https://pypi.nvidia.com ".[builder,tensorrt]" "tensorrt-cu12==${TENSORRT_VERSION}" \
  && python -c "import tensorrt, deepseek_builder.cli; assert tensorrt.__version__ == '${TENSORRT_VERSION}'"

@@ -12,7 +12,7 @@ except ImportError as exc:
     sys.exit(f"gpu-tests: {exc}; install with: pip install -e '.[builder,tensorrt,local,dev]'")
 if not torch.cuda.is_available():
     sys.exit("gpu-tests: torch sees no CUDA GPU (check the driver and that torch is a CUDA build)")
-from deepseek_operator.cachekey import TENSORRT_VERSION
+from deepseek_contract.versions import TENSORRT_VERSION
 print(f"tensorrt {tensorrt.__version__} (pinned {TENSORRT_VERSION}), torch {torch.__version__}, "
       f"GPU {torch.cuda.get_device_name(0)}")
 PY

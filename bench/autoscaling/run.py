@@ -22,7 +22,7 @@ A load trace (a step and a burst) is replayed through a simulation of the whole 
 Reported per trace, signal and behavior: time from the load step to the first scale-up decision and to
 the first added replica serving, p99 latency, replica-minutes, and flaps (a scale-down undone by a
 scale-up within 10 minutes). Writes bench/results/autoscaling.json and prints the table; the behavior
-defaults in operator/autoscaling.py are chosen from it (docs/autoscaling.md cites the numbers).
+defaults in operator/deepseek_operator/autoscaling.py are chosen from it (docs/autoscaling.md cites the numbers).
 
     python bench/autoscaling/run.py                 # all traces, signals, pipelines and behaviors
     python bench/autoscaling/run.py --seeds 10      # more seeds per cell (mean of the metrics)

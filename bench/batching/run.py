@@ -33,7 +33,7 @@ import tritonclient.grpc.aio as aioclient
 from deepseek_model_repository import write_repository
 from deepseek_model_repository.client import generation_inputs
 from deepseek_model_repository.repository import ModelNames
-from deepseek_operator import local
+from deepseek_local import local
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "batching.json"
 PROMPTS = [

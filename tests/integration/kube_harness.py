@@ -33,7 +33,7 @@ from kmock._internal import dicts as kmock_dicts  # the emulator's own patch sem
 from kmock._internal.k8s import KubernetesError
 from kubernetes.client import ApiClient, Configuration
 
-from deepseek_operator import api, cachekey, handlers, naming
+from deepseek_operator import api, engine_key as cachekey, handlers, naming
 from deepseek_operator.config import OperatorConfig
 from deepseek_operator.k8s import Kube
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from deepseek_builder.cli import build, dev
-from deepseek_operator.cachekey import spec_key
+from deepseek_operator.engine_key import spec_key
 
 pytestmark = [pytest.mark.slow]
 
@@ -185,7 +185,7 @@ def test_spec_key_of_the_cli_equals_the_operators(built, tiny_v3):
 
 def test_resource_build_api_reuses_the_cli_engine(built, tiny_v3):
     """The local mode's entry point finds the engine the CLI built (same inputs, same content key)."""
-    from deepseek_builder.api import build_for_resource
+    from deepseek_local.local import build_engine
     from deepseek_operator import api as crd
 
     _, cache, _, _ = built
@@ -197,5 +197,4 @@ def test_resource_build_api_reuses_the_cli_engine(built, tiny_v3):
                  "serving": {"gpusPerReplica": 0}},
     })
     lines = []
-    result = build_for_resource(resource, cache, log=lines.append)
-    assert result.reused and result.engine_dir == engine_dir(cache)
+    assert build_engine(resource, cache, lines.append) == engine_dir(cache)

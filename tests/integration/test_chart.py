@@ -305,8 +305,8 @@ def test_dockerfile_sources_build_the_operator_wheel_with_its_entrypoint(tmp_pat
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "deepseek-operator = deepseek_operator.cli:main" in entry_points
-    for module in ("deepseek_operator/cli.py", "deepseek_builder/__init__.py", "deepseek_model_repository/__init__.py"):
+    assert "deepseek-operator = deepseek_cli:main" in entry_points
+    for module in ("deepseek_cli/__init__.py", "deepseek_contract/engine.py", "deepseek_builder/__init__.py", "deepseek_model_repository/__init__.py"):
         assert module in names
     # setuptools' scratch must not land in the wheel through the builder package's folder (build/).
     assert not [n for n in names if n.startswith("deepseek_builder/lib/") or "bdist." in n]

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
 from deepseek_model_repository.client import GenerationClient, ServingError, generation_inputs, text_of
-from deepseek_operator import local
+from deepseek_local import local
 from triton_harness import EXAMPLE, model_stats
 
 pytestmark = [

@@ -47,7 +47,7 @@ async def test_run_serves_liveness_and_metrics_and_reconciles(cluster, tmp_path)
     metrics_port, liveness_port = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "DEEPSEEK_BUILDER_IMAGE": "registry.example/builder:run",
            "WATCH_NAMESPACES": ""}
-    code = "from deepseek_operator.cli import main; main(prog_name='deepseek-operator')"
+    code = "from deepseek_cli import main; main(prog_name='deepseek-operator')"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "run", "--all-namespaces", "--metrics-port", str(metrics_port),
          "--liveness", f"127.0.0.1:{liveness_port}"],

@@ -32,7 +32,8 @@ import yaml
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from deepseek_operator import autoscaling, local
+from deepseek_local import local
+from deepseek_operator import autoscaling
 from test_monitoring_rules import (
     EXTERNAL_METRICS,
     OPERATOR_METRICS,

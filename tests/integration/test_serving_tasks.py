@@ -172,7 +172,7 @@ def test_local_mode_serves_a_classifier_and_generate_prints_its_label(engines, c
     import yaml
     from click.testing import CliRunner
 
-    from deepseek_operator import local
+    from deepseek_local import local
     from triton_harness import EXAMPLE
 
     raw = yaml.safe_load(EXAMPLE.read_text())

@@ -27,9 +27,10 @@ import yaml
 
 from deepseek_model_repository import write_repository
 from deepseek_model_repository.repository import ModelNames
-from deepseek_operator import api, local
+from deepseek_local import local
+from deepseek_operator import api
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "operator" / "examples" / "local-tiny.yaml"
+EXAMPLE = local.EXAMPLES_DIR / local.DEFAULT_EXAMPLE
 
 
 def tiny_model(cache_dir: Path, arch: str = "deepseek_v3", task: str = "text-generation") -> Path:

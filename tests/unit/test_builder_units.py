@@ -13,7 +13,7 @@ from deepseek_builder import sources
 from deepseek_builder.cache import EngineCache, default_cache_dir
 from deepseek_builder.errors import BuildError
 from deepseek_builder.progress import Progress
-from deepseek_operator.cachekey import EngineInputs, default_toolchain, engine_key
+from deepseek_contract.engine import EngineInputs, default_toolchain, engine_key
 
 
 def test_cli_imports_without_torch():

@@ -12,7 +12,7 @@ import yaml
 
 def run_command(command: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``deepseek-operator COMMAND ARGS`` in a fresh interpreter, through the console script's entry point."""
-    code = "from deepseek_operator.cli import main; main(prog_name='deepseek-operator')"
+    code = "from deepseek_cli import main; main(prog_name='deepseek-operator')"
     return subprocess.run([sys.executable, "-c", code, command, *args], capture_output=True, text=True, timeout=60,
                           env=env)
 

@@ -1,6 +1,6 @@
 """The committed generated files match their generator (scripts/generate.py).
 
-The CRD copies are generated from operator/api.py, and manifests/install.yaml from the chart with
+The CRD copies are generated from operator/deepseek_operator/api.py, and manifests/install.yaml from the chart with
 helm: edit the sources, then run `python scripts/generate.py`.
 """
 

@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-from deepseek_operator import api, cachekey, naming
+from deepseek_contract.engine import engine_key
+from deepseek_contract.versions import TENSORRT_VERSION
+from deepseek_operator import api, engine_key as cachekey, naming
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LONGEST = "m" * 63
@@ -78,10 +80,10 @@ def test_serving_and_autoscaling_fields_never_change_the_key(patch):
 
 def test_content_key_adds_the_resolved_source():
     inputs = cachekey.inputs_from_spec(_spec())
-    assert cachekey.engine_key(inputs, "sha-1") != cachekey.engine_key(inputs, "sha-2")
-    assert cachekey.engine_key(inputs, "sha-1") != cachekey.engine_key(inputs)
+    assert engine_key(inputs, "sha-1") != engine_key(inputs, "sha-2")
+    assert engine_key(inputs, "sha-1") != engine_key(inputs)
 
 
 def test_tensorrt_keys_carry_the_pinned_tensorrt_version():
     inputs = cachekey.inputs_from_spec(_spec())
-    assert ("tensorrt", cachekey.TENSORRT_VERSION) in inputs.toolchain
+    assert ("tensorrt", TENSORRT_VERSION) in inputs.toolchain

@@ -9,7 +9,7 @@ import re
 import kubernetes_validate
 import pytest
 
-from deepseek_operator import api, cachekey, naming, render
+from deepseek_operator import api, engine_key as cachekey, naming, render
 from deepseek_operator.config import OperatorConfig
 
 K8S_VERSION = "1.35.0"

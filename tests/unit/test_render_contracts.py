@@ -8,7 +8,8 @@ from deepseek_builder import api as builder_api
 from deepseek_builder.cache import EngineCache
 from deepseek_builder.cli import build
 from deepseek_model_repository.cli import repository
-from deepseek_operator import cachekey, render
+from deepseek_contract.engine import engine_key
+from deepseek_operator import engine_key as cachekey, render
 from deepseek_operator.config import OperatorConfig
 
 from test_render import AUTOSCALED, CPU, SCHEDULED, make_model
@@ -36,7 +37,7 @@ def test_build_job_command_parses_and_the_builder_derives_the_operators_spec_key
         adapter_revision=params["adapter_revision"], gpu_type=params["gpu_type"], cache_dir=str(tmp_path),
         output_dir=params["output_dir"], model_name=params["model_name"],
     )
-    assert cachekey.engine_key(request.inputs) == key
+    assert engine_key(request.inputs) == key
     # The init container reads the ref where the builder's cache writes it.
     ref = EngineCache(tmp_path).ref_path(key).relative_to(tmp_path)
     assert render.engine_ref_path(key) == f"{render.CACHE_MOUNT}/{ref}"

@@ -156,7 +156,7 @@ def test_rewriting_replaces_own_models_and_keeps_others(tmp_path):
     [
         (lambda i: i.update(format=2), "format 2 is not supported"),
         (lambda i: i.pop("kv_cache"), "kv_cache is missing"),
-        (lambda i: i.update(task="translation"), "task 'translation' must be one of"),
+        (lambda i: i.update(task="translation"), "task: Input should be 'text-generation'"),
     ],
 )
 def test_bad_model_info_names_the_problem(tmp_path, mutate, message):
@@ -208,7 +208,7 @@ def test_cli_errors_are_clear_and_nonzero_without_traceback(tmp_path, args, mess
 
 
 def test_serving_image_uses_the_triton_release_the_engines_are_built_for():
-    from deepseek_operator.cachekey import TRITON_RELEASE
+    from deepseek_contract.versions import TRITON_RELEASE
 
     dockerfile = (Path(__file__).parents[2] / "Dockerfile.triton").read_text()
     assert f"ARG TRITON_RELEASE={TRITON_RELEASE}\n" in dockerfile

@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from .version import __version__
+from deepseek_contract.versions import BUILDER_IMAGE, OPERATOR_IMAGE
 
 #: Image of the engine-build Job (the operator package with the ``builder`` extra).
-DEFAULT_BUILDER_IMAGE = f"ghcr.io/deepseek-operator/builder:{__version__}"
+DEFAULT_BUILDER_IMAGE = BUILDER_IMAGE
 #: Image of the Triton pods' init container, which writes the model repository.
-DEFAULT_OPERATOR_IMAGE = f"ghcr.io/deepseek-operator/operator:{__version__}"
+DEFAULT_OPERATOR_IMAGE = OPERATOR_IMAGE
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .errors import BuildError
+from deepseek_contract.vocabulary import ARCHITECTURE_FAMILIES as SUPPORTED
 
-#: model_type -> family.  Anything else is refused by name.
-SUPPORTED = {
-    "deepseek_v3": "DeepSeek-V3 / R1 (MLA attention, MoE)",
-    "deepseek_v2": "DeepSeek-V2 / V2-Lite (MLA attention, MoE)",
-    "qwen2": "DeepSeek-R1-Distill-Qwen",
-    "llama": "DeepSeek-R1-Distill-Llama, DeepSeek-Coder",
-}
-TASKS = ("text-generation", "text-classification", "feature-extraction")
+from .errors import BuildError
 
 
 def read_config(model_dir: Path, what: str = "source") -> dict:

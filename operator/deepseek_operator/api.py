@@ -16,6 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from deepseek_contract import vocabulary
+from deepseek_contract.versions import TRITON_IMAGE
+from deepseek_contract.vocabulary import BACKEND_PRECISIONS, Backend, Precision, Task
+
 GROUP = "deepseek.ai"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -25,15 +29,12 @@ SINGULAR = "deepseekmodel"
 SHORT_NAMES = ["dsm"]
 
 #: The Triton image the operator deploys by default (its TensorRT backend pins the builder's TensorRT).
-DEFAULT_TRITON_IMAGE = "ghcr.io/deepseek-operator/tritonserver:25.06-py3"
-SOURCE_SCHEMES = ("hf://", "s3://", "pvc://", "file://")
+DEFAULT_TRITON_IMAGE = TRITON_IMAGE
+SOURCE_SCHEMES = tuple(f"{scheme}://" for scheme in vocabulary.SOURCE_SCHEMES)
 SOURCE_PATTERN = r"^(hf://[^/\s]+/[^/\s]+|s3://[^/\s]+(/\S*)?|pvc://[^/\s]+/\S*|file:///\S*)$"
-ORT_PRECISIONS = ("fp32", "fp16", "int8")
+ORT_PRECISIONS = BACKEND_PRECISIONS["onnxruntime"]
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 
-Task = Literal["text-generation", "text-classification", "feature-extraction"]
-Backend = Literal["tensorrt", "onnxruntime"]
-Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
 
 
 class SpecError(ValueError):

@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Union
 
-ARCHITECTURES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
-TASKS = ("text-generation", "text-classification", "feature-extraction")
+from deepseek_contract.vocabulary import ARCHITECTURES, TASKS
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"

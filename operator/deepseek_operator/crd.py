@@ -174,5 +174,5 @@ def render_crd() -> dict[str, Any]:
 
 def render_crd_yaml() -> str:
     """The CRD as YAML, with a header saying it is generated."""
-    header = "# Generated from operator/api.py by `deepseek-operator crd`. Do not edit by hand.\n"
+    header = "# Generated from operator/deepseek_operator/api.py by `deepseek-operator crd`. Do not edit by hand.\n"
     return header + yaml.safe_dump(render_crd(), sort_keys=False, width=120)

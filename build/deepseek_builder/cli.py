@@ -7,10 +7,7 @@ import sys
 
 import click
 
-BACKENDS = ("tensorrt", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-TASKS = ("text-generation", "text-classification", "feature-extraction")
-ARCHITECTURES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
+from deepseek_contract.vocabulary import ARCHITECTURES, BACKENDS, PRECISIONS, TASKS
 
 
 def _fail(message: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .version import __version__
+from deepseek_contract.versions import PROJECT_VERSION as __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,8 +17,8 @@ def _register() -> None:
     from deepseek_builder.cli import build, dev
     from deepseek_model_repository.cli import repository
 
-    from .cli_operator import crd, render, run
-    from .local import local
+    from deepseek_local.local import local
+    from deepseek_operator.cli_operator import crd, render, run
 
     for command in (run, render, crd, build, dev, repository, local):
         main.add_command(command)

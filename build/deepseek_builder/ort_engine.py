@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from deepseek_contract.vocabulary import BACKEND_PRECISIONS
+
 from .errors import BuildError
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = BACKEND_PRECISIONS["onnxruntime"]
 #: Above this the graph keeps its weights in model.onnx.data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import cachekey, metrics, naming, render
+from . import engine_key, metrics, naming, render
 from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION, DeepSeekModel, SpecError, parse_resource
 from .autoscaling import autoscaler_hpa_name, autoscaler_status
 from .conditions import ENGINE_BUILT, READY, SERVING, ConditionValue, Reason, derive_phase, merge_conditions
@@ -197,7 +197,7 @@ class Reconciler:
         try:
             model = parse_resource({**obj, "apiVersion": API_VERSION, "kind": KIND})
             # Some rules live in the renderers (e.g. KEDA needs prometheusAddress): render once before acting.
-            render.render_serving(model, self.config, cachekey.spec_key(model.spec))
+            render.render_serving(model, self.config, engine_key.spec_key(model.spec))
         except SpecError as exc:
             message = "Fix the spec: " + "; ".join(exc.problems)
             current = {
@@ -207,7 +207,7 @@ class Reconciler:
             }
             return self._finish(previous, current, generation, {}, events)
 
-        key = cachekey.spec_key(model.spec)
+        key = engine_key.spec_key(model.spec)
         claim = render.render_cache_claim(model)
         if claim is not None:
             self.kube.create_if_absent(claim)

@@ -14,11 +14,12 @@ from typing import Callable
 
 import numpy as np
 
-from deepseek_operator.cachekey import TENSORRT_VERSION, TRITON_RELEASE
+from deepseek_contract.versions import TENSORRT_VERSION, TRITON_RELEASE
+from deepseek_contract.vocabulary import BACKEND_PRECISIONS
 
 from .errors import BuildError
 
-PRECISIONS = ("fp16", "bf16")
+PRECISIONS = BACKEND_PRECISIONS["tensorrt"]
 #: Builder workspace limit: generous, the optimiser uses what it needs.
 WORKSPACE_BYTES = 8 << 30
 

@@ -1,4 +1,4 @@
-"""The engine cache key: one function, used by the operator (is a build needed?) and the builder (where to put it).
+"""The engine inputs and the cache key: one function, used by the operator (is a build needed?) and the builder (where to put it).
 
 An engine depends on the model's weights, the adapter, the task, the backend, the
 precision, the shapes it was built for, the tool versions that built it and, for
@@ -21,11 +21,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-#: The Triton release the operator deploys, and the TensorRT its tensorrt backend links.
-#: An engine runs only under the TensorRT that built it, so the builder image pins this exact version.
-TRITON_RELEASE = "25.06"
-TENSORRT_VERSION = "10.11.0.33"
-#: Bumped when the export or the engine layout changes in a way that invalidates old entries.
+from .versions import TENSORRT_VERSION
+
+#: Bumped when the export or the engine layout changes in a way that invalidates old entries: it is part of
+#: every key, so engines of an older format are rebuilt, never misread.
 ENGINE_FORMAT_VERSION = 1
 
 KEY_LENGTH = 20  # hex chars: 80 bits, far beyond any cache's size, short enough for labels and paths
@@ -76,26 +75,3 @@ def gpu_type_for(gpus_per_replica: int, node_selector: dict[str, str]) -> str:
     if gpus_per_replica == 0:
         return "cpu"
     return node_selector.get(GPU_PRODUCT_LABEL, "any-gpu")
-
-
-def inputs_from_spec(spec) -> EngineInputs:
-    """The operator's view of the engine inputs of a validated DeepSeekModelSpec."""
-    adapter = spec.model.adapter
-    return EngineInputs(
-        source=spec.model.source,
-        revision=spec.model.revision,
-        task=spec.model.task,
-        backend=spec.engine.backend,
-        precision=spec.engine.precision,
-        max_batch_size=spec.engine.max_batch_size,
-        max_sequence_length=spec.engine.max_sequence_length,
-        adapter_source=adapter.source if adapter else None,
-        adapter_revision=adapter.revision if adapter else None,
-        gpu_type=gpu_type_for(spec.serving.gpus_per_replica, spec.serving.node_selector),
-        toolchain=default_toolchain(spec.engine.backend),
-    )
-
-
-def spec_key(spec) -> str:
-    """The operator's key for a DeepSeekModelSpec (names the cache ref the build Job writes)."""
-    return engine_key(inputs_from_spec(spec))

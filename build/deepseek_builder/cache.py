@@ -19,27 +19,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from deepseek_contract.layout import CACHE_ENV, ENTRY_MARKERS, SUBDIRS, CacheLayout, default_cache_dir
+
 from .errors import BuildError
 
-CACHE_ENV = "DEEPSEEK_OPERATOR_CACHE"
-#: The files a finished entry always has.
-ENTRY_MARKERS = ("model-info.json", "build-report.json")
+__all__ = ["CACHE_ENV", "EngineCache", "default_cache_dir"]
 #: Leftovers of interrupted builds older than this are removed by the next build.
 STALE_TMP_SECONDS = 24 * 3600
-
-
-def default_cache_dir(explicit: Optional[str] = None) -> Path:
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path.home() / ".cache" / "deepseek-operator"
 
 
 class EngineCache:
     def __init__(self, root: Path):
         self.root = Path(root)
-        for sub in ("engines", "refs", "tmp", "timing", "locks", "downloads"):
+        self.layout = CacheLayout(self.root)
+        for sub in SUBDIRS:
             try:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -47,10 +40,10 @@ class EngineCache:
                                  f"set {CACHE_ENV}") from None
 
     def entry(self, content_key: str) -> Path:
-        return self.root / "engines" / content_key
+        return self.layout.entry(content_key)
 
     def ref_path(self, spec_key: str) -> Path:
-        return self.root / "refs" / f"{spec_key}.json"
+        return self.layout.ref(spec_key)
 
     def finished(self, content_key: str) -> Optional[Path]:
         """The entry when it is complete; an incomplete one (edited by hand) is removed."""
@@ -99,7 +92,7 @@ class EngineCache:
     @contextmanager
     def lock(self, content_key: str, on_wait=None) -> Iterator[None]:
         """Hold an exclusive lock on the key (waits while another builder on this filesystem holds it)."""
-        path = self.root / "locks" / f"{content_key}.lock"
+        path = self.layout.lock(content_key)
         with open(path, "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

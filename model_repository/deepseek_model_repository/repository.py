@@ -29,12 +29,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
+from deepseek_contract.layout import MODEL_INFO
+from deepseek_contract.model_info import ModelInfo, ModelInfoError
+
 from . import config as cfg
 
 Runtime = Literal["triton", "local"]
-TASKS = ("text-generation", "text-classification", "feature-extraction")
-MODEL_INFO = "model-info.json"
-SUPPORTED_FORMAT = 1
 DEFAULT_MAX_TOKENS = 64
 
 
@@ -56,31 +56,11 @@ class ModelNames:
 
 
 def read_model_info(engine_dir: Union[str, Path]) -> dict[str, Any]:
-    """Load and check ``model-info.json`` of an engine directory."""
-    path = Path(engine_dir) / MODEL_INFO
+    """Load and check ``model-info.json`` of an engine directory (the schema is the contract's ModelInfo)."""
     try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RepositoryError(f"{path}: no such file; is {engine_dir} a finished engine directory?") from None
-    except json.JSONDecodeError as exc:
-        raise RepositoryError(f"{path}: not valid JSON ({exc})") from None
-    problems = []
-    if info.get("format") != SUPPORTED_FORMAT:
-        problems.append(f"format {info.get('format')!r} is not supported (expected {SUPPORTED_FORMAT})")
-    if info.get("task") not in TASKS:
-        problems.append(f"task {info.get('task')!r} must be one of {list(TASKS)}")
-    if info.get("backend") not in ("onnxruntime", "tensorrt"):
-        problems.append(f"backend {info.get('backend')!r} must be onnxruntime or tensorrt")
-    for key in ("engine_file", "max_batch_size", "max_sequence_length", "inputs", "outputs"):
-        if key not in info:
-            problems.append(f"{key} is missing")
-    if info.get("task") == "text-generation" and "kv_cache" not in info:
-        problems.append("kv_cache is missing (required for text-generation)")
-    if info.get("task") == "text-classification" and not info.get("labels"):
-        problems.append("labels is missing (required for text-classification)")
-    if problems:
-        raise RepositoryError(f"{path}: " + "; ".join(problems))
-    return info
+        return ModelInfo.load(engine_dir).model_dump(exclude_none=True)
+    except ModelInfoError as exc:
+        raise RepositoryError(str(exc)) from None
 
 
 def _tensors(specs: Sequence[dict[str, Any]]) -> list[cfg.Tensor]:

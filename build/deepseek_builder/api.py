@@ -18,24 +18,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from deepseek_operator.cachekey import (
-    ENGINE_FORMAT_VERSION,
-    TENSORRT_VERSION,
-    TRITON_RELEASE,
-    EngineInputs,
-    default_toolchain,
-    engine_key,
-    inputs_from_spec,
-)
+from deepseek_contract.engine import ENGINE_FORMAT_VERSION, EngineInputs, default_toolchain, engine_key
+from deepseek_contract.layout import BUILD_REPORT, ENGINE_FILES, TOKENIZER_DIR
+from deepseek_contract.model_info import MODEL_INFO_FORMAT, ModelInfo
+from deepseek_contract.versions import TENSORRT_VERSION, TRITON_RELEASE
+from deepseek_contract.vocabulary import BACKEND_PRECISIONS, BACKENDS, TASKS
 
 from . import sources
 from .cache import EngineCache, default_cache_dir
 from .errors import BuildError
 from .progress import Progress
 
-BACKENDS = ("onnxruntime", "tensorrt")
-MODEL_INFO_FORMAT = 1
-ENGINE_FILES = {"onnxruntime": "engine/model.onnx", "tensorrt": "engine/model.plan"}
 
 
 @dataclass
@@ -62,8 +55,6 @@ class BuildRequest:
 # ------------------------------------------------------------------ validation and versions
 def validate(inputs: EngineInputs) -> None:
     """Refuse what cannot be built, before anything is downloaded."""
-    from .architectures import TASKS
-
     if inputs.task not in TASKS:
         raise BuildError(f"task {inputs.task!r} is not supported; choose one of {', '.join(TASKS)}")
     if inputs.backend not in BACKENDS:
@@ -71,10 +62,8 @@ def validate(inputs: EngineInputs) -> None:
     if inputs.max_batch_size < 1 or inputs.max_sequence_length < 2:
         raise BuildError("--max-batch-size must be >= 1 and --max-seq-len >= 2")
     if inputs.backend == "onnxruntime":
-        from .ort_engine import PRECISIONS
-
-        if inputs.precision not in PRECISIONS:
-            raise BuildError(f"onnxruntime engines are {', '.join(PRECISIONS)}; {inputs.precision} needs "
+        if inputs.precision not in BACKEND_PRECISIONS["onnxruntime"]:
+            raise BuildError(f"onnxruntime engines are {', '.join(BACKEND_PRECISIONS['onnxruntime'])}; {inputs.precision} needs "
                              "--backend tensorrt")
     else:
         from .tensorrt_engine import check_tensorrt_available
@@ -128,14 +117,6 @@ def gpu_info() -> Optional[dict]:
 
 
 # ------------------------------------------------------------------ the build
-def build_for_resource(resource, cache_dir: Union[str, Path], log: Optional[Callable[[str], None]] = None,
-                       output_dir: Optional[Path] = None) -> BuildResult:
-    """Build (or reuse) the engine of a DeepSeekModel, keyed exactly as the operator keys it."""
-    request = BuildRequest(inputs=inputs_from_spec(resource.spec), cache_dir=Path(cache_dir), output_dir=output_dir,
-                           model_name=resource.name, runtime="local")
-    return build(request, log=log)
-
-
 def build(request: BuildRequest, log: Optional[Callable[[str], None]] = None) -> BuildResult:
     try:
         return _build(request, Progress(log))
@@ -177,8 +158,8 @@ def _build(request: BuildRequest, progress: Progress) -> BuildResult:
                 reused = not won
     if reused:
         progress.say(f"engine {content_key} is in the cache: reusing {entry}")
-    report = json.loads((entry / "build-report.json").read_text())
-    cache.write_ref(spec_key, {"content_key": content_key, "engine_dir": f"engines/{content_key}",
+    report = json.loads((entry / BUILD_REPORT).read_text())
+    cache.write_ref(spec_key, {"content_key": content_key, "engine_dir": cache.layout.entry_relative(content_key),
                                "spec_key": spec_key, "source": inputs.source, "source_revision": source.revision,
                                "built_at": report.get("built_at"), "backend": inputs.backend,
                                "precision": inputs.precision, "task": inputs.task})
@@ -197,9 +178,9 @@ def write_output(entry: Path, request: BuildRequest, reused: bool) -> Path:
 
     gpus = 1 if request.inputs.backend == "tensorrt" else 0
     write_repository(entry, out, request.model_name, runtime=request.runtime, gpus=gpus, **request.serving)
-    report = json.loads((entry / "build-report.json").read_text())
+    report = json.loads((entry / BUILD_REPORT).read_text())
     report["reused_from_cache"] = reused
-    (out / "build-report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (out / BUILD_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -216,7 +197,7 @@ def _build_entry(request, cache, progress, source, adapter, spec_key, content_ke
             raise
         report.update({"spec_key": spec_key, "content_key": content_key,
                        "toolchain": {k: v for k, v in toolchain}})
-        (staged / "build-report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        (staged / BUILD_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         entry, won = cache.publish(staged, content_key)
         if not won:
             progress.say("another builder finished the same engine first; using its entry")
@@ -294,14 +275,13 @@ def _run_stages(request, cache, progress, source, adapter, work, staged, gpu) ->
                                                   vocab=vocab, device=device, engine_kv_dtype=_np_dtype(spec.dtype))
             progress.say(f"max relative error {check_report['engine']['max_rel_error']:.2e}")
 
-    tokenizer_dir = staged / "tokenizer"
+    tokenizer_dir = staged / TOKENIZER_DIR
     tokenizer_dir.mkdir()
     for f in arch.tokenizer_files(model_dir):
         shutil.copyfile(f, tokenizer_dir / f.name)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise BuildError(f"{source.uri}: no tokenizer.json in the checkpoint; the serving models need it")
-    info = model_info(inputs, model_type, spec, model_dir, config, model)
-    (staged / "model-info.json").write_text(json.dumps(info, indent=2) + "\n")
+    model_info(inputs, model_type, spec, model_dir, config, model).dump(staged)
     check_report["max_rel_error"] = check_report["engine"]["max_rel_error"]
     v = tool_versions()
     return {
@@ -326,7 +306,7 @@ def _run_stages(request, cache, progress, source, adapter, work, staged, gpu) ->
     }
 
 
-def model_info(inputs: EngineInputs, model_type: str, spec, model_dir: Path, config: dict, model) -> dict:
+def model_info(inputs: EngineInputs, model_type: str, spec, model_dir: Path, config: dict, model) -> ModelInfo:
     from . import architectures as arch
     from .export import io_description
 
@@ -344,7 +324,7 @@ def model_info(inputs: EngineInputs, model_type: str, spec, model_dir: Path, con
         "max_sequence_length": inputs.max_sequence_length,
         "inputs": ins,
         "outputs": outs,
-        "tokenizer_dir": "tokenizer",
+        "tokenizer_dir": TOKENIZER_DIR,
         "bos_token_id": bos,
         "eos_token_ids": eos_ids,
         "pad_token_id": pad,
@@ -357,7 +337,7 @@ def model_info(inputs: EngineInputs, model_type: str, spec, model_dir: Path, con
     if inputs.task == "text-classification":
         id2label = model.config.id2label
         info["labels"] = [str(id2label[i]) for i in range(len(id2label))]
-    return info
+    return ModelInfo.model_validate(info)
 
 
 def _disk_full(path: Path) -> bool:
@@ -397,7 +377,7 @@ def _quiet_libraries() -> None:
 
 
 def default_request(**kwargs) -> BuildRequest:
-    """A request from CLI-style arguments (the spec key is the operator's, see cachekey.inputs_from_spec)."""
+    """A request from CLI-style arguments (the spec key is the operator's: same inputs, same key)."""
     cache_dir = default_cache_dir(kwargs.pop("cache_dir", None))
     output = kwargs.pop("output_dir", None)
     model_name = kwargs.pop("model_name", "deepseek")

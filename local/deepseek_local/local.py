@@ -35,14 +35,15 @@ import yaml
 
 from deepseek_model_repository.config import server_flags
 
-from . import api
+from deepseek_contract.layout import CACHE_ENV as ENV_CACHE
+from deepseek_contract.layout import default_cache_dir
+from deepseek_operator import api, engine_key
 
-ENV_CACHE = "DEEPSEEK_OPERATOR_CACHE"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 READY_TIMEOUT_S = 300.0
 EXIT_TIMEOUT_S = 5
 DEFAULT_EXAMPLE = "local-tiny.yaml"
-#: Packaged beside this module (package data; operator/ is a namespace package, so not via importlib.resources).
+#: Packaged beside this module (package data).
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 #: Python backend shared memory: logits of a full batch (vocab ~128k x fp32) cross it on every decode step.
 
@@ -52,15 +53,6 @@ class LocalError(click.ClickException):
 
 
 # ------------------------------------------------------------------ paths and state
-def default_cache_dir() -> Path:
-    """``$DEEPSEEK_OPERATOR_CACHE``, else ``$XDG_CACHE_HOME/deepseek-operator`` (``~/.cache/deepseek-operator``)."""
-    env = os.environ.get(ENV_CACHE)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "deepseek-operator"
-
-
 @dataclass
 class LocalServer:
     """A running local Triton: what ``status`` and ``down`` need (stored as <cache>/local/<name>.json)."""
@@ -366,7 +358,9 @@ def build_engine(resource: api.DeepSeekModel, cache_dir: Path, echo: Callable[[s
     except ImportError as exc:
         raise LocalError(f"the builder is not installed ({exc}): pip install 'deepseek-operator[builder,local]'") from None
     try:
-        result = builder.build_for_resource(resource, cache_dir, log=echo)
+        request = builder.BuildRequest(inputs=engine_key.inputs_from_spec(resource.spec), cache_dir=Path(cache_dir),
+                                       model_name=resource.name, runtime="local")
+        result = builder.build(request, log=echo)
     except BuildError as exc:
         raise LocalError(f"build of {resource.name} failed: {exc}") from None
     return Path(result.engine_dir)
@@ -475,7 +469,7 @@ cache_option = click.option(
 )
 file_option = click.option(
     "-f", "--filename", "filename", type=click.Path(dir_okay=False), default=None,
-    help="A DeepSeekModel YAML (default: the embedded tiny example, operator/examples/local-tiny.yaml).",
+    help="A DeepSeekModel YAML (default: the embedded tiny example, local/deepseek_local/examples/local-tiny.yaml).",
 )
 
 

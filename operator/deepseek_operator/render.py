@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 from deepseek_model_repository.config import server_flags
 
-from . import autoscaling, cachekey, naming
+from . import autoscaling, engine_key, naming
+from deepseek_contract.engine import gpu_type_for
 from .api import API_VERSION, KIND, DeepSeekModel
 from .config import OperatorConfig
 
@@ -187,7 +188,7 @@ def build_command(model: DeepSeekModel) -> list[str]:
         "--precision", spec.engine.precision,
         "--max-batch-size", str(spec.engine.max_batch_size),
         "--max-seq-len", str(spec.engine.max_sequence_length),
-        "--gpu-type", cachekey.gpu_type_for(spec.serving.gpus_per_replica, spec.serving.node_selector),
+        "--gpu-type", gpu_type_for(spec.serving.gpus_per_replica, spec.serving.node_selector),
         "--cache-dir", CACHE_MOUNT,
         "--output", "/tmp/repository",
         "--model-name", naming.triton_model_name(model.name),
@@ -437,7 +438,7 @@ def render_serving(model: DeepSeekModel, config: OperatorConfig, spec_key: str) 
 
 def render_children(model: DeepSeekModel, config: OperatorConfig) -> list[dict[str, Any]]:
     """Everything the operator would create for a model from an empty cache: claim, build Job, serving objects."""
-    key = cachekey.spec_key(model.spec)
+    key = engine_key.spec_key(model.spec)
     objs: list[dict[str, Any]] = []
     claim = render_cache_claim(model)
     if claim:
