@@ -145,19 +145,24 @@ def _build(request: BuildRequest, progress: Progress) -> BuildResult:
         content_key = engine_key(replace(inputs, toolchain=toolchain), digest)
         progress.say(f"source revision {source.revision}; spec key {spec_key}; content key {content_key}")
 
-    entry = cache.finished(content_key)
+    entry, _ = cache.inspect(content_key)
     reused = entry is not None
     if entry is None:
         with cache.lock(content_key, on_wait=lambda: progress.say(
                 f"another build of {content_key} is running on this volume; waiting for it")):
-            entry = cache.finished(content_key)
+            entry, problem = cache.inspect(content_key)
             reused = entry is not None
+            if problem:
+                progress.say(f"engine {content_key} in the cache fails its integrity check: {problem}; "
+                             "discarding it and rebuilding")
+                cache.ref_path(spec_key).unlink(missing_ok=True)  # never left pointing at a missing entry
+                cache.discard(content_key)
             if entry is None:
                 entry, won = _build_entry(request, cache, progress, source, adapter, spec_key, content_key, toolchain,
                                           gpu)
                 reused = not won
     if reused:
-        progress.say(f"engine {content_key} is in the cache: reusing {entry}")
+        progress.say(f"engine {content_key} is in the cache and matches its recorded hashes: reusing {entry}")
     report = json.loads((entry / BUILD_REPORT).read_text())
     cache.write_ref(spec_key, {"content_key": content_key, "engine_dir": cache.layout.entry_relative(content_key),
                                "spec_key": spec_key, "source": inputs.source, "source_revision": source.revision,

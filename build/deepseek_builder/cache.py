@@ -1,9 +1,11 @@
 """The engine cache (layout in model_repository/ENGINE_FORMAT.md).
 
 An entry ``engines/<content key>/`` appears only by renaming a finished build from
-``tmp/<unique>/``, so whatever exists there is complete.  Two builders of one key: the
-first to rename wins, the other discards its copy.  A per-key lock makes the second wait
-for the first instead of building the same engine twice when both run on one node.
+``tmp/<unique>/``, after its ``manifest.json`` (size and sha256 of every file) is written.
+Every reuse checks the entry against its manifest first: a damaged, partial or pre-manifest
+entry is discarded and rebuilt, never served.  Two builders of one key: the first to rename
+wins, the other discards its copy.  A per-key lock makes the second wait for the first
+instead of building the same engine twice when both run on one node.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from deepseek_contract.layout import CACHE_ENV, ENTRY_MARKERS, SUBDIRS, CacheLayout, default_cache_dir
+from deepseek_contract.integrity import verify_entry, write_manifest
+from deepseek_contract.layout import CACHE_ENV, SUBDIRS, CacheLayout, default_cache_dir
 
 from .errors import BuildError
 
@@ -45,15 +48,28 @@ class EngineCache:
     def ref_path(self, spec_key: str) -> Path:
         return self.layout.ref(spec_key)
 
-    def finished(self, content_key: str) -> Optional[Path]:
-        """The entry when it is complete; an incomplete one (edited by hand) is removed."""
+    def inspect(self, content_key: str) -> tuple[Optional[Path], Optional[str]]:
+        """(entry, None) when the entry holds what its manifest recorded; (None, why) when it exists but must
+        not be used (damaged, partial, or built before manifests); (None, None) when there is none."""
         entry = self.entry(content_key)
         if not entry.exists():
-            return None
-        if all((entry / m).is_file() for m in ENTRY_MARKERS):
-            return entry
-        shutil.rmtree(entry, ignore_errors=True)
-        return None
+            return None, None
+        problem = verify_entry(entry)
+        return (None, problem) if problem else (entry, None)
+
+    def finished(self, content_key: str) -> Optional[Path]:
+        """The entry when it exists and passes its check against the manifest."""
+        return self.inspect(content_key)[0]
+
+    def discard(self, content_key: str) -> None:
+        """Take a damaged entry out of ``engines/`` at once (one rename), then delete it."""
+        entry = self.entry(content_key)
+        trash = self.root / "tmp" / f"{uuid.uuid4().hex}.{os.getpid()}.discarded"
+        try:
+            os.rename(entry, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
 
     def new_workdir(self) -> Path:
         self._clean_stale_tmp()
@@ -71,7 +87,9 @@ class EngineCache:
                 pass
 
     def publish(self, staged: Path, content_key: str) -> tuple[Path, bool]:
-        """Rename ``staged`` into place; returns (entry, True) or (entry, False) when another build won."""
+        """Record the content hashes of ``staged``, rename it into place; returns (entry, True), or
+        (entry, False) when another build won."""
+        write_manifest(staged)
         entry = self.entry(content_key)
         try:
             os.rename(staged, entry)
@@ -85,7 +103,10 @@ class EngineCache:
     def write_ref(self, spec_key: str, ref: dict) -> Path:
         path = self.ref_path(spec_key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(ref, indent=2, sort_keys=True) + "\n")
+        with open(tmp, "w") as f:  # written after the entry, so a ref always names a finished engine
+            f.write(json.dumps(ref, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
 

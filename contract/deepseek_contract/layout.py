@@ -29,6 +29,8 @@ TOKENIZER_DIR = "tokenizer"
 ENGINE_FILES = {"onnxruntime": "engine/model.onnx", "tensorrt": "engine/model.plan"}
 #: The files a finished entry always has.
 ENTRY_MARKERS = (MODEL_INFO, BUILD_REPORT)
+#: Size and sha256 of every other file of the entry, written last (deepseek_contract.integrity).
+MANIFEST = "manifest.json"
 
 SUBDIRS = ("engines", "refs", "tmp", "timing", "locks", "downloads")
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import click
 
+from deepseek_contract.integrity import verify_entry
+
 from .repository import RepositoryError, resolve_engine_ref, write_repository
 
 
@@ -49,6 +51,12 @@ def repository(
     try:
         if engine_ref is not None:
             engine_dir = resolve_engine_ref(engine_ref)
+            problem = verify_entry(engine_dir)
+            if problem:
+                raise click.ClickException(
+                    f"engine {engine_dir} (from {engine_ref}) is not served: {problem}. Rebuild it: a "
+                    "`deepseek-operator build` of the same inputs with --cache-dir on this volume (the build Job's "
+                    "command) discards a damaged engine and builds it again")
         out = write_repository(
             engine_dir,
             output,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -198,3 +199,33 @@ def test_resource_build_api_reuses_the_cli_engine(built, tiny_v3):
     })
     lines = []
     assert build_engine(resource, cache, lines.append) == engine_dir(cache)
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "no-manifest"])
+def test_damaged_or_unverifiable_cache_entry_is_rebuilt_with_the_reason(built, tiny_v3, workspace, damage):
+    """Weights overwritten in place (same size), or an entry from before manifests: rebuilt, never reused."""
+    _, cache, _, _ = built
+    entry = engine_dir(cache)
+    if damage == "overwritten":
+        onnx = entry / "engine" / "model.onnx"
+        st = onnx.stat()
+        with open(onnx, "r+b") as f:
+            f.seek(st.st_size // 2)
+            f.write(b"\0" * 64)
+        os.utime(onnx, ns=(st.st_atime_ns, st.st_mtime_ns))
+        reason = "engine/model.onnx has changed since it was built"
+    else:
+        (entry / "manifest.json").unlink()
+        reason = "it has no manifest.json: it was built before engines recorded content hashes"
+    result = run_build("--source", f"file://{tiny_v3}", "--backend", "onnxruntime", "--precision", "fp32",
+                       "--max-batch-size", "4", "--max-seq-len", str(SEQ), "--output", str(workspace / "out3"),
+                       "--cache-dir", str(cache))
+    assert result.exit_code == 0, result.output
+    assert f"fails its integrity check: {reason}" in result.output
+    assert "discarding it and rebuilding" in result.output
+    assert "export: started" in result.output and "reused" not in result.output
+    assert engine_dir(cache) == entry and (entry / "manifest.json").is_file()
+    from deepseek_contract.integrity import verify_entry
+
+    assert verify_entry(entry) is None
+    assert json.loads((workspace / "out3" / "build-report.json").read_text())["reused_from_cache"] is False

@@ -64,7 +64,10 @@ def test_an_entry_without_its_markers_is_not_reused(tmp_path):
     cache = EngineCache(tmp_path)
     broken = cache.entry("k2")
     (broken / "engine").mkdir(parents=True)
-    assert cache.finished("k2") is None and not broken.exists()
+    entry, problem = cache.inspect("k2")
+    assert entry is None and cache.finished("k2") is None and "no manifest.json" in problem
+    cache.discard("k2")
+    assert not broken.exists() and not list((tmp_path / "tmp").iterdir())
 
 
 def test_file_hashes_are_reused_by_path_size_and_mtime(tmp_path):

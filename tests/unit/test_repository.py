@@ -174,7 +174,11 @@ def test_preferred_batch_size_above_engine_max_is_refused(tmp_path):
 
 
 def test_cli_resolves_an_engine_ref(tmp_path):
+    from deepseek_contract.integrity import write_manifest
+
     engine = engine_dir(tmp_path)
+    (engine / "build-report.json").write_text("{}")
+    write_manifest(engine)  # as the builder does: the init container serves only an entry that matches it
     (tmp_path / "refs").mkdir()
     ref = tmp_path / "refs" / "spec.json"
     ref.write_text(json.dumps({"content_key": "k1", "engine_dir": "engines/k1"}))
