@@ -71,6 +71,14 @@ def validate(inputs: EngineInputs) -> None:
         check_tensorrt_available(inputs.precision)
 
 
+def check_config(inputs: EngineInputs, config: dict) -> None:
+    """Refuse what the checkpoint's config.json rules out, as soon as it is known (before hashing or download)."""
+    from . import architectures as arch
+
+    arch.check_architecture(config, inputs.source)
+    arch.check_sequence_length(config, inputs.max_sequence_length, inputs.source)
+
+
 def _version(dist: str) -> Optional[str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -135,8 +143,9 @@ def _build(request: BuildRequest, progress: Progress) -> BuildResult:
     hashes = sources.FileHashCache(cache.root / "file-hashes.json")
     with progress.stage("resolve", inputs.source):
         downloads = cache.root / "downloads"
-        source = sources.resolve(inputs.source, inputs.revision, hashes, downloads)
-        adapter = sources.resolve(inputs.adapter_source, inputs.adapter_revision, hashes, downloads) \
+        source = sources.resolve(inputs.source, inputs.revision, hashes, downloads,
+                                 on_config=lambda config: check_config(inputs, config))
+        adapter = sources.resolve(inputs.adapter_source, inputs.adapter_revision, hashes, downloads, role="adapter") \
             if inputs.adapter_source else None
         hashes.save()
         gpu = gpu_info() if inputs.backend == "tensorrt" else None
@@ -222,6 +231,7 @@ def _run_stages(request, cache, progress, source, adapter, work, staged, gpu) ->
     started = time.time()
     _quiet_libraries()
     with progress.stage("download", source.uri):
+        check_config(inputs, sources.fetch_config(source, cache.root / "downloads"))  # before the weights move
         model_dir = sources.fetch(source, cache.root / "downloads", progress.say)
         adapter_dir = sources.fetch(adapter, cache.root / "downloads", progress.say) if adapter else None
         progress.say(f"{_size(model_dir) / 1e6:.1f} MB in {model_dir}")

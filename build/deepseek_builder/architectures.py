@@ -29,17 +29,39 @@ def check_architecture(config: dict, where: Path) -> str:
     return model_type
 
 
-def check_weights(model_dir: Path) -> None:
-    """Open every safetensors file's header, so a truncated or corrupt file fails with its name."""
-    from safetensors import safe_open
+def max_positions(config: dict) -> Optional[int]:
+    """The longest sequence the model was made for (``max_position_embeddings``), if its config says."""
+    for cfg in (config, config.get("text_config") or {}):
+        value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
+
+def check_sequence_length(config: dict, max_sequence_length: int, where: str) -> None:
+    """Refuse an engine longer than the model's positions: beyond them the model's output is undefined."""
+    limit = max_positions(config)
+    if limit is not None and max_sequence_length > limit:
+        raise BuildError(f"{where}: engine.maxSequenceLength (--max-seq-len) {max_sequence_length} is above the "
+                         f"model's max_position_embeddings {limit}; set it to {limit} or less")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files; refuses a folder without any (a cheap look, no file is opened)."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         if list(model_dir.glob("*.bin")):
             raise BuildError(f"{model_dir}: only PyTorch .bin weights found; the builder loads safetensors only "
                              "(convert them with transformers' save_pretrained)")
         raise BuildError(f"{model_dir}: no *.safetensors weights found")
-    for file in files:
+    return files
+
+
+def check_weights(model_dir: Path) -> None:
+    """Open every safetensors file's header, so a truncated or corrupt file fails with its name."""
+    from safetensors import safe_open
+
+    for file in weight_files(model_dir):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():

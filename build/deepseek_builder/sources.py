@@ -23,6 +23,12 @@ PVC_ROOT_ENV = "DEEPSEEK_OPERATOR_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 SCHEMES = ("hf", "s3", "pvc", "file")
 _HASH_CHUNK = 8 << 20
+#: Bounds on a local folder, checked before anything in it is hashed.  DeepSeek-V3's checkpoint is 163
+#: safetensors files and about 690 GB; a folder far beyond these is not one checkpoint.
+MAX_FOLDER_FILES = 10_000
+MAX_FOLDER_BYTES = 4 << 40
+#: Called with a checkpoint's config.json as soon as it is known (before hashing or downloading).
+ConfigCheck = Callable[[dict], None]
 
 
 @dataclass
@@ -39,6 +45,8 @@ class ResolvedSource:
     local_dir: Optional[Path] = None
     size_bytes: int = 0
     details: dict = field(default_factory=dict)
+    #: The checkpoint's config.json, once read (local folders: at resolve; hf/s3: by fetch_config).
+    config: Optional[dict] = None
 
 
 def scheme_of(uri: str) -> str:
@@ -127,7 +135,41 @@ def folder_digest(folder: Path, hashes: FileHashCache) -> tuple[str, int]:
     return h.hexdigest(), total
 
 
-def resolve_local(uri: str, hashes: FileHashCache) -> ResolvedSource:
+def check_local_folder(uri: str, folder: Path, role: str = "model") -> Optional[dict]:
+    """What can be checked without reading the weights: config.json and its architecture (or an adapter's
+    adapter_config.json), safetensors weights present, and a file count and total size that fit one checkpoint.
+    Returns the model's config.  Costs a directory walk, bounded by ``MAX_FOLDER_FILES``."""
+    from . import architectures as arch
+
+    config = None
+    if role == "adapter":
+        arch.adapter_config(folder)
+    else:
+        config = arch.read_config(folder)
+        arch.check_architecture(config, folder)
+        arch.weight_files(folder)
+    skip = {".git", ".cache", "__pycache__"}
+    count, total = 0, 0
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in names:
+            count += 1
+            if count > MAX_FOLDER_FILES:
+                raise BuildError(f"{uri}: {folder} holds more than {MAX_FOLDER_FILES} files, far more than one "
+                                 "checkpoint; point at the folder that holds config.json, the tokenizer and the "
+                                 "*.safetensors weights")
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # a dangling link: folder_files skips it too
+    if total > MAX_FOLDER_BYTES:
+        raise BuildError(f"{uri}: {folder} holds {total / 2**40:.1f} TiB, more than the {MAX_FOLDER_BYTES >> 40} TiB "
+                         "bound on one checkpoint; point at the checkpoint's own folder")
+    return config
+
+
+def resolve_local(uri: str, hashes: FileHashCache, role: str = "model",
+                  on_config: Optional[ConfigCheck] = None) -> ResolvedSource:
     scheme = scheme_of(uri)
     folder = local_path_of(uri)
     if not folder.exists():
@@ -138,11 +180,14 @@ def resolve_local(uri: str, hashes: FileHashCache) -> ResolvedSource:
     if not os.access(folder, os.R_OK | os.X_OK):
         raise BuildError(f"{uri}: {folder} is not readable by this user (uid {os.getuid()})")
     try:
+        config = check_local_folder(uri, folder, role)
+        if config is not None and on_config is not None:
+            on_config(config)
         digest, size = folder_digest(folder, hashes)
     except PermissionError as exc:
         raise BuildError(f"{uri}: cannot read {exc.filename}: permission denied") from None
     return ResolvedSource(uri, scheme, revision=f"sha256:{digest}", digest=f"sha256:{digest}", local_dir=folder,
-                          size_bytes=size)
+                          size_bytes=size, config=config)
 
 
 # ------------------------------------------------------------------ hf://
@@ -276,15 +321,50 @@ def fetch_s3(source: ResolvedSource, download_dir: Path, log: Callable[[str], No
     return target
 
 
+def fetch_config(source: ResolvedSource, download_dir: Path) -> dict:
+    """config.json alone, before the weights: hf:// into the same cache the snapshot uses, s3:// by one GET."""
+    from . import architectures as arch
+
+    if source.config is not None:
+        return source.config
+    if source.local_dir is not None:
+        source.config = arch.read_config(source.local_dir)
+        return source.config
+    if source.scheme == "hf":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(source.details["repo"], "config.json", revision=source.revision,
+                                   cache_dir=str(download_dir / "hf"), endpoint=os.environ.get("HF_ENDPOINT") or None)
+        except Exception as exc:  # noqa: BLE001 - huggingface_hub raises several unrelated types here
+            raise BuildError(f"{source.uri}: cannot fetch config.json ({type(exc).__name__}: {exc}); is it a "
+                             "Hugging Face checkpoint?") from None
+        source.config = arch.read_config(Path(path).parent)
+        return source.config
+    bucket, prefix = source.details["bucket"], source.details["prefix"]
+    if f"{prefix}config.json" not in source.details["keys"]:
+        raise BuildError(f"{source.uri}: no config.json under this prefix; is it a Hugging Face checkpoint?")
+    try:
+        body = _s3_client().get_object(Bucket=bucket, Key=f"{prefix}config.json")["Body"].read()
+        source.config = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BuildError(f"{source.uri}: config.json is not valid JSON ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - botocore's error classes are generated at runtime
+        raise BuildError(f"{source.uri}: cannot read config.json ({exc}); check AWS credentials") from None
+    return source.config
+
+
 # ------------------------------------------------------------------ entry points
 def resolve(uri: str, revision: Optional[str], hashes: FileHashCache,
-            download_dir: Optional[Path] = None) -> ResolvedSource:
+            download_dir: Optional[Path] = None, *, role: str = "model",
+            on_config: Optional[ConfigCheck] = None) -> ResolvedSource:
+    """Pin ``uri``.  A local folder is checked (``check_local_folder``, then ``on_config``) before it is hashed."""
     scheme = scheme_of(uri)
     if scheme == "hf":
         return resolve_hf(uri, revision, download_dir)
     if scheme == "s3":
         return resolve_s3(uri)
-    return resolve_local(uri, hashes)
+    return resolve_local(uri, hashes, role, on_config)
 
 
 def fetch(source: ResolvedSource, download_dir: Path, log: Callable[[str], None]) -> Path:

@@ -132,6 +132,24 @@ def test_s3_source_downloads_once_and_is_keyed_by_etags(ws, tiny, s3_env):
     assert json.loads((ws / "out-s3c" / "build-report.json").read_text())["content_key"] != report["content_key"]
 
 
+def test_s3_context_beyond_the_model_is_refused_before_the_weights_move(ws, tiny, s3_env):
+    """Only config.json is read (one GET): the refusal names both numbers and nothing is downloaded."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    s3.create_bucket(Bucket="ctx")
+    for f in tiny.iterdir():
+        s3.upload_file(str(f), "ctx", f"tiny/{f.name}")
+    limit = json.loads((tiny / "config.json").read_text())["max_position_embeddings"]
+    cache = ws / "cache-s3ctx"
+    result = CliRunner().invoke(build, ["--source", "s3://ctx/tiny", "--backend", "onnxruntime", "--precision", "fp32",
+                                        "--max-batch-size", "2", "--max-seq-len", str(limit * 2), "--output",
+                                        str(ws / "out-s3ctx"), "--cache-dir", str(cache)])
+    assert result.exit_code == 1
+    assert f"--max-seq-len) {limit * 2} is above the model's max_position_embeddings {limit}" in result.output
+    assert not (cache / "downloads" / "s3").exists() and not list((cache / "engines").iterdir())
+
+
 def test_empty_s3_prefix_is_a_clear_error(ws, s3_env):
     import boto3
 
