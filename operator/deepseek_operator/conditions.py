@@ -30,6 +30,8 @@ class Reason:
     CACHE_CLAIM_MISSING = "CacheClaimMissing"
     #: A build Job for the engine was created and has not finished.
     BUILD_RUNNING = "BuildRunning"
+    #: Another model's build Job builds the same engine (same key, same cache): this model waits for it.
+    WAITING_FOR_BUILD = "WaitingForBuild"
     #: The build Job finished and the engine is in the cache.
     BUILD_SUCCEEDED = "BuildSucceeded"
     #: The engine was already in the cache (same engine inputs): no build ran.
@@ -106,13 +108,14 @@ def derive_phase(current: dict[str, ConditionValue]) -> str:
     """Failed (invalid spec or failed build) > Ready > Building > Deploying > Pending.
 
     A missing cache claim leaves the model Pending: creating the claim resolves it without a spec change.
+    Waiting for another model's build of the same engine is Building.
     """
     built, ready = current[ENGINE_BUILT], current[READY]
-    if built.status == "False" and built.reason != Reason.CACHE_CLAIM_MISSING:
+    if built.status == "False" and built.reason not in (Reason.CACHE_CLAIM_MISSING, Reason.WAITING_FOR_BUILD):
         return Phase.FAILED
     if ready.status == "True":
         return Phase.READY
-    if built.reason == Reason.BUILD_RUNNING:
+    if built.reason in (Reason.BUILD_RUNNING, Reason.WAITING_FOR_BUILD):
         return Phase.BUILDING
     if built.status == "True":
         return Phase.DEPLOYING

@@ -1,13 +1,13 @@
 """The one module that talks to the Kubernetes API (through the kubernetes client's ApiClient).
 
 Children are plain dicts (see render.py), so one generic path per verb serves
-every kind.  ``apply`` is create-if-absent, patch-if-changed: the rendered
-object's hash is kept in an annotation and compared on the next pass.
+every kind.  ``apply`` is server-side apply with the operator's field manager:
+one request creates a child or puts back the fields the operator owns (a hand
+edit included), and leaves fields other managers own (an HPA's replica count).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import kubernetes
@@ -26,11 +26,13 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
     "DeepSeekModel": ("/apis/deepseek.ai/v1alpha1", "deepseekmodels"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
-#: The operator's last rendering of a child (JSON), for three-way patches.
-LAST_APPLIED = "deepseek.ai/last-applied"
-#: Fields left alone when a new rendering drops them: an autoscaler owns the replica count.
-KEEP_WHEN_DROPPED: dict[str, tuple[tuple[str, ...], ...]] = {"Deployment": (("spec", "replicas"),)}
+#: The field manager of the operator's server-side applies.
+FIELD_MANAGER = "deepseek-operator"
+#: A second manager that holds ``spec.replicas`` for a moment when an autoscaler takes the count over, so that
+#: the operator's next apply (without replicas) releases it instead of deleting it (Kubernetes' documented handover).
+REPLICAS_HANDOVER_MANAGER = "deepseek-operator-replicas-handover"
 
 
 def default_api_client() -> ApiClient:
@@ -123,13 +125,15 @@ class Kube:
                 return False
             raise
 
+    def json_patch(self, kind: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        """A JSON patch (RFC 6902); a failed ``test`` operation is answered 422 (409 on some servers)."""
+        return self._call("PATCH", self._path(kind, namespace, name), body=ops,
+                          content_type="application/json-patch+json")
+
     # ------------------------------------------------------------ desired state
     def create_if_absent(self, obj: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-        """(created?, live object); never modifies an existing one."""
+        """(created?, live object); never modifies an existing one (one request when it does not exist yet)."""
         meta = obj["metadata"]
-        live = self.get(obj["kind"], meta["namespace"], meta["name"])
-        if live is not None:
-            return False, live
         try:
             return True, self.create(obj)
         except ApiException as exc:
@@ -137,50 +141,31 @@ class Kube:
                 raise
             return False, self.get(obj["kind"], meta["namespace"], meta["name"]) or obj
 
-    def apply(self, obj: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Create, or patch when the rendering changed since the last apply: 'created'|'updated'|'unchanged'.
+    def apply(self, obj: dict[str, Any], manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Server-side apply: create the object, or make the fields ``manager`` sets equal ``obj``; the live object.
 
-        The last rendering is kept in an annotation (as ``kubectl apply`` does), so a field the new
-        rendering drops is removed from the live object instead of lingering.
+        Fields ``manager`` applied before and ``obj`` no longer sets are removed, unless another manager
+        also owns them; fields owned by others only (an HPA's ``spec.replicas``) are left alone.  ``force``
+        takes back fields someone else changed by hand: that is how drift is repaired.
         """
-        rendered = json.loads(json.dumps(obj))
-        desired = json.loads(json.dumps(obj))
-        desired["metadata"].setdefault("annotations", {})[LAST_APPLIED] = json.dumps(rendered, sort_keys=True)
         meta = obj["metadata"]
-        live = self.get(obj["kind"], meta["namespace"], meta["name"])
-        if live is None:
-            try:
-                return "created", self.create(desired)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                live = self.get(obj["kind"], meta["namespace"], meta["name"]) or {}
-        previous_text = ((live.get("metadata") or {}).get("annotations") or {}).get(LAST_APPLIED)
-        try:
-            previous = json.loads(previous_text) if previous_text else {}
-        except ValueError:
-            previous = {}
-        if previous == rendered:
-            return "unchanged", live
-        body = three_way_patch(previous, desired, keep=KEEP_WHEN_DROPPED.get(obj["kind"], ()))
-        body.pop("apiVersion", None)
-        body.pop("kind", None)
-        return "updated", self.patch(obj["kind"], meta["namespace"], meta["name"], body)
+        return self._call(
+            "PATCH", self._path(obj["kind"], meta["namespace"], meta["name"]), body=obj,
+            query=[("fieldManager", manager), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
 
 
-def three_way_patch(last: Any, desired: Any, keep: tuple[tuple[str, ...], ...] = (), _path: tuple = ()) -> Any:
-    """A JSON merge patch to ``desired`` that also deletes (null) what ``last`` applied and ``desired`` dropped.
-
-    Fields nobody applied (set by the API server or other controllers) are left alone; so are ``keep``
-    paths, e.g. a Deployment's ``spec.replicas`` once an autoscaler owns it (dropping it would reset it to 1).
-    """
-    if not isinstance(desired, dict):
-        return desired
-    patch: dict[str, Any] = {}
-    last = last if isinstance(last, dict) else {}
-    for key, value in desired.items():
-        patch[key] = three_way_patch(last.get(key), value, keep, _path + (key,))
-    for key in last:
-        if key not in desired and _path + (key,) not in keep:
-            patch[key] = None
-    return patch
+def owns_field(live: Optional[dict[str, Any]], manager: str, path: tuple[str, ...]) -> bool:
+    """Does ``manager`` own ``path`` (e.g. ``("spec", "replicas")``) through an Apply, per ``metadata.managedFields``?"""
+    for entry in ((live or {}).get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") != manager or entry.get("operation") != "Apply":
+            continue
+        node = entry.get("fieldsV1") or {}
+        for part in path:
+            node = node.get(f"f:{part}") if isinstance(node, dict) else None
+            if node is None:
+                break
+        else:
+            return True
+    return False

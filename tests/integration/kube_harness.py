@@ -26,6 +26,7 @@ import warnings
 from typing import Any, Callable, Optional
 
 import aiohttp.web
+import attrs
 import jsonpatch
 import kmock
 import kopf
@@ -53,8 +54,150 @@ class Unprocessable(KubernetesError):
     message = "the JSON patch's test operation failed"
 
 
+class Conflict(KubernetesError):
+    """HTTP 409, as a real API server answers an apply without force that changes another manager's field."""
+
+    status = 409
+    reason = "Conflict"
+    message = "Apply failed with conflicts: a field is owned by another manager"
+
+
+# ---------------------------------------------------------------- server-side apply, as the emulator needs it
+Path = tuple  # a field path, e.g. ("spec", "replicas"); lists are atomic leaves, as for lists without merge keys
+#: What a manager never owns: identity and server-maintained fields.
+UNOWNED = {("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "namespace"), ("metadata", "uid"),
+           ("metadata", "resourceVersion"), ("metadata", "generation"), ("metadata", "creationTimestamp"),
+           ("metadata", "managedFields")}
+
+
+def leaf_paths(obj: Any, prefix: Path = ()) -> set:
+    """Every leaf of a dict (a scalar, a list, or an empty dict) as a path."""
+    if isinstance(obj, dict) and obj:
+        out: set = set()
+        for key, value in obj.items():
+            out |= leaf_paths(value, prefix + (key,))
+        return {p for p in out if p not in UNOWNED and p[:1] != ("status",)}
+    return {prefix} if prefix else set()
+
+
+def _get(obj: Any, path: Path) -> Any:
+    for part in path:
+        if not isinstance(obj, dict) or part not in obj:
+            return KeyError
+        obj = obj[part]
+    return obj
+
+
+def _delete(obj: dict, path: Path) -> None:
+    parents = [obj]
+    for part in path[:-1]:
+        nxt = parents[-1].get(part)
+        if not isinstance(nxt, dict):
+            return
+        parents.append(nxt)
+    parents[-1].pop(path[-1], None)
+    for depth in range(len(path) - 1, 0, -1):  # drop maps the deletion left empty
+        if parents[depth] == {}:
+            parents[depth - 1].pop(path[depth - 1], None)
+
+
+def _merge(base: Any, applied: Any) -> Any:
+    if isinstance(base, dict) and isinstance(applied, dict):
+        out = dict(base)
+        for key, value in applied.items():
+            out[key] = _merge(base.get(key), value)
+        return out
+    return copy.deepcopy(applied)
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def fields_v1(paths: set) -> dict:
+    """Paths in the API's managedFields form: {"f:spec": {"f:replicas": {}}}."""
+    root: dict = {}
+    for path in sorted(paths):
+        node = root
+        for part in path:
+            node = node.setdefault(f"f:{part}", {})
+    for path in paths:  # a path owned itself and through children: mark it with "."
+        node = root
+        for part in path:
+            node = node[f"f:{part}"]
+        if node and "." not in node:
+            node["."] = {}
+    return root
+
+
+def paths_of(fields: dict, prefix: Path = ()) -> set:
+    out: set = set()
+    children = {k: v for k, v in fields.items() if k.startswith("f:")}
+    if not children or "." in fields:
+        if prefix:
+            out.add(prefix)
+    for key, value in children.items():
+        out |= paths_of(value, prefix + (key[2:],))
+    return out
+
+
+def managers(obj: dict) -> dict:
+    """{(manager, operation): paths} from metadata.managedFields."""
+    out: dict = {}
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        out[(entry["manager"], entry["operation"])] = paths_of(entry.get("fieldsV1") or {})
+    return out
+
+
+def with_managers(obj: dict, owned: dict, api_version: str) -> dict:
+    entries = [{"manager": m, "operation": op, "apiVersion": api_version, "fieldsType": "FieldsV1",
+                "fieldsV1": fields_v1(paths)} for (m, op), paths in sorted(owned.items()) if paths]
+    obj.setdefault("metadata", {})["managedFields"] = entries
+    return obj
+
+
+def server_side_apply(live: Optional[dict], applied: dict, manager: str, force: bool) -> dict:
+    """The object after ``manager`` applies ``applied``: its fields set, its dropped fields removed unless
+    another manager owns them, fields only others own left alone (Kubernetes' structured-merge rules, with lists
+    atomic).  409 on a conflict without ``force``."""
+    live = copy.deepcopy(live or {})
+    owned = managers(live)
+    mine = leaf_paths(applied)
+    changed = {p for p in mine if _get(live, p) != _get(applied, p)}
+    for who, paths in owned.items():
+        if who == (manager, "Apply"):
+            continue
+        taken = {q for q in paths if any(_overlaps(q, p) for p in changed)}
+        if taken and not force:
+            raise Conflict()
+        owned[who] = paths - taken
+    before = owned.get((manager, "Apply"), set())
+    others = set().union(*[p for w, p in owned.items() if w != (manager, "Apply")]) if owned else set()
+    for path in before - mine:
+        if not any(_overlaps(path, q) for q in others):
+            _delete(live, path)
+    result = _merge(live, applied)
+    owned[(manager, "Apply")] = mine
+    return with_managers(result, owned, applied.get("apiVersion", "v1"))
+
+
+def record_update(live: dict, patch: dict, manager: str) -> dict:
+    """managedFields after a merge patch by ``manager``: it owns what it set; what it changed, others lose."""
+    owned = managers(live)
+    set_paths = {p for p in leaf_paths(patch) if _get(patch, p) is not None}
+    cleared = {p for p in leaf_paths(patch) if _get(patch, p) is None}
+    changed = {p for p in set_paths if _get(live, p) != _get(patch, p)} | cleared
+    for who, paths in owned.items():
+        if who != (manager, "Update"):
+            owned[who] = {q for q in paths if not any(_overlaps(q, p) for p in changed)}
+    owned[(manager, "Update")] = owned.get((manager, "Update"), set()) | set_paths
+    return {"metadata": {"managedFields": with_managers({}, owned, live.get("apiVersion", "v1"))["metadata"][
+        "managedFields"]}}
+
+
 class ApiServer(kmock.KubernetesEmulator):
-    """kmock's emulator plus the object metadata a real API server maintains."""
+    """kmock's emulator plus the object metadata a real API server maintains, and server-side apply."""
 
     _versions = itertools.count(1)
 
@@ -81,12 +224,48 @@ class ApiServer(kmock.KubernetesEmulator):
         return response
 
     async def _handle(self, request):  # type: ignore[override]
-        if request.resource is not None and isinstance(request.data, (dict, list)):
+        if request.resource is None or not isinstance(request.data, (dict, list)):
+            return await super()._handle(request)
+        if not hasattr(self, "_writes"):
+            self._writes = asyncio.Lock()
+        # One write at a time from stamping to storing, so a JSON patch's test sees what it patches.
+        async with self._writes:
+            if request.action == kmock.action.UPDATE and request.name is not None and self._is_apply(request):
+                request = self._replace_request(request, self._apply(request))
             if request.action == kmock.action.CREATE and isinstance(request.data, dict):
                 self._stamp_new(request.data)
             elif request.action == kmock.action.UPDATE and request.name is not None:
                 self._stamp_patch(request)
-        return await super()._handle(request)
+            return await super()._handle(request)
+
+    @staticmethod
+    def _is_apply(request) -> bool:
+        return (request.headers.get("Content-Type") or "").startswith("application/apply-patch")
+
+    def _replace_request(self, old, new):
+        """kmock routes only requests it has recorded: record the rewritten one in the original's place."""
+        for i in range(len(self._requests) - 1, -1, -1):
+            if self._requests[i] is old:
+                self._requests[i] = new
+                break
+        return new
+
+    def _apply(self, request):
+        """Server-side apply, turned into what kmock serves: a create, a merge patch, or (no change) a read."""
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise Unprocessable()  # the API server requires a field manager for apply
+        force = request.params.get("force") in ("true", "1")
+        key = (request.resource, request.namespace, request.name)
+        exists = key in self.objects and not self.objects[key].deleted
+        live = copy.deepcopy(self.objects[key].raw) if exists else None
+        result = server_side_apply(live, request.data, manager, force)
+        if not exists:
+            result["metadata"].setdefault("namespace", request.namespace)
+            return attrs.evolve(request, action=kmock.action.CREATE, method="POST", data=result)
+        if result == live:
+            return attrs.evolve(request, action=kmock.action.FETCH, method="GET", data=None)
+        return attrs.evolve(request, data=merge_patch_between(live, result))
 
     def _stamp_new(self, obj: dict) -> None:
         meta = obj.setdefault("metadata", {})
@@ -102,6 +281,10 @@ class ApiServer(kmock.KubernetesEmulator):
         if key not in self.objects or self.objects[key].deleted:
             return  # the emulator answers 404
         current = copy.deepcopy(self.objects[key].raw)
+        if isinstance(request.data, dict) and request.subresource != "status" and not self._is_apply(request):
+            manager = request.params.get("fieldManager") or "unknown"
+            request.data.update(kmock_dicts.merge_patch_dict(
+                {"metadata": request.data.get("metadata") or {}}, record_update(current, request.data, manager)))
         try:
             patched = kmock_dicts.patch_dict(current, request.data)
         except (jsonpatch.JsonPatchConflict, jsonpatch.JsonPatchException):
@@ -118,6 +301,21 @@ class ApiServer(kmock.KubernetesEmulator):
         else:
             request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
             request.data.append({"op": "add", "path": "/metadata/generation", "value": generation})
+
+
+def merge_patch_between(old: dict, new: dict) -> dict:
+    """The JSON merge patch that turns ``old`` into ``new`` (None deletes a key)."""
+    patch: dict = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            sub = merge_patch_between(old[key], value)
+            if sub:
+                patch[key] = sub
+        elif old.get(key, KeyError) != value:
+            patch[key] = value
+    return patch
 
 
 def declare_resources(server: kmock.KubernetesEmulator) -> None:
@@ -148,14 +346,14 @@ def kube_client(url: str) -> Kube:
 class RunningOperator:
     """The real operator (kopf + our handlers) in its own thread and event loop."""
 
-    def __init__(self, url: str, config: OperatorConfig, timer_interval: float = 2.0):
+    def __init__(self, url: str, config: OperatorConfig):
         self.url = url
         self.operator = handlers.Operator(kube_client(url), config)
 
         async def login(**_: Any) -> kopf.ConnectionInfo:
             return kopf.ConnectionInfo(server=url, insecure=True)
 
-        self.registry = handlers.build_registry(self.operator, login=login, timer_interval=timer_interval)
+        self.registry = handlers.build_registry(self.operator, login=login)
         self.settings = handlers.operator_settings(error_backoffs=(0.2, 0.5, 1.0))
         self.settings.watching.reconnect_backoff = 0.2
         self.thread: Optional[threading.Thread] = None

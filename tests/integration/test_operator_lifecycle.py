@@ -81,7 +81,7 @@ async def test_failed_build_is_reported_and_not_retried(cluster, start_operator)
 
     events = [e for e in await cluster.list("Event") if e["involvedObject"].get("name") == "r2"]
     assert any(e["type"] == "Warning" and e["reason"] == "BackoffLimitExceeded" for e in events)
-    # The timer keeps reconciling; the failed Job stays the only Job for this key.
+    # Reconciles go on (the Job was annotated, events came); the failed Job stays the only Job for this key.
     await asyncio.sleep(3)
     jobs = await cluster.list("Job")
     assert [j["metadata"]["name"] for j in jobs] == [job_name]

@@ -178,7 +178,7 @@ async def test_restart_while_the_job_runs_keeps_waiting_for_it(cluster, start_op
     await asyncio.to_thread(first.stop)
 
     await start_operator()
-    await asyncio.sleep(2.5)  # resume handler and a timer tick
+    await asyncio.sleep(2.5)  # the resume handler has run
     job = naming.build_job_name("r1", key_of(SPEC))
     assert await jobs(cluster) == [job]
     assert (await cluster.get("DeepSeekModel", "r1"))["status"]["phase"] == "Building"
