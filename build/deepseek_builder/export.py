@@ -1,10 +1,10 @@
 """ONNX export: a wrapper per task with the tensor names and shapes of ENGINE_FORMAT.md.
 
-The wrappers take plain tensors only (so the legacy TorchScript exporter can trace them):
-text generation takes the past keys and values as flat inputs, rebuilds a transformers
-``DynamicCache`` from them, and returns the last position's logits and the flat present tensors.
-Every wrapper builds its own 4-D additive attention mask (causal plus left padding), which
-transformers passes to the attention layers as it is.
+The wrappers take plain tensors only (so the legacy TorchScript exporter can trace them).
+Text generation exports the serving step (``deepseek_model_repository.serving.torch_step``):
+the cache rows go in, the logits and the new positions' keys and values come out, and the
+cache is read in place by a two-part attention.  The encoder wrappers build their own 4-D
+additive attention mask (causal plus left padding), which transformers passes on as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from deepseek_contract import engine_io
 
 from .errors import BuildError
 
@@ -45,44 +47,6 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def base_model_of(model: nn.Module) -> nn.Module:
     """The decoder stack of a task model (``model.model`` for every supported architecture)."""
     return getattr(model, model.base_model_prefix, model)
-
-
-class TextGenerationWrapper(nn.Module):
-    """(input_ids, attention_mask, position_ids, past k/v ...) -> (logits of the last position, present k/v ...)."""
-
-    def __init__(self, model: nn.Module, num_layers: int):
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        dtype = self.model.get_input_embeddings().weight.dtype
-        layers = []
-        for i in range(self.num_layers):
-            layer = DynamicLayer()
-            layer.keys, layer.values = past[2 * i], past[2 * i + 1]
-            layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
-            layer.is_initialized = True
-            layers.append(layer)
-        cache = DynamicCache()
-        cache.layers = layers
-        mask = padding_causal_mask(attention_mask, input_ids.shape[1], dtype)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :].float()
-        present = []
-        for layer in cache.layers:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
 
 
 class ClassificationWrapper(nn.Module):
@@ -124,10 +88,11 @@ class FeatureExtractionWrapper(nn.Module):
 
 @dataclass
 class KvLayout:
-    """Shapes of one layer's cache: heads and key/value head dims."""
+    """Shapes of one layer's cache: heads and head dims of its keys and of its values (MLA: the latents)."""
 
-    heads: int
+    key_heads: int
     key_dim: int
+    value_heads: int
     value_dim: int
 
 
@@ -151,38 +116,37 @@ class ExportSpec:
         return len(self.kv)
 
     def past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        return engine_io.past_names(self.num_layers)
 
     def present_names(self) -> list[str]:
-        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        return engine_io.present_names(self.num_layers)
 
 
 def kv_layout(model: nn.Module) -> list[KvLayout]:
     """The cache shapes, read from one real forward pass (MLA keys and values have different head dims)."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=True)
-    layers = []
-    for layer in out.past_key_values.layers:
-        layers.append(KvLayout(heads=layer.keys.shape[1], key_dim=layer.keys.shape[-1], value_dim=layer.values.shape[-1]))
-    return layers
+    from deepseek_model_repository.serving.torch_step import cache_shapes
+
+    return [KvLayout(k_heads, k_dim, v_heads, v_dim) for (k_heads, k_dim), (v_heads, v_dim) in cache_shapes(model)]
 
 
 def export_spec(model: nn.Module, task: str) -> ExportSpec:
     """The wrapper, names and dynamic axes for ``task``."""
     dtype = model.get_input_embeddings().weight.dtype
     if task == "text-generation":
+        from deepseek_model_repository.serving.torch_step import TextGenerationStep
+
         kv = kv_layout(model)
-        spec = ExportSpec(task, TextGenerationWrapper(model, len(kv)), [], [], {}, kv=kv, dtype=dtype,
+        spec = ExportSpec(task, TextGenerationStep(model, len(kv)), [], [], {}, kv=kv, dtype=dtype,
                           vocab_size=model.config.get_text_config().vocab_size)
-        spec.input_names = ["input_ids", "attention_mask", "position_ids", *spec.past_names()]
-        spec.output_names = ["logits", *spec.present_names()]
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+        spec.input_names = [*engine_io.STEP_INPUTS, *spec.past_names()]
+        spec.output_names = [engine_io.LOGITS, *spec.present_names()]
+        axes = {name: {0: "batch", 1: "new_tokens"} for name in ("input_ids", "position_ids", "token_mask")}
+        axes["cache_lengths"] = {0: "batch"}
+        axes[engine_io.LOGITS] = {0: "batch"}
         for name in spec.past_names():
-            axes[name] = {0: "batch", 2: "past_sequence"}
+            axes[name] = {0: "batch", 2: "capacity"}
         for name in spec.present_names():
-            axes[name] = {0: "batch", 2: "total_sequence"}
+            axes[name] = {0: "batch", 2: "new_tokens"}
         spec.dynamic_axes = axes
         return spec
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
@@ -199,22 +163,27 @@ def export_spec(model: nn.Module, task: str) -> ExportSpec:
 
 def sample_inputs(spec: ExportSpec, batch: int, new_tokens: int, past: int, vocab: int, *, pad: int = 0,
                   generator: torch.Generator | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Random inputs: ``batch`` rows, the last row left-padded by ``pad`` tokens, ``past`` cached tokens."""
+    """Random inputs: ``batch`` rows, the last row padded by ``pad`` tokens.
+
+    Encoder tasks are left-padded.  Text generation gets the step format: rows right-padded, a cache
+    of capacity ``past + 2`` whose rows hold ``past``, ``past - 1``, ... valid positions.
+    """
     g = generator
-    total = past + new_tokens
     ids = torch.randint(3, vocab, (batch, new_tokens), generator=g)
-    mask = torch.ones((batch, total), dtype=torch.long)
-    if pad:
-        mask[-1, :pad] = 0
-    inputs = {"input_ids": ids.to(device)}
+    mask = torch.ones((batch, new_tokens), dtype=torch.long)
     if spec.task != "text-generation":
-        inputs["attention_mask"] = mask[:, past:].to(device)
-        return inputs
-    inputs["attention_mask"] = mask.to(device)
-    inputs["position_ids"] = positions_from_mask(mask)[:, past:].to(device)
+        if pad:
+            mask[-1, :pad] = 0
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if pad:
+        mask[-1, new_tokens - pad:] = 0
+    capacity = past + 2
+    lengths = torch.tensor([max(0, past - row) for row in range(batch)], dtype=torch.long)
+    inputs = {"input_ids": ids.to(device), "position_ids": (lengths[:, None] + torch.arange(new_tokens)).to(device),
+              "token_mask": mask.to(device), "cache_lengths": lengths.to(device)}
     for i, layout in enumerate(spec.kv):
-        k = torch.randn((batch, layout.heads, past, layout.key_dim), generator=g) * 0.5
-        v = torch.randn((batch, layout.heads, past, layout.value_dim), generator=g) * 0.5
+        k = torch.randn((batch, layout.key_heads, capacity, layout.key_dim), generator=g) * 0.5
+        v = torch.randn((batch, layout.value_heads, capacity, layout.value_dim), generator=g) * 0.5
         inputs[f"past_key_values.{i}.key"] = k.to(device=device, dtype=spec.dtype)
         inputs[f"past_key_values.{i}.value"] = v.to(device=device, dtype=spec.dtype)
     return inputs
@@ -272,7 +241,8 @@ def export_onnx(spec: ExportSpec, out_file: Path, vocab: int, device: str = "cpu
     inputs = sample_inputs(spec, batch=2, new_tokens=3, past=5 if spec.task == "text-generation" else 0,
                            vocab=vocab, pad=1, generator=g, device=device)
     args = tuple(inputs[name] for name in spec.input_names)
-    with warnings.catch_warnings(), torch.no_grad(), export_friendly(spec.wrapper.model):
+    with warnings.catch_warnings(), torch.no_grad(), export_friendly(spec.wrapper.model), \
+            _step_attention(spec):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -290,6 +260,15 @@ def export_onnx(spec: ExportSpec, out_file: Path, vocab: int, device: str = "cpu
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BuildError(f"ONNX export of the {spec.task} model failed: {first}") from None
     _consolidate_external_data(out_file)
+
+
+def _step_attention(spec: ExportSpec):
+    """The text-generation step's two-part attention, for the export only."""
+    if spec.task != "text-generation":
+        return contextlib.nullcontext()
+    from deepseek_model_repository.serving.torch_step import split_cache_attention_of
+
+    return split_cache_attention_of(spec.wrapper.model)
 
 
 def _consolidate_external_data(out_file: Path) -> None:
@@ -316,18 +295,18 @@ def io_description(spec: ExportSpec, kv_type: str | None = None) -> tuple[list[d
     kv_type = kv_type or {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16",
                           torch.bfloat16: "TYPE_BF16"}[spec.dtype]
     if spec.task == "text-generation":
-        inputs = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]}
-                  for n in ("input_ids", "attention_mask", "position_ids")]
-        outputs = [{"name": "logits", "data_type": "TYPE_FP32", "dims": [spec.vocab_size]}]
+        inputs = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]} for n in ("input_ids", "position_ids", "token_mask")]
+        inputs.append({"name": "cache_lengths", "data_type": "TYPE_INT64", "dims": []})
+        outputs = [{"name": engine_io.LOGITS, "data_type": "TYPE_FP32", "dims": [spec.vocab_size]}]
         for i, layout in enumerate(spec.kv):
             inputs.append({"name": f"past_key_values.{i}.key", "data_type": kv_type,
-                           "dims": [layout.heads, -1, layout.key_dim]})
+                           "dims": [layout.key_heads, -1, layout.key_dim]})
             inputs.append({"name": f"past_key_values.{i}.value", "data_type": kv_type,
-                           "dims": [layout.heads, -1, layout.value_dim]})
+                           "dims": [layout.value_heads, -1, layout.value_dim]})
             outputs.append({"name": f"present.{i}.key", "data_type": kv_type,
-                            "dims": [layout.heads, -1, layout.key_dim]})
+                            "dims": [layout.key_heads, -1, layout.key_dim]})
             outputs.append({"name": f"present.{i}.value", "data_type": kv_type,
-                            "dims": [layout.heads, -1, layout.value_dim]})
+                            "dims": [layout.value_heads, -1, layout.value_dim]})
         return inputs, outputs
     inputs = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]} for n in ("input_ids", "attention_mask")]
     return inputs, [{"name": spec.output_names[0], "data_type": "TYPE_FP32", "dims": [spec.out_width]}]

@@ -25,7 +25,7 @@ from .versions import TENSORRT_VERSION
 
 #: Bumped when the export or the engine layout changes in a way that invalidates old entries: it is part of
 #: every key, so engines of an older format are rebuilt, never misread.
-ENGINE_FORMAT_VERSION = 1
+ENGINE_FORMAT_VERSION = 2
 
 KEY_LENGTH = 20  # hex chars: 80 bits, far beyond any cache's size, short enough for labels and paths
 

@@ -17,7 +17,7 @@ from .layout import MODEL_INFO
 from .vocabulary import Architecture, Backend, Precision, Task
 
 #: The model-info.json format this contract reads and writes.
-MODEL_INFO_FORMAT = 1
+MODEL_INFO_FORMAT = 2
 
 TritonType = str  # TYPE_FP32, TYPE_INT64, ... (Triton's DataType names)
 

@@ -14,17 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-#: Inputs of the client-facing text-generation model (dims exclude the batch dimension).
-GENERATION_INPUTS: tuple[tuple[str, str, bool], ...] = (
-    # name, Triton data type, optional
-    ("text_input", "TYPE_STRING", False),
-    ("max_tokens", "TYPE_INT32", True),
-    ("temperature", "TYPE_FP32", True),
-    ("top_p", "TYPE_FP32", True),
-    ("top_k", "TYPE_INT32", True),
-    ("seed", "TYPE_UINT64", True),
-    ("stream", "TYPE_BOOL", True),
-)
+from .serving.limits import GENERATION_INPUTS  # noqa: F401 - the generation models' inputs, defined once
 
 
 @dataclass(frozen=True)

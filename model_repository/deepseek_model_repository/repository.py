@@ -117,6 +117,24 @@ def render_configs(
         )
     names = ModelNames.of(model_name)
     engine_dir = str(Path(engine_dir).resolve())
+    configs: dict[str, dict[str, Any]] = {}
+    inputs, outputs = client_model_inputs(info), client_model_outputs(info)
+    if info["task"] == "text-generation":
+        # In-flight batching: the scheduler model owns the engine and its KV cache (one per replica);
+        # Triton's queue only hands requests over, so preferred batch sizes have no meaning here.
+        handover = cfg.Batching(max_batch_size=int(info["max_batch_size"]), dynamic=dynamic_batching,
+                                max_queue_delay_us=max_queue_delay_us)
+        configs[names.client] = cfg.python_model_config(
+            names.client, inputs, outputs, handover, parameters={"scheduler_model": names.stream}
+        )
+        configs[names.stream] = cfg.python_model_config(
+            names.stream, inputs, outputs, handover, decoupled=True,
+            parameters={"engine_dir": engine_dir, "client_model": names.client,
+                        "default_max_tokens": str(default_max_tokens), "device": "cuda" if gpus > 0 else "cpu"},
+        )
+        for c in configs.values():
+            cfg.to_proto(c)
+        return configs
     batching = cfg.Batching(
         max_batch_size=int(info["max_batch_size"]),
         dynamic=dynamic_batching,
@@ -129,20 +147,10 @@ def render_configs(
         max_batch_size=batching.max_batch_size, dynamic=dynamic_batching, max_queue_delay_us=0
     )
     placement = cfg.Placement(gpus=gpus, instance_count=instance_count)
-    params = {
-        "engine_dir": engine_dir,
-        "engine_model": names.engine,
-        "default_max_tokens": str(default_max_tokens),
-    }
-    configs: dict[str, dict[str, Any]] = {}
-    inputs, outputs = client_model_inputs(info), client_model_outputs(info)
+    params = {"engine_dir": engine_dir, "engine_model": names.engine}
     configs[names.client] = cfg.python_model_config(
         names.client, inputs, outputs, batching, instance_count=instance_count, parameters=params
     )
-    if info["task"] == "text-generation":
-        configs[names.stream] = cfg.python_model_config(
-            names.stream, inputs, outputs, batching, instance_count=instance_count, decoupled=True, parameters=params
-        )
     engine_inputs, engine_outputs = _tensors(info["inputs"]), _tensors(info["outputs"])
     if runtime == "local":
         configs[names.engine] = cfg.python_model_config(
@@ -181,7 +189,9 @@ def _python_model_source(kind: str) -> str:
 def _python_model_kind(model: str, info: dict[str, Any], names: ModelNames) -> Optional[str]:
     if model == names.engine:
         return "ort_engine"
-    return "generate" if info["task"] == "text-generation" else "encode"
+    if info["task"] != "text-generation":
+        return "encode"
+    return "generate" if model == names.stream else "relay"
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
@@ -234,6 +244,9 @@ def write_repository(
     )
     names = ModelNames.of(model_name)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (names.client, names.stream, names.engine):  # e.g. an engine model an older format had
+        if stale not in configs and (output_dir / stale).is_dir():
+            shutil.rmtree(output_dir / stale, ignore_errors=True)
     for model, config in configs.items():
         staging = output_dir / f".{model}.{uuid.uuid4().hex[:8]}"
         version = staging / "1"

@@ -27,7 +27,7 @@ def model_info(task: str = "text-generation", backend: str = "onnxruntime") -> d
     ]
     outputs = [{"name": "logits", "data_type": "TYPE_FP32", "dims": [-1]}]
     info = {
-        "format": 1,
+        "format": 2,
         "task": task,
         "backend": backend,
         "precision": "fp32",
@@ -43,7 +43,9 @@ def model_info(task: str = "text-generation", backend: str = "onnxruntime") -> d
         "pad_token_id": 1,
     }
     if task == "text-generation":
-        info["inputs"] += [{"name": "position_ids", "data_type": "TYPE_INT64", "dims": [-1]}] + [
+        info["inputs"] = [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]}
+                          for n in ("input_ids", "position_ids", "token_mask")]
+        info["inputs"] += [{"name": "cache_lengths", "data_type": "TYPE_INT64", "dims": []}] + [
             {"name": n, "data_type": "TYPE_FP32", "dims": [2, -1, 8]} for n in KV["past_inputs"]
         ]
         info["outputs"] += [{"name": n, "data_type": "TYPE_FP32", "dims": [2, -1, 8]} for n in KV["present_outputs"]]
@@ -71,30 +73,54 @@ def configs(repo: Path) -> dict:
     return {p.parent.name: parse_pbtxt(p.read_text()) for p in repo.glob("*/config.pbtxt")}
 
 
-def test_text_generation_for_triton_links_the_onnx_engine_under_the_native_backend(tmp_path):
+def test_text_generation_is_a_relay_and_a_scheduler_that_owns_the_engine(tmp_path):
+    """No engine model: the scheduler model runs the engine in its own process; NAME relays to it."""
     engine = engine_dir(tmp_path)
-    repo = write_repository(engine, tmp_path / "repo", "chat", runtime="triton", preferred_batch_sizes=[4, 8])
+    repo = write_repository(engine, tmp_path / "repo", "chat", runtime="triton", preferred_batch_sizes=[4, 8],
+                            max_queue_delay_us=300)
     c = configs(repo)
-    assert set(c) == {"chat", "chat_stream", "chat_engine"}
-    assert c["chat_engine"].platform == "onnxruntime_onnx"
-    assert c["chat_engine"].max_batch_size == 8
-    assert {i.name for i in c["chat_engine"].input} >= {"input_ids", "past_key_values.0.key"}
-    linked = repo / "chat_engine" / "1" / "model.onnx"
-    assert linked.is_symlink() and linked.resolve() == (engine / "engine" / "model.onnx").resolve()
-    assert (repo / "chat_engine" / "1" / "model.onnx.data").is_symlink()
-    assert list(c["chat"].dynamic_batching.preferred_batch_size) == [4, 8]
+    assert set(c) == {"chat", "chat_stream"}
     assert not c["chat"].model_transaction_policy.decoupled
     assert c["chat_stream"].model_transaction_policy.decoupled
-    assert [i.name for i in c["chat"].input] == [
-        "text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream"
-    ]
-    assert [i.optional for i in c["chat"].input] == [False] + [True] * 6
-    assert c["chat"].parameters["engine_dir"].string_value == str(engine.resolve())
-    assert (repo / "chat" / "1" / "model.py").read_text().startswith('"""Text generation')
+    for name in ("chat", "chat_stream"):
+        assert [i.name for i in c[name].input] == [
+            "text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream"
+        ]
+        assert [i.optional for i in c[name].input] == [False] + [True] * 6
+        # Triton's queue only hands requests to the scheduler: the delay applies, preferred sizes do not.
+        assert c[name].dynamic_batching.max_queue_delay_microseconds == 300
+        assert list(c[name].dynamic_batching.preferred_batch_size) == []
+        assert c[name].max_batch_size == 8
+    assert c["chat"].parameters["scheduler_model"].string_value == "chat_stream"
+    assert c["chat_stream"].parameters["engine_dir"].string_value == str(engine.resolve())
+    assert c["chat_stream"].parameters["client_model"].string_value == "chat"
+    assert c["chat_stream"].parameters["device"].string_value == "cpu"
+    assert (repo / "chat_stream" / "1" / "model.py").read_text().startswith('"""Text generation: the scheduler')
+    assert (repo / "chat" / "1" / "model.py").read_text().startswith('"""The client-facing text-generation model')
+
+
+def test_text_generation_on_gpus_runs_the_scheduler_on_cuda(tmp_path):
+    repo = write_repository(engine_dir(tmp_path, backend="tensorrt"), tmp_path / "repo", "m", runtime="triton", gpus=1)
+    c = configs(repo)
+    assert set(c) == {"m", "m_stream"}
+    assert c["m_stream"].parameters["device"].string_value == "cuda"
+
+
+def test_classifier_for_triton_links_the_onnx_engine_under_the_native_backend(tmp_path):
+    engine = engine_dir(tmp_path, task="text-classification")
+    repo = write_repository(engine, tmp_path / "repo", "cls", runtime="triton", preferred_batch_sizes=[4, 8])
+    c = configs(repo)
+    assert set(c) == {"cls", "cls_engine"}
+    assert c["cls_engine"].platform == "onnxruntime_onnx"
+    assert c["cls_engine"].max_batch_size == 8
+    linked = repo / "cls_engine" / "1" / "model.onnx"
+    assert linked.is_symlink() and linked.resolve() == (engine / "engine" / "model.onnx").resolve()
+    assert (repo / "cls_engine" / "1" / "model.onnx.data").is_symlink()
+    assert list(c["cls"].dynamic_batching.preferred_batch_size) == [4, 8]
 
 
 def test_local_runtime_runs_the_engine_in_a_python_model(tmp_path):
-    repo = write_repository(engine_dir(tmp_path), tmp_path / "repo", "m", runtime="local")
+    repo = write_repository(engine_dir(tmp_path, task="feature-extraction"), tmp_path / "repo", "m", runtime="local")
     c = configs(repo)
     assert c["m_engine"].backend == "python"
     assert c["m_engine"].parameters["engine_file"].string_value == "engine/model.onnx"
@@ -102,9 +128,8 @@ def test_local_runtime_runs_the_engine_in_a_python_model(tmp_path):
 
 
 def test_tensorrt_engine_goes_to_gpu_instances(tmp_path):
-    repo = write_repository(
-        engine_dir(tmp_path, backend="tensorrt"), tmp_path / "repo", "m", runtime="triton", gpus=1, instance_count=2
-    )
+    repo = write_repository(engine_dir(tmp_path, backend="tensorrt", task="feature-extraction"), tmp_path / "repo", "m",
+                            runtime="triton", gpus=1, instance_count=2)
     c = configs(repo)["m_engine"]
     assert c.platform == "tensorrt_plan"
     assert c.instance_group[0].kind == c.instance_group[0].KIND_GPU and c.instance_group[0].count == 2
@@ -146,7 +171,7 @@ def test_rewriting_replaces_own_models_and_keeps_others(tmp_path):
     write_repository(engine, repo, "b", runtime="local")
     write_repository(engine, repo, "a", runtime="local", max_queue_delay_us=500)
     c = configs(repo)
-    assert set(c) == {"a", "a_stream", "a_engine", "b", "b_stream", "b_engine"}
+    assert set(c) == {"a", "a_stream", "b", "b_stream"}
     assert c["a"].dynamic_batching.max_queue_delay_microseconds == 500
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]
 
@@ -154,7 +179,7 @@ def test_rewriting_replaces_own_models_and_keeps_others(tmp_path):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda i: i.update(format=2), "format 2 is not supported"),
+        (lambda i: i.update(format=1), "format 1 is not supported \\(expected 2\\): rebuild the engine"),
         (lambda i: i.pop("kv_cache"), "kv_cache is missing"),
         (lambda i: i.update(task="translation"), "task: Input should be 'text-generation'"),
     ],
@@ -188,10 +213,10 @@ def test_cli_resolves_an_engine_ref(tmp_path):
          "--preferred-batch-size", "2", "--preferred-batch-size", "4", "--max-queue-delay-us", "300"],
     )
     assert result.exit_code == 0, result.output
-    assert "m, m_engine, m_stream" in result.output
+    assert "m, m_stream" in result.output
     c = configs(tmp_path / "repo")
     assert c["m"].dynamic_batching.max_queue_delay_microseconds == 300
-    assert c["m_engine"].platform == "onnxruntime_onnx"
+    assert c["m_stream"].parameters["engine_dir"].string_value == str(engine.resolve())
     assert engine.exists()
 
 

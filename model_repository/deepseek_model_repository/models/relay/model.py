@@ -1,0 +1,79 @@
+"""The client-facing text-generation model (``NAME``): plain requests, relayed to the scheduler.
+
+Triton refuses decoupled models on HTTP ``infer`` and unary gRPC, so the scheduler lives in the
+decoupled ``NAME_stream`` and this model gives it a plain face: ``execute`` hands each request to
+a thread and returns at once; the thread sends the request to ``NAME_stream`` (one BLS request,
+not one per token: a request without ``stream`` gets its whole completion in one response) and
+answers through the request's response sender.  So a plain request joins the running batch
+between two decode steps instead of waiting for a dynamic batch to finish.
+"""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import triton_python_backend_utils as pb_utils
+
+from deepseek_model_repository.serving import limits
+
+
+def error_response(message, invalid=True):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+class TritonPythonModel:
+    """Relay to the scheduler model named by the ``scheduler_model`` parameter."""
+
+    def initialize(self, args):
+        """Note the scheduler model; the relay threads wait on it, so there are as many as requests can queue."""
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.model_name = config["name"]
+        self.target = params["scheduler_model"]
+        self.pool = ThreadPoolExecutor(max_workers=int(params.get("relay_threads", "256")),
+                                       thread_name_prefix="relay")
+
+    def execute(self, requests):
+        """Check what can be checked without the scheduler, then relay each request from a thread."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                limits.check_fields(request)
+                stream = pb_utils.get_input_tensor_by_name(request, "stream")
+                if stream is not None and bool(stream.as_numpy().reshape(-1).any()):
+                    raise limits.RequestError(
+                        f"stream is true but model '{self.model_name}' answers in one response: for tokens as they "
+                        f"are made, call model '{self.target}' over gRPC streaming")
+                # Copies: the request's own tensors are not used after execute returns.
+                inputs = [pb_utils.Tensor(name, tensor.as_numpy().copy())
+                          for name in limits.INPUT_NAMES
+                          if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+            except limits.RequestError as exc:
+                sender.send(error_response(str(exc)), flags=final)
+                continue
+            self.pool.submit(self._relay, inputs, sender)
+        return None
+
+    def _relay(self, inputs, sender):
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        answer = None
+        try:
+            request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
+                                                requested_output_names=["text_output"])
+            for response in request.exec(decoupled=True):
+                if response.has_error():
+                    error = response.error()
+                    code = error.code() if hasattr(error, "code") else None
+                    invalid = code is not None and code == getattr(pb_utils.TritonError, "INVALID_ARG", -1)
+                    answer = error_response(error.message(), invalid=invalid)
+                elif response.output_tensors():
+                    answer = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
+        except Exception as exc:  # noqa: BLE001 - answer the client whatever happened
+            answer = error_response(f"generation failed: {exc}", invalid=False)
+        sender.send(answer or error_response("the scheduler gave no answer", invalid=False), flags=final)
+
+    def finalize(self):
+        """Let relayed requests finish."""
+        self.pool.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,157 @@
+"""Text-generation requests: their inputs, and the limits checked before any work is done on them.
+
+A request's size is bounded before it is tokenized: its text may not be longer, in bytes, than
+the longest token of the vocabulary times the context, so no text that could never fit is ever
+tokenized.  Then the prompt's tokens are checked against the context and ``max_tokens`` is cut
+to the room left.  Fields a request sends that the model does not take are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .scheduler import Sampling
+
+#: Inputs of the client-facing text-generation models (dims exclude the batch dimension).
+GENERATION_INPUTS: tuple[tuple[str, str, bool], ...] = (
+    # name, Triton data type, optional
+    ("text_input", "TYPE_STRING", False),
+    ("max_tokens", "TYPE_INT32", True),
+    ("temperature", "TYPE_FP32", True),
+    ("top_p", "TYPE_FP32", True),
+    ("top_k", "TYPE_INT32", True),
+    ("seed", "TYPE_UINT64", True),
+    ("stream", "TYPE_BOOL", True),
+)
+INPUT_NAMES = tuple(name for name, _, _ in GENERATION_INPUTS)
+INT32_MAX = 2**31 - 1
+
+
+class RequestError(Exception):
+    """A bad request: answered with this message (INVALID_ARG), other requests go on."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may carry."""
+
+    max_sequence_length: int
+    #: No text longer than this can fit the context (the vocabulary's longest token x the context).
+    max_text_bytes: int
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, max_sequence_length: int) -> "RequestLimits":
+        longest = max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=16)
+        return cls(max_sequence_length, max_sequence_length * max(longest, 1))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One checked prompt of a request."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    prompts: list[Prompt]
+    stream: bool
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0].prompt_ids
+
+    @property
+    def sampling(self) -> Sampling:
+        return self.prompts[0].sampling
+
+
+def unknown_fields(request) -> list[str]:
+    """Request parameters the model does not take (Triton's HTTP ``generate`` passes unknown JSON keys as these)."""
+    raw = request.parameters() if hasattr(request, "parameters") else ""
+    try:
+        params = json.loads(raw) if raw else {}
+    except (TypeError, ValueError):
+        return []
+    return sorted(k for k in params if not k.startswith("triton_"))
+
+
+def check_fields(request) -> None:
+    unknown = unknown_fields(request)
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}: this model takes {', '.join(INPUT_NAMES)}")
+
+
+def _values(pb_utils, request, name, n, default, cast, check):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return [default] * n
+    values = tensor.as_numpy().reshape(-1)
+    if values.size not in (1, n):
+        raise RequestError(f"{name} has {values.size} values for {n} prompts: send one, or one per prompt")
+    out = []
+    for raw in values:
+        value = cast(raw)
+        problem = check(value)
+        if problem:
+            raise RequestError(f"{name} {problem}, got {raw}")
+        out.append(value)
+    return out * n if values.size == 1 else out
+
+
+def parse_generation_request(request, limits: RequestLimits, tokenizer, default_max_tokens: int, pb_utils,
+                             model_name: str, *, streaming_model: bool = True) -> ParsedRequest:
+    """The prompts of one request, checked cheapest first; RequestError names what is wrong."""
+    check_fields(request)
+    text = pb_utils.get_input_tensor_by_name(request, "text_input")
+    if text is None:
+        raise RequestError("missing input 'text_input' (BYTES, shape [1, 1]): send the prompt as text_input")
+    raw_prompts = list(text.as_numpy().reshape(-1))
+    if not raw_prompts:
+        raise RequestError("text_input holds no prompt")
+    for raw in raw_prompts:
+        size = len(raw) if isinstance(raw, (bytes, str)) else 0
+        if size > limits.max_text_bytes:
+            raise RequestError(f"text_input is {size} bytes; no text over {limits.max_text_bytes} bytes fits this "
+                               f"model's context of {limits.max_sequence_length} tokens: shorten the prompt")
+    n = len(raw_prompts)
+    max_tokens = _values(pb_utils, request, "max_tokens", n, default_max_tokens, int,
+                         lambda v: None if 1 <= v <= INT32_MAX else "must be at least 1")
+    temperature = _values(pb_utils, request, "temperature", n, 0.0, float,
+                          lambda v: None if v >= 0 and v == v and v != float("inf") else "must be 0 (greedy) or positive")
+    top_p = _values(pb_utils, request, "top_p", n, 1.0, float,
+                    lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]")
+    top_k = _values(pb_utils, request, "top_k", n, 0, int, lambda v: None if v >= 0 else "must be 0 (off) or positive")
+    seed = _values(pb_utils, request, "seed", n, None, int, lambda v: None)
+    stream = _values(pb_utils, request, "stream", n, False, bool, lambda v: None)
+    if any(stream) and not streaming_model:
+        raise RequestError(
+            f"stream is true but model '{model_name}' answers in one response: for tokens as they are "
+            f"made, call model '{model_name}_stream' over gRPC streaming"
+        )
+    if any(stream) and n != 1:
+        raise RequestError("stream is true: send one prompt per request")
+    prompts = []
+    for row, raw in enumerate(raw_prompts):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError("text_input must be UTF-8 text") from None
+        prompt = str(raw)
+        if prompt == "":
+            raise RequestError("text_input is empty: send a non-empty prompt")
+        ids = tokenizer.encode(prompt).ids
+        if not ids:
+            raise RequestError("text_input tokenizes to no tokens: send a non-empty prompt")
+        if len(ids) >= limits.max_sequence_length:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; this model's maxSequenceLength is {limits.max_sequence_length}, "
+                "which must leave room for at least one new token: shorten the prompt"
+            )
+        room = limits.max_sequence_length - len(ids)
+        prompts.append(Prompt(ids, Sampling(min(max_tokens[row], room), temperature[row], top_p[row], top_k[row],
+                                            seed[row])))
+    return ParsedRequest(prompts, bool(stream[0]))

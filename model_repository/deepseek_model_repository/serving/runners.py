@@ -1,0 +1,341 @@
+"""Runners: one text-generation step of an engine over a KV cache allocated once, where the engine runs.
+
+A :class:`KvCache` holds ``slots x capacity`` positions per layer (numpy arrays on the CPU, torch
+tensors on a GPU) and each slot's valid length.  A runner's :meth:`Runner.step` advances the
+contiguous slots ``[start, start + B)`` by the given new tokens: it hands the engine those cache
+rows where they lie (a view, never a copy), gets back the logits and the new positions' keys and
+values, and writes those few positions into the cache.  The scheduler keeps its running
+sequences in the first slots, so every step's rows are contiguous.
+
+Runners:
+
+* :class:`OrtRunner` — ONNX Runtime with I/O binding; the CPU provider binds the numpy cache in
+  place, the CUDA provider binds device pointers into a torch-allocated cache;
+* :class:`TensorRTRunner` — a TensorRT plan with device buffers (torch-allocated);
+* :class:`TorchRunner` — the PyTorch reference over the transformers model, on any device torch has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from deepseek_contract import engine_io
+
+NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64}
+
+
+class RunnerError(RuntimeError):
+    """A runner that cannot start or run; the message says what to install or change."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer's cache: heads and head dim of its keys and of its values."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+
+
+def layer_shapes(info: dict) -> list[LayerShape]:
+    """The cache shapes a model-info.json's engine inputs declare."""
+    by_name = {t["name"]: t for t in info["inputs"]}
+    shapes = []
+    for i in range(int(info["kv_cache"]["num_layers"])):
+        key = by_name[f"past_key_values.{i}.key"]["dims"]
+        value = by_name[f"past_key_values.{i}.value"]["dims"]
+        shapes.append(LayerShape(int(key[0]), int(key[2]), int(value[0]), int(value[2])))
+    return shapes
+
+
+def cache_type(info: dict) -> str:
+    return {t["name"]: t for t in info["inputs"]}["past_key_values.0.key"]["data_type"]
+
+
+class KvCache:
+    """``slots x capacity`` keys and values per layer, allocated once; ``lengths[slot]`` valid positions each."""
+
+    def __init__(self, shapes: Sequence[LayerShape], slots: int, capacity: int, dtype: Any, device: str = "cpu",
+                 *, torch_tensors: bool = False):
+        self.shapes = list(shapes)
+        self.slots = slots
+        self.capacity = capacity
+        self.device = device
+        self.lengths = np.zeros(slots, dtype=np.int64)
+        self.layers: list[tuple[Any, Any]] = []
+        if device == "cpu" and not torch_tensors:
+            for s in self.shapes:
+                self.layers.append((np.zeros((slots, s.key_heads, capacity, s.key_dim), dtype=dtype),
+                                    np.zeros((slots, s.value_heads, capacity, s.value_dim), dtype=dtype)))
+        else:
+            import torch
+
+            for s in self.shapes:
+                self.layers.append((torch.zeros((slots, s.key_heads, capacity, s.key_dim), dtype=dtype, device=device),
+                                    torch.zeros((slots, s.value_heads, capacity, s.value_dim), dtype=dtype,
+                                                device=device)))
+        self.dtype = dtype
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for key, value in self.layers:
+            total += key.nbytes if isinstance(key, np.ndarray) else key.numel() * key.element_size()
+            total += value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()
+        return total
+
+    def rows(self, start: int, stop: int) -> list[Any]:
+        """The flat [key0, value0, key1, ...] views of slots ``[start, stop)`` (contiguous, no copy)."""
+        return [t[start:stop] for layer in self.layers for t in layer]
+
+    def write(self, start: int, counts: Sequence[int], new: Sequence[Any]) -> None:
+        """Store each row's ``counts[r]`` new positions (``new`` flat like :meth:`rows`, [B, H, T, D]) in place."""
+        for i, layer in enumerate(self.layers):
+            for j, tensor in enumerate(layer):
+                fresh = new[2 * i + j]
+                for r, n in enumerate(counts):
+                    at = int(self.lengths[start + r])
+                    tensor[start + r, :, at:at + n] = fresh[r, :, :n]
+        for r, n in enumerate(counts):
+            self.lengths[start + r] += n
+
+    def move(self, source: int, target: int) -> None:
+        """Copy one slot's valid positions into another (the scheduler compacts finished slots away)."""
+        n = int(self.lengths[source])
+        for layer in self.layers:
+            for tensor in layer:
+                tensor[target, :, :n] = tensor[source, :, :n]
+        self.lengths[target] = n
+        self.lengths[source] = 0
+
+    def clear(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
+class Runner:
+    """One engine and its cache.  Subclasses implement :meth:`_run`."""
+
+    cache: KvCache
+    vocab_size: int
+
+    def step(self, start: int, input_ids: np.ndarray, token_mask: np.ndarray) -> np.ndarray:
+        """Advance slots ``[start, start + B)`` by the tokens of ``input_ids`` [B, T] (right-padded,
+        ``token_mask`` 1 on real tokens); returns float32 logits [B, V] at each row's last real token."""
+        batch, width = input_ids.shape
+        stop = start + batch
+        lengths = self.cache.lengths[start:stop].copy()
+        counts = token_mask.sum(axis=1).astype(np.int64)
+        if int((lengths + counts).max()) > self.cache.capacity:
+            raise RunnerError(f"a sequence would exceed the cache's capacity of {self.cache.capacity} positions")
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "position_ids": lengths[:, None] + np.arange(width, dtype=np.int64)[None, :],
+            "token_mask": np.ascontiguousarray(token_mask, dtype=np.int64),
+            "cache_lengths": lengths,
+        }
+        logits, new = self._run(feeds, start, stop)
+        self.cache.write(start, [int(c) for c in counts], new)
+        return logits
+
+    def _run(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> tuple[np.ndarray, list[Any]]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+class OrtRunner(Runner):
+    """An ONNX engine under ONNX Runtime with I/O binding: the cache rows are bound where they lie."""
+
+    def __init__(self, model_file: Path, info: dict, slots: int, capacity: int, *, provider: str = "cpu",
+                 threads: int = 0, device_id: int = 0):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.info = info
+        self.num_layers = int(info["kv_cache"]["num_layers"])
+        self.vocab_size = int(info.get("vocab_size") or 0)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        kv_type = NUMPY_TYPES.get(cache_type(info))
+        if kv_type is None:
+            raise RunnerError(f"KV cache type {cache_type(info)} is not supported by ONNX Runtime here: build the "
+                              "engine with precision fp16 or fp32")
+        self.kv_type = kv_type
+        if provider == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RunnerError("ONNX Runtime has no CUDA provider here: install onnxruntime-gpu, or serve on CPU")
+            providers = [("CUDAExecutionProvider", {"device_id": device_id})]
+            import torch
+
+            self.torch = torch
+            self.device = f"cuda:{device_id}"
+            self.cache = KvCache(layer_shapes(info), slots, capacity, _torch_dtype(kv_type), self.device)
+        else:
+            providers = ["CPUExecutionProvider"]
+            self.device = "cpu"
+            self.cache = KvCache(layer_shapes(info), slots, capacity, kv_type, "cpu")
+        self.device_id = device_id
+        self.session = ort.InferenceSession(str(model_file), options, providers=providers)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _run(self, feeds, start, stop):
+        binding = self.session.io_binding()
+        past = engine_io.past_names(self.num_layers)
+        rows = self.cache.rows(start, stop)
+        if self.device == "cpu":
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            for name, view in zip(past, rows):
+                binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(view))
+            for name in self.output_names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            outputs = dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+            new = [outputs[n] for n in engine_io.present_names(self.num_layers)]
+            return np.asarray(outputs[engine_io.LOGITS], dtype=np.float32), new
+        torch = self.torch
+        keep = []
+        for name, value in feeds.items():
+            tensor = torch.from_numpy(value).to(self.device)
+            keep.append(tensor)
+            self._bind(binding.bind_input, name, tensor)
+        for name, view in zip(past, rows):
+            self._bind(binding.bind_input, name, view)
+        batch, width = feeds["input_ids"].shape
+        logits = torch.empty((batch, self.vocab_size), dtype=torch.float32, device=self.device)
+        self._bind(binding.bind_output, engine_io.LOGITS, logits)
+        new = []
+        for name, view in zip(engine_io.present_names(self.num_layers), rows):
+            out = torch.empty((batch, view.shape[1], width, view.shape[3]), dtype=view.dtype, device=self.device)
+            self._bind(binding.bind_output, name, out)
+            new.append(out)
+        self.session.run_with_iobinding(binding)
+        return logits.cpu().numpy(), new
+
+    def _bind(self, bind, name, tensor) -> None:
+        dtype = {self.torch.float32: np.float32, self.torch.float16: np.float16,
+                 self.torch.int64: np.int64}[tensor.dtype]
+        bind(name, "cuda", self.device_id, dtype, list(tensor.shape), tensor.data_ptr())
+
+
+# ---------------------------------------------------------------- TensorRT
+class TensorRTRunner(Runner):
+    """A TensorRT plan: device buffers from torch, cache rows bound by address, new positions written on the GPU."""
+
+    def __init__(self, plan_file: Path, info: dict, slots: int, capacity: int, *, device_id: int = 0):
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as exc:
+            raise RunnerError(f"the TensorRT runner needs tensorrt and torch with CUDA ({exc})") from None
+        if not torch.cuda.is_available():
+            raise RunnerError("the TensorRT runner needs an NVIDIA GPU visible to this process")
+        self.torch = torch
+        self.device = f"cuda:{device_id}"
+        self.info = info
+        self.num_layers = int(info["kv_cache"]["num_layers"])
+        self.vocab_size = int(info.get("vocab_size") or 0)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(plan_file).read_bytes())
+        if self.engine is None:
+            raise RunnerError(f"{plan_file}: TensorRT could not load this plan (built by another TensorRT or GPU?)")
+        self.context = self.engine.create_execution_context()
+        kv_type = {"TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16, "TYPE_FP32": torch.float32}[cache_type(info)]
+        self.cache = KvCache(layer_shapes(info), slots, capacity, kv_type, self.device)
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def _run(self, feeds, start, stop):
+        torch = self.torch
+        keep = []
+        with torch.cuda.stream(self.stream):
+            for name, value in feeds.items():
+                tensor = torch.from_numpy(value).to(self.device, non_blocking=False)
+                keep.append(tensor)
+                self._bind_input(name, tensor)
+            rows = self.cache.rows(start, stop)
+            for name, view in zip(engine_io.past_names(self.num_layers), rows):
+                self._bind_input(name, view)
+            batch, width = feeds["input_ids"].shape
+            logits = torch.empty((batch, self.vocab_size), dtype=torch.float32, device=self.device)
+            self.context.set_tensor_address(engine_io.LOGITS, logits.data_ptr())
+            new = []
+            for name, view in zip(engine_io.present_names(self.num_layers), rows):
+                out = torch.empty((batch, view.shape[1], width, view.shape[3]), dtype=view.dtype, device=self.device)
+                self.context.set_tensor_address(name, out.data_ptr())
+                new.append(out)
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RunnerError("TensorRT execution failed")
+        self.stream.synchronize()
+        return logits.cpu().numpy(), new
+
+    def _bind_input(self, name, tensor) -> None:
+        self.context.set_input_shape(name, tuple(tensor.shape))
+        self.context.set_tensor_address(name, tensor.data_ptr())
+
+
+# ---------------------------------------------------------------- PyTorch
+class TorchRunner(Runner):
+    """The transformers model itself, through the same step as the engines, on any torch device.
+
+    Its cache rows are passed as views trimmed to the longest valid length in the batch, so a
+    step's attention costs what its context costs.
+    """
+
+    def __init__(self, model, slots: int, capacity: int, *, device: Optional[str] = None):
+        import torch
+
+        from .torch_step import TextGenerationStep, cache_shapes
+
+        self.torch = torch
+        self.model = model.eval()
+        self.device = device or str(next(model.parameters()).device)
+        if device:
+            self.model.to(device)
+        shapes = [LayerShape(k[0], k[1], v[0], v[1]) for k, v in cache_shapes(self.model)]
+        self.num_layers = len(shapes)
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        self.cache = KvCache(shapes, slots, capacity, dtype, self.device, torch_tensors=True)
+        self.step_module = TextGenerationStep(self.model, self.num_layers)
+
+    def _run(self, feeds, start, stop):
+        torch = self.torch
+        from .torch_step import split_cache_attention_of
+
+        window = int(min(self.cache.capacity, _round_up(int(feeds["cache_lengths"].max()) + 1, 64)))
+        views = [view[:, :, :window] for view in self.cache.rows(start, stop)]
+        tensors = [torch.from_numpy(feeds[n]).to(self.device) for n in engine_io.STEP_INPUTS]
+        with torch.no_grad(), split_cache_attention_of(self.model):
+            outputs = self.step_module(*tensors, *views)
+        return outputs[0].float().cpu().numpy(), list(outputs[1:])
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _torch_dtype(np_dtype):
+    import torch
+
+    return {np.float32: torch.float32, np.float16: torch.float16}[np_dtype]
+
+
+def open_runner(engine_dir: Path, info: dict, slots: int, capacity: int, *, device: str = "cpu",
+                threads: int = 0) -> Runner:
+    """The runner for an engine directory: ONNX Runtime (CPU or CUDA) or TensorRT, by the engine's backend."""
+    engine_file = Path(engine_dir) / info["engine_file"]
+    if info["backend"] == "tensorrt":
+        return TensorRTRunner(engine_file, info, slots, capacity, device_id=_device_id(device))
+    provider = "cuda" if device.startswith("cuda") else "cpu"
+    return OrtRunner(engine_file, info, slots, capacity, provider=provider, threads=threads,
+                     device_id=_device_id(device))
+
+
+def _device_id(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0

@@ -1,0 +1,285 @@
+"""In-flight (iteration-level) batching over one runner's KV cache.
+
+Requests wait in a queue.  Between two decode steps the scheduler admits waiting sequences into
+free slots (one batched prefill for all of them), then runs one decode step for every running
+sequence.  A sequence leaves as soon as it ends (end-of-sentence token, ``max_tokens``, a
+cancelled client or an error), and the running sequences are kept in the first slots so each
+step's cache rows are contiguous.  So a request that arrives while others decode gets its first
+token after at most one prefill and one step of the running batch.
+
+The scheduler deals in token ids.  Callers (the Triton model, the benchmark) give each
+:class:`Sequence` an ``on_token`` and an ``on_finish`` callback, called from the scheduler's
+thread; the callbacks detokenize and send.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence as Seq
+
+import numpy as np
+
+from .runners import Runner
+
+log = logging.getLogger("deepseek_model_repository.scheduler")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy when ``temperature`` is 0."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt being completed."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    on_token: Callable[["Sequence", int], None] = lambda seq, token: None
+    on_finish: Callable[["Sequence", Optional[str]], None] = lambda seq, error: None
+    #: Polled between steps: True when the client went away (its slot is freed at once).
+    cancelled: Callable[[], bool] = lambda: False
+    generated: list[int] = field(default_factory=list)
+    slot: int = -1
+    finished: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: Optional[float] = None
+    last_token_at: Optional[float] = None
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.sampling.seed)
+
+
+class Metrics(Protocol):
+    """What the scheduler reports (the Triton model publishes these through Triton's custom metrics)."""
+
+    def gauges(self, waiting: int, running: int, cache_utilization: float) -> None: ...
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
+
+    def tokens(self, count: int) -> None: ...
+
+
+class NoMetrics:
+    def gauges(self, waiting, running, cache_utilization):
+        pass
+
+    def first_token(self, seconds):
+        pass
+
+    def inter_token(self, seconds):
+        pass
+
+    def tokens(self, count):
+        pass
+
+
+def pick(logits: np.ndarray, seq: Sequence) -> int:
+    """Greedy when temperature is 0; otherwise temperature, top-k and top-p sampling."""
+    s = seq.sampling
+    if s.temperature == 0.0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / s.temperature
+    if 0 < s.top_k < x.size:
+        kth = np.partition(x, -s.top_k)[-s.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    if not np.isfinite(np.max(x)):
+        return int(np.argmax(logits))  # inf/nan logits: no distribution to sample from
+    x = x - np.max(x)
+    probs = np.exp(x)
+    probs /= probs.sum()
+    if s.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, s.top_p) + 1)]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(seq.rng.choice(probs.size, p=probs))
+
+
+class Scheduler:
+    """Admits, steps and retires sequences on one runner, in a thread of its own."""
+
+    def __init__(self, runner: Runner, eos_ids: Seq[int], *, metrics: Optional[Metrics] = None,
+                 max_prefill_tokens: Optional[int] = None):
+        self.runner = runner
+        self.cache = runner.cache
+        self.eos = set(int(t) for t in eos_ids)
+        self.metrics = metrics or NoMetrics()
+        #: Prompt tokens admitted per iteration at most (one long prompt is always admitted alone).
+        self.max_prefill_tokens = max_prefill_tokens or max(self.cache.capacity, 2048)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.steps = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ outside the loop
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="deepseek-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence (never refused for being busy: a full server queues)."""
+        if not seq.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if len(seq.prompt_ids) >= self.cache.capacity:
+            raise ValueError(f"the prompt has {len(seq.prompt_ids)} tokens; the cache holds {self.cache.capacity} "
+                             "per sequence, which must leave room for at least one new token")
+        with self._cond:
+            self.waiting.append(seq)
+            self._cond.notify()
+
+    def cache_utilization(self) -> float:
+        return float(self.cache.lengths.sum()) / float(self.cache.slots * self.cache.capacity)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self.waiting and not self.running:
+                    self._publish()
+                    self._cond.wait()
+                if self._stop:
+                    break
+            try:
+                self._admit()
+                self._retire()  # sequences that ended at their first token leave before the step
+                if self.running:
+                    self._decode()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+                log.exception("scheduler step failed")
+                for seq in list(self.running):
+                    self._finish(seq, f"generation failed: {exc}")
+            self._retire()
+            self._publish()
+        for seq in list(self.running) + list(self.waiting):
+            self._finish(seq, "the server is shutting down")
+
+    def _publish(self) -> None:
+        self.metrics.gauges(len(self.waiting), len(self.running), self.cache_utilization())
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free slots and prefill them together."""
+        free = self.cache.slots - len(self.running)
+        admitted: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        with self._cond:
+            while self.waiting and len(admitted) < free:
+                seq = self.waiting[0]
+                if seq.cancelled():
+                    self.waiting.popleft()
+                    self._finish(seq, None)
+                    continue
+                if admitted and len(seq.prompt_ids) > budget:
+                    break
+                self.waiting.popleft()
+                budget -= len(seq.prompt_ids)
+                admitted.append(seq)
+        if not admitted:
+            return
+        start = len(self.running)
+        for i, seq in enumerate(admitted):
+            seq.slot = start + i
+            self.cache.clear(seq.slot)
+        self.running.extend(admitted)
+        width = max(len(s.prompt_ids) for s in admitted)
+        ids = np.zeros((len(admitted), width), dtype=np.int64)
+        mask = np.zeros((len(admitted), width), dtype=np.int64)
+        for r, seq in enumerate(admitted):
+            ids[r, :len(seq.prompt_ids)] = seq.prompt_ids
+            mask[r, :len(seq.prompt_ids)] = 1
+        try:
+            logits = self.runner.step(start, ids, mask)
+        except Exception as exc:  # noqa: BLE001 - a failed prefill fails its own sequences only
+            log.exception("prefill failed")
+            for seq in admitted:
+                self._finish(seq, f"generation failed: {exc}")
+            return
+        for r, seq in enumerate(admitted):
+            self._advance(seq, logits[r])
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        ids = np.zeros((n, 1), dtype=np.int64)
+        for seq in self.running:
+            ids[seq.slot, 0] = seq.generated[-1]
+        logits = self.runner.step(0, ids, np.ones((n, 1), dtype=np.int64))
+        self.steps += 1
+        for seq in self.running:
+            if not seq.finished:
+                self._advance(seq, logits[seq.slot])
+
+    def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Choose the next token of ``seq``, hand it on, and end the sequence when it is done."""
+        token = pick(logits, seq)
+        now = time.monotonic()
+        if token in self.eos:
+            self._finish(seq, None)
+            return
+        seq.generated.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.first_token(now - seq.arrived)
+        else:
+            self.metrics.inter_token(now - seq.last_token_at)
+        seq.last_token_at = now
+        self.metrics.tokens(1)
+        try:
+            seq.on_token(seq, token)
+        except Exception:  # noqa: BLE001 - a client we cannot answer is a client gone
+            log.warning("dropping a sequence whose response could not be sent", exc_info=True)
+            self._finish(seq, None, notify=False)
+            return
+        room = self.cache.capacity - int(self.cache.lengths[seq.slot]) - 1
+        if len(seq.generated) >= seq.sampling.max_tokens or room < 0:
+            self._finish(seq, None)
+
+    def _finish(self, seq: Sequence, error: Optional[str], notify: bool = True) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if notify:
+            try:
+                seq.on_finish(seq, error)
+            except Exception:  # noqa: BLE001
+                log.warning("the final response of a sequence could not be sent", exc_info=True)
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled sequences; move the rest down so slots [0, n) stay the running ones."""
+        for seq in self.running:
+            if not seq.finished and seq.cancelled():
+                self._finish(seq, None, notify=False)
+        if not any(s.finished for s in self.running):
+            return
+        kept = [s for s in self.running if not s.finished]
+        for index, seq in enumerate(kept):
+            if seq.slot != index:
+                self.cache.move(seq.slot, index)
+                seq.slot = index
+        for slot in range(len(kept), len(self.running)):
+            self.cache.clear(slot)
+        self.running = kept
