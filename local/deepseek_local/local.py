@@ -8,6 +8,13 @@ in its own session and returns once the model is ready.  Its pid and ports go to
 ``<cache>/local/<name>.json``; ``down`` stops it, ``status`` lists what runs,
 ``generate`` is a tritonclient client.
 
+``up``, ``down`` and ``status`` of one model take ``<cache>/local/<name>.lock`` (flock), so two of
+them never act on the same server at once.  tritonserver leads a process group of its own, its Python
+backend stubs included, and ``down`` ends the whole group (SIGTERM, then SIGKILL after a grace period).
+A server that died leaves state, stubs and ``/dev/shm`` regions (named by a per-server prefix) behind:
+the next ``up``, ``down`` or ``status`` cleans them and says so.  tritonserver gets an allow-listed
+environment (``server_env``), never the caller's credentials.
+
 The server is started as RECIPES.md measured: the Python backend copied into a
 ``backends/`` directory with the stub for this Python, the venv's ``bin`` first
 on PATH, ``LD_LIBRARY_PATH`` at ``nvidia_pytriton.libs``, loopback addresses and
@@ -16,6 +23,7 @@ a short exit timeout.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -25,10 +33,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import click
 import yaml
@@ -42,6 +52,18 @@ from deepseek_operator import api, engine_key
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 READY_TIMEOUT_S = 300.0
 EXIT_TIMEOUT_S = 5
+#: How long the processes of a server whose tritonserver is gone get after SIGTERM before SIGKILL (Python
+#: stubs whose server died do not exit on SIGTERM).
+ORPHAN_GRACE_S = 2.0
+#: The only variables tritonserver and its Python stubs get from the caller's environment: what running
+#: needs (paths, locale, temp dir, thread counts, device selection), never credentials (HF_TOKEN, AWS_*).
+SERVER_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONPATH",
+    "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "TOKENIZERS_PARALLELISM",
+})
+SERVER_ENV_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "NUMEXPR_")
+#: Python-backend shared memory regions live here, named by the server's --backend-config prefix.
+SHM_DIR = Path("/dev/shm")
 DEFAULT_EXAMPLE = "local-tiny.yaml"
 #: Packaged beside this module (package data).
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -67,6 +89,10 @@ class LocalServer:
     engine_dir: str = ""
     task: str = "text-generation"
     started_at: float = 0.0
+    #: The process group tritonserver leads (its pid); the Python stubs are in it too.
+    pgid: int = 0
+    #: The prefix of the server's Python-backend shared memory regions in /dev/shm.
+    shm_prefix: str = ""
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -83,6 +109,28 @@ def state_dir(cache_dir: Path) -> Path:
 
 def state_file(cache_dir: Path, name: str) -> Path:
     return state_dir(cache_dir) / f"{name}.json"
+
+
+@contextmanager
+def model_lock(cache_dir: Path, name: str, wait: bool = True,
+               on_wait: Optional[Callable[[], None]] = None) -> Iterator[bool]:
+    """Hold ``<cache>/local/<name>.lock``; yields False at once, without the lock, if busy and not ``wait``."""
+    path = state_dir(cache_dir) / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # opened close-on-exec: tritonserver never inherits the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if on_wait:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_state(cache_dir: Path, name: str) -> Optional[LocalServer]:
@@ -134,6 +182,87 @@ def server_running(server: LocalServer) -> bool:
     return any(arg.endswith(b"tritonserver") for arg in argv) and any(
         arg == f"--model-repository={server.repository}".encode() for arg in argv
     )
+
+
+def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
+    """(state, process group) of ``pid`` from /proc, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _ours(pid: int) -> bool:
+    """A tritonserver or one of its Python-backend stubs (a recycled group id is someone else's)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv0 = fh.read().split(b"\0", 1)[0]
+    except OSError:
+        return False
+    return argv0.endswith((b"tritonserver", b"triton_python_backend_stub"))
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of tritonserver's process group (the server and its stubs)."""
+    if pgid <= 0 or not os.path.isdir("/proc"):
+        return [pgid] if pgid > 0 and pid_alive(pgid) else []
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat and stat[1] == pgid and stat[0] != "Z" and _ours(int(entry)):
+                members.append(int(entry))
+    return members
+
+
+def stop_group(pgid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> int:
+    """SIGTERM the process group, SIGKILL what is left after ``timeout``; returns how many processes it had.
+
+    When the server itself is already dead, only its orphans are left and they get ``ORPHAN_GRACE_S``.
+    """
+    members = group_members(pgid)
+    if not members:
+        pid_alive(pgid)  # reap our own zombie child, if it is one
+        return 0
+    if pgid not in members:
+        timeout = min(timeout, ORPHAN_GRACE_S)
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            pid_alive(pgid)  # reaps the server when this process started it
+            if not group_members(pgid):
+                return len(members)
+            time.sleep(0.1)
+    return len(members)
+
+
+def remove_shm(prefix: str) -> int:
+    """Delete the server's Python-backend shared memory regions; returns how many there were."""
+    if not prefix or not SHM_DIR.is_dir():
+        return 0
+    removed = 0
+    for region in SHM_DIR.glob(f"{prefix}*"):
+        try:
+            region.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def end_server(cache_dir: Path, server: LocalServer) -> int:
+    """End the server's process group (stubs included), remove its shared memory and state; returns the
+    number of processes that were still running."""
+    ended = stop_group(server.pgid or server.pid)
+    remove_shm(server.shm_prefix)
+    state_file(cache_dir, server.name).unlink(missing_ok=True)
+    return ended
 
 
 # ------------------------------------------------------------------ the Triton binary
@@ -199,9 +328,10 @@ def free_port() -> int:
 
 
 def server_env(install: TritonInstall) -> dict[str, str]:
-    """PATH with this venv's bin first (the stub's packages) and LD_LIBRARY_PATH at the bundled libraries."""
-    env = dict(os.environ)
-    env.setdefault("PYTHONUTF8", "1")
+    """The allow-listed part of this environment (``SERVER_ENV_NAMES``, ``SERVER_ENV_PREFIXES``: no credentials),
+    PATH with this venv's bin first (the stub's packages) and LD_LIBRARY_PATH at the bundled libraries."""
+    env = {k: v for k, v in os.environ.items() if k in SERVER_ENV_NAMES or k.startswith(SERVER_ENV_PREFIXES)}
+    env["PYTHONUTF8"] = "1"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if install.libs is not None and install.libs.exists():
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.libs), env.get("LD_LIBRARY_PATH")]))
@@ -209,9 +339,11 @@ def server_env(install: TritonInstall) -> dict[str, str]:
 
 
 def start_triton(
-    repository: Path, workdir: Path, *, http_port: int, grpc_port: int, metrics_port: int, log_path: Path
+    repository: Path, workdir: Path, *, http_port: int, grpc_port: int, metrics_port: int, log_path: Path,
+    shm_prefix: str = "",
 ) -> int:
-    """Start tritonserver in its own session (it outlives this command); return its pid."""
+    """Start tritonserver in a session and process group of its own (it outlives this command, and its
+    Python stubs join its group); return its pid, which is also the group's id."""
     install = find_triton()
     backends = prepare_backends(install, workdir / "backends")
     argv = [
@@ -226,7 +358,7 @@ def start_triton(
         f"--metrics-port={metrics_port}",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         "--log-verbose=0",
-    ] + server_flags()
+    ] + server_flags() + ([f"--backend-config=python,shm-region-prefix-name={shm_prefix}"] if shm_prefix else [])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -267,32 +399,10 @@ def wait_ready(pid: int, http_port: int, models: list[str], log_path: Path, time
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            stop_pid(pid)
+            stop_group(pid)
             raise LocalError(f"model {pending[0]} not ready after {timeout:.0f}s; log ({log_path}) ends:\n"
                              f"{log_tail(log_path)}")
         time.sleep(0.25)
-
-
-def stop_pid(pid: int, timeout: float = EXIT_TIMEOUT_S + 15) -> bool:
-    """SIGTERM, wait for the exit, SIGKILL after ``timeout``; True if it had been running."""
-    if not pid_alive(pid):
-        return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            time.sleep(0.2)
-            pid_alive(pid)
-            break
-        time.sleep(0.1)
-    return True
 
 
 # ------------------------------------------------------------------ the CR and the build
@@ -389,21 +499,21 @@ def serve_repository(
     workdir = state_dir(cache_dir) / name
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "tritonserver.log"
+    shm_prefix = f"deepseek_local_{uuid.uuid4().hex[:12]}_"
     pid = start_triton(
         Path(repository).resolve(), workdir, http_port=ports["http"], grpc_port=ports["grpc"],
-        metrics_port=ports["metrics"], log_path=log_path,
+        metrics_port=ports["metrics"], log_path=log_path, shm_prefix=shm_prefix,
     )
     server = LocalServer(
         name=name, pid=pid, http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"],
         repository=str(Path(repository).resolve()), log=str(log_path), engine_dir=engine_dir, task=task,
-        started_at=time.time(),
+        started_at=time.time(), pgid=pid, shm_prefix=shm_prefix,
     )
     write_state(cache_dir, server)
     try:
         wait_ready(pid, ports["http"], models, log_path)
     except BaseException:  # not ready, or Ctrl-C while waiting: leave nothing running or recorded
-        stop_pid(pid)
-        state_file(cache_dir, name).unlink(missing_ok=True)
+        end_server(cache_dir, server)
         raise
     return server
 
@@ -417,18 +527,31 @@ def up_resource(
     metrics_port: int = DEFAULT_PORTS["metrics"],
     echo: Callable[[str], None] = click.echo,
 ) -> LocalServer:
-    """Build (or reuse) the engine, write the repository, start Triton, wait until the model is ready."""
+    """Build (or reuse) the engine, write the repository, start Triton, wait until the model is ready.
+
+    Holds the model's lock throughout, so a concurrent `up` waits and then finds this server running."""
+    cache_dir = Path(cache_dir)
+    check_runnable(resource)
+    with model_lock(cache_dir, resource.name, on_wait=lambda: echo(
+            f"another `local up` or `down` of {resource.name} is running; waiting for it")):
+        running = read_state(cache_dir, resource.name)
+        if running and server_running(running):
+            raise LocalError(
+                f"{resource.name} is already running (pid {running.pid}, HTTP {running.endpoints['http']}, "
+                f"gRPC {running.endpoints['grpc']}): run `deepseek-operator local down` first"
+            )
+        if running:
+            ended = end_server(cache_dir, running)
+            echo(f"{resource.name}: the previous server (pid {running.pid}) had died; cleaned its state"
+                 + (f" and ended {ended} leftover process(es)" if ended else ""))
+        return _up_locked(resource, cache_dir, http_port, grpc_port, metrics_port, echo)
+
+
+def _up_locked(resource: api.DeepSeekModel, cache_dir: Path, http_port: int, grpc_port: int, metrics_port: int,
+               echo: Callable[[str], None]) -> LocalServer:
     from deepseek_model_repository import RepositoryError, write_repository
     from deepseek_model_repository.repository import ModelNames
 
-    cache_dir = Path(cache_dir)
-    running = read_state(cache_dir, resource.name)
-    if running and server_running(running):
-        raise LocalError(
-            f"{resource.name} is already running (pid {running.pid}, HTTP {running.endpoints['http']}, "
-            f"gRPC {running.endpoints['grpc']}): run `deepseek-operator local down` first"
-        )
-    check_runnable(resource)
     engine_dir = build_engine(resource, cache_dir, echo)
     batching = resource.spec.serving.dynamic_batching
     repo = state_dir(cache_dir) / resource.name / "repository"
@@ -443,21 +566,31 @@ def up_resource(
     names = ModelNames.of(resource.name)
     echo(f"starting Triton Inference Server for {resource.name} ...")
     return serve_repository(
-        resource.name, repo, cache_dir, models=[names.engine, names.client],
+        resource.name, repo, cache_dir,
+        models=[m for m in (names.engine, names.stream, names.client) if (Path(repo) / m).is_dir()],
         http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
         engine_dir=str(engine_dir), task=resource.spec.model.task,
     )
 
 
-def down_name(name: str, cache_dir: Path) -> Optional[LocalServer]:
-    """Stop the named model's server and forget it; None if nothing was recorded."""
-    server = read_state(cache_dir, name)
-    if server is None:
-        return None
-    if server_running(server):
-        stop_pid(server.pid)
-    state_file(cache_dir, name).unlink(missing_ok=True)
-    return server
+@dataclass
+class Stopped:
+    """What ``down`` found: the recorded server, whether it was still running, and how many of its
+    processes (the server, or a dead server's orphaned stubs) were ended."""
+
+    server: LocalServer
+    was_running: bool
+    ended: int
+
+
+def down_name(name: str, cache_dir: Path) -> Optional[Stopped]:
+    """Stop the named model's server (its whole process group) and forget it; None if nothing was recorded."""
+    with model_lock(cache_dir, name):
+        server = read_state(cache_dir, name)
+        if server is None:
+            return None
+        was_running = server_running(server)
+        return Stopped(server, was_running, end_server(cache_dir, server))
 
 
 # ------------------------------------------------------------------ the click group
@@ -539,30 +672,47 @@ def up(filename: Optional[str], http_port: int, grpc_port: int, metrics_port: in
 def down(filename: Optional[str], cache_dir: Optional[Path]) -> None:
     """Stop the model's Triton server."""
     name = _name_of(filename)
-    server = down_name(name, _cache(cache_dir))
-    if server is None:
+    stopped = down_name(name, _cache(cache_dir))
+    if stopped is None:
         click.echo(f"{name} is not running")
+    elif stopped.was_running:
+        click.echo(f"stopped {name} (pid {stopped.server.pid})")
     else:
-        click.echo(f"stopped {name} (pid {server.pid})")
+        orphans = f"; ended {stopped.ended} orphaned process(es) it left" if stopped.ended else ""
+        click.echo(f"{name} is not running (stale state, cleaned){orphans}")
 
 
 @local.command("status")
 @cache_option
 def status(cache_dir: Optional[Path]) -> None:
-    """List the models running locally."""
-    directory = state_dir(_cache(cache_dir))
-    servers = [read_state(_cache(cache_dir), p.stem) for p in sorted(directory.glob("*.json"))]
-    servers = [s for s in servers if s is not None]
-    if not servers:
+    """List the models running locally (a dead server's leftovers are cleaned and reported)."""
+    cache = _cache(cache_dir)
+    rows, notes = [], []
+    for path in sorted(state_dir(cache).glob("*.json")):
+        with model_lock(cache, path.stem, wait=False) as locked:
+            s = read_state(cache, path.stem)
+            if s is None:
+                continue
+            if not locked:
+                notes.append(f"{s.name}: busy (a `local up` or `down` of it is running)")
+            elif server_running(s):
+                rows.append(s)
+            else:
+                ended = end_server(cache, s)
+                notes.append(f"{s.name}: not running (stale state, cleaned)"
+                             + (f"; ended {ended} orphaned process(es) it left" if ended else ""))
+    if not rows and not notes:
         click.echo("no local models")
         return
-    click.echo(f"{'NAME':<24} {'STATE':<8} {'PID':>7}  {'HTTP':<24} {'GRPC':<18} METRICS")
-    for s in servers:
-        state = "running" if server_running(s) else "stopped"
+    if rows:
+        click.echo(f"{'NAME':<24} {'STATE':<8} {'PID':>7}  {'HTTP':<24} {'GRPC':<18} METRICS")
+    for s in rows:
         click.echo(
-            f"{s.name:<24} {state:<8} {s.pid:>7}  {s.endpoints['http']:<24} {s.endpoints['grpc']:<18} "
+            f"{s.name:<24} {'running':<8} {s.pid:>7}  {s.endpoints['http']:<24} {s.endpoints['grpc']:<18} "
             f"{s.endpoints['metrics']}"
         )
+    for note in notes:
+        click.echo(note)
 
 
 @local.command("generate")
