@@ -87,7 +87,7 @@ def serve_engines(
     for name, engine_dir in engines.items():
         write_repository(engine_dir, repo, name, runtime="local", **repository_options)
         names = ModelNames.of(name)
-        models += [names.engine, names.client]
+        models += [m for m in (names.engine, names.stream, names.client) if (repo / m).is_dir()]
     server = local.serve_repository(server_name, repo, Path(cache_dir), models=models, http_port=0, grpc_port=0,
                                     metrics_port=0)
     try:
@@ -106,3 +106,12 @@ def metrics_text(server: local.LocalServer) -> str:
     """The Prometheus text the metrics port serves."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
         return r.read().decode()
+
+
+def scheduler_metric(server: local.LocalServer, name: str, model: str) -> float:
+    """One ``deepseek_scheduler_<name>{model="<model>"}`` sample (0 when not published yet)."""
+    prefix = f'deepseek_scheduler_{name}{{model="{model}"}} '
+    for line in metrics_text(server).splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return 0.0

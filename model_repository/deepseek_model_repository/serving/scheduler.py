@@ -72,6 +72,8 @@ class Metrics(Protocol):
 
     def tokens(self, count: int) -> None: ...
 
+    def engine_step(self) -> None: ...
+
 
 class NoMetrics:
     def gauges(self, waiting, running, cache_utilization):
@@ -84,6 +86,9 @@ class NoMetrics:
         pass
 
     def tokens(self, count):
+        pass
+
+    def engine_step(self):
         pass
 
 
@@ -214,6 +219,7 @@ class Scheduler:
             mask[r, :len(seq.prompt_ids)] = 1
         try:
             logits = self.runner.step(start, ids, mask)
+            self.metrics.engine_step()
         except Exception as exc:  # noqa: BLE001 - a failed prefill fails its own sequences only
             log.exception("prefill failed")
             for seq in admitted:
@@ -229,6 +235,7 @@ class Scheduler:
             ids[seq.slot, 0] = seq.generated[-1]
         logits = self.runner.step(0, ids, np.ones((n, 1), dtype=np.int64))
         self.steps += 1
+        self.metrics.engine_step()
         for seq in self.running:
             if not seq.finished:
                 self._advance(seq, logits[seq.slot])

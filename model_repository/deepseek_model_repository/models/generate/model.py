@@ -34,7 +34,7 @@ class SchedulerMetrics:
     ``deepseek_scheduler_requests_waiting`` and ``..._sequences_running`` (gauges) are the queue signal
     the autoscalers read; ``..._kv_cache_utilization`` is the fraction of cache positions in use;
     ``..._time_to_first_token_seconds`` and ``..._inter_token_latency_seconds`` are histograms;
-    ``..._generated_tokens_total`` counts tokens.
+    ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls.
     """
 
     def __init__(self, model_name):
@@ -50,8 +50,10 @@ class SchedulerMetrics:
             family("sequences_running", "Sequences decoding in the running batch", gauge),
             family("kv_cache_utilization", "Fraction of the KV cache's positions in use (0 to 1)", gauge),
             family("generated_tokens_total", "Tokens generated", counter),
+            family("engine_steps_total", "Engine calls: prefills and decode steps", counter),
         ]
-        self.waiting, self.running, self.cache, self.generated = (f.Metric(labels=labels) for f in self.families)
+        self.waiting, self.running, self.cache, self.generated, self.steps = (
+            f.Metric(labels=labels) for f in self.families)
         self.ttft = self.itl = None
         if histogram is not None:
             ttft = family("time_to_first_token_seconds", "From arrival to the first generated token", histogram)
@@ -75,6 +77,9 @@ class SchedulerMetrics:
 
     def tokens(self, count):
         self.generated.increment(count)
+
+    def engine_step(self):
+        self.steps.increment(1)
 
 
 def error_response(message, invalid=True):
