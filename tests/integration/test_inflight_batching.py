@@ -1,0 +1,201 @@
+"""In-flight batching on a real Triton: correct under load, requests join mid-decode, slots come back.
+
+One server serves tiny random-weight engines of the DeepSeek-V3 (MLA + MoE), Qwen2 and Llama
+shapes (the R1 distills), each with 4 slots, so 32 clients always overflow the slots and queue.
+Every greedy completion must equal transformers' greedy decoding of that prompt alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from deepseek_model_repository.client import GenerationClient, generation_inputs, text_of
+from triton_harness import build, scheduler_metric, serve_engines, tiny_resource
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+ARCHS = ("deepseek_v3", "qwen2", "llama")
+SLOTS = 4
+WORDS = "the of and to in is was for on are with as by at from it an be this have".split()
+
+
+def model_name(arch: str) -> str:
+    return "tiny-" + arch.replace("_", "-")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def engines(cache_dir) -> dict[str, Path]:
+    return {
+        model_name(arch): build(tiny_resource(cache_dir, model_name(arch), arch=arch, spec_overrides={
+            "engine": {"maxBatchSize": SLOTS}, "serving": {"dynamicBatching": {"preferredBatchSizes": [SLOTS]}}}),
+            cache_dir)
+        for arch in ARCHS
+    }
+
+
+@pytest.fixture(scope="module")
+def server(engines, cache_dir):
+    with serve_engines(engines, cache_dir, max_queue_delay_us=0) as s:
+        yield s
+
+
+def reference(engine_dir: Path, model_dir: Path, jobs: list[tuple[str, int]]) -> list[str]:
+    """transformers' greedy completion of each (prompt, max_tokens), prompt by prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(engine_dir / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt, max_tokens in jobs:
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**enc, do_sample=False, max_new_tokens=max_tokens)
+        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def mixed_jobs(seed: int, n: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))), rng.randint(1, 24)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_32_concurrent_mixed_requests_equal_transformers_alone(server, engines, cache_dir, arch):
+    """Mixed prompt and output lengths, over gRPC and HTTP at once, 32 clients on 4 slots."""
+    name = model_name(arch)
+    jobs = mixed_jobs(hash(arch) % 1000, 32)
+    want = reference(engines[name], cache_dir / "tiny-models" / f"{arch}-text-generation", jobs)
+
+    def call(index: int) -> str:
+        prompt, max_tokens = jobs[index]
+        if index % 2:
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+            try:
+                return text_of(client.infer(name, generation_inputs(httpclient, prompt, max_tokens=max_tokens)))
+            finally:
+                client.close()
+        client = GenerationClient(server.endpoints["grpc"], name)
+        try:
+            if index % 4 == 0:
+                return "".join(client.stream(prompt, max_tokens=max_tokens))
+            return client.generate(prompt, max_tokens=max_tokens)
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(call, range(len(jobs))))
+    assert got == want
+    assert scheduler_metric(server, "requests_waiting", name) == 0
+
+
+def test_a_short_request_joins_a_running_batch_and_returns_first(server):
+    """A short request sent while a long one decodes is answered long before the long one ends."""
+    name = "tiny-qwen2"
+    done: dict[str, float] = {}
+
+    def run(label: str, prompt: str, max_tokens: int) -> None:
+        client = GenerationClient(server.endpoints["grpc"], name)
+        try:
+            # ignore_eos is not a control here: a long run needs a prompt whose greedy run does not end early
+            client.generate(prompt, max_tokens=max_tokens)
+        finally:
+            client.close()
+        done[label] = time.monotonic()
+
+    long = threading.Thread(target=run, args=("long", "the " * 10, 240))
+    long.start()
+    deadline = time.monotonic() + 10
+    while scheduler_metric(server, "sequences_running", name) < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    started = time.monotonic()
+    run("short", "of and to", 2)
+    long.join(60)
+    assert done["short"] < done["long"], "the short request waited for the long one"
+    assert done["short"] - started < 0.5 * (done["long"] - started)
+
+
+def test_a_stream_whose_client_goes_away_frees_its_slot(server):
+    name = "tiny-llama"
+    client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+    first = threading.Event()
+    client.start_stream(callback=lambda result, error: first.set())
+    client.async_stream_infer(f"{name}_stream", generation_inputs(grpcclient, "the of and", max_tokens=250,
+                                                                   stream=True))
+    assert first.wait(10)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 5
+    while scheduler_metric(server, "sequences_running", name) > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler_metric(server, "sequences_running", name) == 0
+    assert scheduler_metric(server, "kv_cache_utilization", name) == 0
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_by_name(server):
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        with pytest.raises(InferenceServerException, match="maxSequenceLength is 256"):
+            client.infer("tiny-qwen2", generation_inputs(httpclient, "word " * 300, max_tokens=4))
+    finally:
+        client.close()
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(server):
+    """5 MB of text is refused in well under a second and a concurrent request is not held up."""
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}", network_timeout=60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException, match="bytes; no text over"):
+            client.infer("tiny-qwen2", generation_inputs(httpclient, "x " * 2_500_000, max_tokens=4))
+        assert time.monotonic() - started < 2.0
+        assert text_of(client.infer("tiny-qwen2", generation_inputs(httpclient, "the", max_tokens=2)))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-qwen2_stream"])
+def test_an_unknown_field_is_refused_by_name(server, model):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"text_input": "hi", "max_tokens": 2, "max_new_tokens": 5}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/models/{model}/generate", data=body,
+                                     method="POST", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert "unknown field(s) max_new_tokens" in err.value.read().decode()
+
+
+def test_scheduler_metrics_count_what_was_served(server):
+    name = model_name("deepseek_v3")
+    tokens = scheduler_metric(server, "generated_tokens_total", name)
+    client = GenerationClient(server.endpoints["grpc"], name)
+    try:
+        text = client.generate("the of", max_tokens=6)
+    finally:
+        client.close()
+    assert text
+    assert 1 <= scheduler_metric(server, "generated_tokens_total", name) - tokens <= 6
+    assert scheduler_metric(server, "time_to_first_token_seconds_count", name) >= 1
+    assert np.isfinite(scheduler_metric(server, "inter_token_latency_seconds_sum", name))
