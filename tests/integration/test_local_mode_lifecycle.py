@@ -176,20 +176,39 @@ def test_down_after_kill_9_ends_the_orphaned_stubs_and_says_the_server_was_dead(
     assert local.read_state(cache, NAME) is None
 
 
-def test_up_after_kill_9_cleans_the_crashed_server_then_serves(first_up, cache):
-    _, state = up(cache)
-    assert kill_server_mid_request(state)
-    status = cli(cache, "local", "status")
-    assert f"{NAME}: not running (stale state, cleaned)" in status.stdout
-    assert not local.group_members(state.pgid)
+def test_up_after_kill_9_cleans_the_crashed_server_then_serves_and_status_sees_a_later_crash(first_up, cache):
     _, old = up(cache)
     assert kill_server_mid_request(old)
     result, new = up(cache)  # no `down` in between
     assert f"the previous server (pid {old.pid}) had died; cleaned its state and ended" in result.stdout + result.stderr
     assert not local.group_members(old.pgid) and not shm_regions(old.shm_prefix)
+    generated = cli(cache, "local", "generate", "--max-tokens", "4", "Hello")
+    assert generated.returncode == 0, generated.stderr
+    assert kill_server_mid_request(new)
+    status = cli(cache, "local", "status")
+    assert f"{NAME}: not running (stale state, cleaned); ended" in status.stdout
+    assert not local.group_members(new.pgid) and not shm_regions(new.shm_prefix)
+    assert local.read_state(cache, NAME) is None
+
+
+def test_up_rebuilds_an_engine_damaged_in_the_cache_instead_of_serving_it(first_up, cache):
+    """Weights overwritten in place (same size, same mtime): `up` says why it rebuilds, then serves."""
+    from deepseek_contract.integrity import verify_entry
+
+    engine = Path(first_up["state"].engine_dir)
+    onnx = engine / "engine" / "model.onnx"
+    st = onnx.stat()
+    with open(onnx, "r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(os.urandom(256))
+    os.utime(onnx, ns=(st.st_atime_ns, st.st_mtime_ns))
+    result, state = up(cache)
     try:
+        out = result.stdout + result.stderr
+        assert "fails its integrity check: engine/model.onnx has changed since it was built" in out
+        assert "discarding it and rebuilding" in out and "export: started" in out
+        assert Path(state.engine_dir) == engine and verify_entry(engine) is None
         generated = cli(cache, "local", "generate", "--max-tokens", "4", "Hello")
         assert generated.returncode == 0, generated.stderr
     finally:
         cli(cache, "local", "down")
-    assert not local.group_members(new.pgid)
