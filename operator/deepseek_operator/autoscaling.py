@@ -4,10 +4,17 @@ Both paths scale on the same two signals and with the same ``behavior``:
 
 * ``DCGM_FI_DEV_GPU_UTIL``: DCGM's GPU duty cycle (percent) averaged over each
   replica's GPUs, target ``spec.autoscaling.targetGPUUtilization`` per replica;
-* ``triton_queue_compute_ratio`` (optional, when ``targetQueueRatio`` is set):
-  Triton's queue time over compute time, ``rate(nv_inference_queue_duration_us)
-  / rate(nv_inference_compute_infer_duration_us)``.  Queueing shows saturation
-  before the duty cycle does (a GPU at 100% duty cycle can still keep up).
+* the queue ratio (optional, when ``targetQueueRatio`` is set), which shows
+  saturation before the duty cycle does (a GPU at 100% duty cycle can still keep up):
+
+  - text generation: ``deepseek_scheduler_queue_ratio``, the requests waiting
+    for a KV-cache slot over the slots (``deepseek_scheduler_requests_waiting /
+    deepseek_scheduler_slots``, averaged over the rate window).  The scheduler
+    batches in flight and keeps its own queue, which Triton's queue metrics do
+    not see;
+  - classification and embeddings (Triton's dynamic batching):
+    ``triton_queue_compute_ratio``, Triton's queue time over compute time,
+    ``rate(nv_inference_queue_duration_us) / rate(nv_inference_compute_infer_duration_us)``.
 
 ``metricsBackend: prometheus-adapter`` renders an HPA on *Pods* metrics; the
 names above are what the chart's prometheus-adapter rules expose
@@ -37,6 +44,13 @@ QUEUE_RATIO_RECORD = "deepseek:triton_queue_compute_ratio"
 #: Triton counters the ratio is made of (cumulative microseconds).
 TRITON_QUEUE_US = "nv_inference_queue_duration_us"
 TRITON_COMPUTE_US = "nv_inference_compute_infer_duration_us"
+#: Pods metric exposed by the adapter rules for text generation: requests waiting per KV-cache slot.
+SCHEDULER_QUEUE_METRIC = "deepseek_scheduler_queue_ratio"
+#: Its recording rule, per namespace/pod/model.
+SCHEDULER_QUEUE_RECORD = "deepseek:scheduler_queue_ratio"
+#: The scheduler's gauges it is made of (models/generate/model.py publishes them).
+SCHEDULER_WAITING = "deepseek_scheduler_requests_waiting"
+SCHEDULER_SLOTS = "deepseek_scheduler_slots"
 #: Rate window of the ratio: four scrapes at a 15 s interval.
 RATE_WINDOW = "1m"
 #: How often KEDA's operator checks its triggers (only for activation to/from zero; the HPA sync drives 1..N).
@@ -102,9 +116,25 @@ def gpu_utilization_query(model: DeepSeekModel) -> str:
     return f"sum(avg by (pod) ({GPU_UTIL_METRIC}{{{_selector(model)}}}))"
 
 
+def uses_scheduler(model: DeepSeekModel) -> bool:
+    """Text generation is batched in flight by the model's scheduler; the other tasks by Triton."""
+    return model.spec.model.task == "text-generation"
+
+
+def queue_metric(model: DeepSeekModel) -> str:
+    """The Pods metric of the queue signal for this model's task."""
+    return SCHEDULER_QUEUE_METRIC if uses_scheduler(model) else QUEUE_RATIO_METRIC
+
+
 def queue_ratio_query(model: DeepSeekModel, window: str = RATE_WINDOW) -> str:
-    """The Deployment's queue time over compute time (0 when idle, never NaN)."""
+    """The Deployment's queue signal (0 when idle, never NaN): requests waiting per slot for text generation,
+    Triton's queue time over compute time otherwise."""
     sel = _selector(model)
+    if uses_scheduler(model):
+        return (
+            f"(sum(avg_over_time({SCHEDULER_WAITING}{{{sel}}}[{window}])) / "
+            f"clamp_min(sum(avg_over_time({SCHEDULER_SLOTS}{{{sel}}}[{window}])), 1)) or vector(0)"
+        )
     return (
         f"(sum(rate({TRITON_QUEUE_US}{{{sel}}}[{window}])) / "
         f"clamp_min(sum(rate({TRITON_COMPUTE_US}{{{sel}}}[{window}])), 1)) or vector(0)"
@@ -154,7 +184,7 @@ def render_hpa(model: DeepSeekModel, owner: dict) -> dict[str, Any]:
             {
                 "type": "Pods",
                 "pods": {
-                    "metric": {"name": QUEUE_RATIO_METRIC},
+                    "metric": {"name": queue_metric(model)},
                     "target": {"type": "AverageValue", "averageValue": quantity(spec.target_queue_ratio)},
                 },
             }
@@ -199,7 +229,7 @@ def render_scaled_object(model: DeepSeekModel, owner: dict) -> dict[str, Any]:
         triggers.append(
             {
                 "type": "prometheus",
-                "name": "queue-compute-ratio",
+                "name": "scheduler-queue-ratio" if uses_scheduler(model) else "queue-compute-ratio",
                 "metricType": "Value",
                 "metadata": {
                     "serverAddress": spec.prometheus_address,

@@ -47,6 +47,18 @@ OPERATOR_METRICS = {
     "deepseek_operator_build_duration_seconds_count",
     "deepseek_operator_models",
 }
+#: The text-generation scheduler's series (models/generate/model.py, on Triton's metrics port; checked against
+#: a running Triton in test_prometheus_triton.py).
+SCHEDULER_METRICS = {
+    "deepseek_scheduler_requests_waiting",
+    "deepseek_scheduler_sequences_running",
+    "deepseek_scheduler_slots",
+    "deepseek_scheduler_kv_cache_utilization",
+    "deepseek_scheduler_generated_tokens_total",
+    "deepseek_scheduler_engine_steps_total",
+    *(f"deepseek_scheduler_{h}_{part}" for h in ("time_to_first_token_seconds", "inter_token_latency_seconds")
+      for part in ("bucket", "sum", "count")),
+}
 #: Metrics from neither Triton nor the operator, named on purpose: DCGM exporter's GPU duty cycle (what
 #: the HPA scales on) and kube-state-metrics' HPA replica counts (for "saturated at maxReplicas").
 EXTERNAL_METRICS = {
@@ -103,7 +115,7 @@ def recorded_names(rendered: list[dict]) -> set[str]:
 # ---------------------------------------------------------------- PromQL metric names
 _FUNCTIONS_AND_KEYWORDS = {
     "sum", "avg", "max", "min", "count", "rate", "increase", "irate", "histogram_quantile", "clamp_min",
-    "clamp_max", "label_replace", "vector", "by", "on", "and", "or", "unless", "without", "ignoring",
+    "clamp_max", "label_replace", "vector", "avg_over_time", "by", "on", "and", "or", "unless", "without", "ignoring",
     "group_left", "group_right", "bool", "offset", "topk", "bottomk", "abs", "time", "label_values",
 }
 
@@ -152,7 +164,8 @@ def named_metrics(rendered: list[dict]) -> set[str]:
 
 
 def test_rules_and_dashboard_name_only_operator_triton_and_declared_external_metrics(rendered):
-    unknown = {n for n in named_metrics(rendered) - OPERATOR_METRICS - EXTERNAL_METRICS if not n.startswith("nv_")}
+    unknown = {n for n in named_metrics(rendered) - OPERATOR_METRICS - EXTERNAL_METRICS - SCHEDULER_METRICS
+               if not n.startswith("nv_")}
     assert not unknown, f"metrics that neither Triton nor the operator export: {unknown}"
     # The real Triton names are checked against a running Triton in test_prometheus_triton.py.
 
@@ -175,8 +188,8 @@ def test_rules_carry_the_issue_alerts_and_the_queue_ratio_recording_rule(rendere
     [rule] = by_kind(rendered, "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     assert {"DeepSeekTritonP99LatencyHigh", "DeepSeekTritonErrorRateHigh", "DeepSeekGPUSaturatedAtMaxReplicas",
-            "DeepSeekEngineBuildFailed"} <= alerts
-    assert autoscaling.QUEUE_RATIO_RECORD in recorded_names(rendered)
+            "DeepSeekEngineBuildFailed", "DeepSeekSchedulerQueueBacklog"} <= alerts
+    assert {autoscaling.QUEUE_RATIO_RECORD, autoscaling.SCHEDULER_QUEUE_RECORD} <= recorded_names(rendered)
 
 
 POD = "chat-triton-5d8f7c9b4-x2x7q"
@@ -212,6 +225,12 @@ def _alert_test_file(rule_file: Path) -> dict:
         'kube_horizontalpodautoscaler_spec_max_replicas{namespace="ns",horizontalpodautoscaler="other-triton"}': "4x40",
         'kube_horizontalpodautoscaler_status_current_replicas{namespace="ns",horizontalpodautoscaler="keda-hpa-kchat-triton"}': "3x40",
         'kube_horizontalpodautoscaler_spec_max_replicas{namespace="ns",horizontalpodautoscaler="keda-hpa-kchat-triton"}': "3x40",
+        # the scheduler of chat: 8 slots, 12 requests waiting (ratio 1.5, over the default alert threshold 1);
+        # of other: 8 slots, 2 waiting (0.25)
+        f"deepseek_scheduler_requests_waiting{{{chat}}}": "12x40",
+        f"deepseek_scheduler_slots{{{chat}}}": "8x40",
+        f'deepseek_scheduler_requests_waiting{{namespace="ns",pod="{OTHER}",model="other"}}': "2x40",
+        f'deepseek_scheduler_slots{{namespace="ns",pod="{OTHER}",model="other"}}': "8x40",
         # one failed build at minute 2
         "deepseek_operator_builds_failed_total": "0x8 1x32",
         'deepseek_operator_models{phase="Failed"}': "1x40",
@@ -236,11 +255,21 @@ def _alert_test_file(rule_file: Path) -> dict:
                         ],
                     },
                     {
+                        "expr": autoscaling.SCHEDULER_QUEUE_RECORD,
+                        "eval_time": "3m",
+                        "exp_samples": [
+                            {"labels": f"{autoscaling.SCHEDULER_QUEUE_RECORD}{{{chat}}}", "value": 1.5},
+                            {"labels": f'{autoscaling.SCHEDULER_QUEUE_RECORD}{{namespace="ns",pod="{OTHER}",model="other"}}',
+                             "value": 0.25},
+                        ],
+                    },
+                    {
                         "expr": f"count by (alertname, model, horizontalpodautoscaler) ({firing})",
                         "eval_time": "7m",
                         "exp_samples": [
                             {"labels": '{alertname="DeepSeekTritonP99LatencyHigh",model="chat"}', "value": 1},
                             {"labels": '{alertname="DeepSeekTritonErrorRateHigh",model="chat"}', "value": 1},
+                            {"labels": '{alertname="DeepSeekSchedulerQueueBacklog",model="chat"}', "value": 1},
                             {"labels": '{alertname="DeepSeekGPUSaturatedAtMaxReplicas",horizontalpodautoscaler="chat-triton"}',
                              "value": 1},
                             {"labels": '{alertname="DeepSeekGPUSaturatedAtMaxReplicas",horizontalpodautoscaler="kchat-triton"}',
@@ -287,14 +316,17 @@ def _expand_adapter_template(query: str, rule: dict) -> str:
 
 def test_adapter_rules_expose_exactly_the_metrics_the_hpa_uses(rendered):
     exposed = {r["name"]["as"] for r in _adapter_rules(rendered)}
-    model = parse_resource({
-        "apiVersion": "deepseek.ai/v1alpha1", "kind": "DeepSeekModel", "metadata": {"name": "chat"},
-        "spec": {"model": {"source": "hf://deepseek-ai/x"},
-                 "autoscaling": {"enabled": True, "targetQueueRatio": 0.5}},
-    })
-    [hpa] = autoscaling.render_autoscaler(model, {"apiVersion": "v1", "kind": "X", "name": "chat", "uid": "u"})
-    used = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
-    assert used == exposed == {autoscaling.GPU_UTIL_METRIC, autoscaling.QUEUE_RATIO_METRIC}
+    used = set()
+    for task in ("text-generation", "text-classification"):
+        model = parse_resource({
+            "apiVersion": "deepseek.ai/v1alpha1", "kind": "DeepSeekModel", "metadata": {"name": "chat"},
+            "spec": {"model": {"source": "hf://deepseek-ai/x", "task": task},
+                     "autoscaling": {"enabled": True, "targetQueueRatio": 0.5}},
+        })
+        [hpa] = autoscaling.render_autoscaler(model, {"apiVersion": "v1", "kind": "X", "name": "chat", "uid": "u"})
+        used |= {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert used == exposed == {autoscaling.GPU_UTIL_METRIC, autoscaling.QUEUE_RATIO_METRIC,
+                               autoscaling.SCHEDULER_QUEUE_METRIC}
     for rule in _adapter_rules(rendered):
         assert re.fullmatch(rule["name"]["matches"], re.match(r"(\w+)", rule["seriesQuery"]).group(1))
         assert {v["resource"] for v in rule["resources"]["overrides"].values()} == {"namespace", "pod"}
@@ -306,8 +338,11 @@ def test_adapter_and_keda_queries_are_valid_promql(rendered, tmp_path):
         "apiVersion": "deepseek.ai/v1alpha1", "kind": "DeepSeekModel", "metadata": {"name": "chat", "namespace": "ns"},
         "spec": {"model": {"source": "hf://deepseek-ai/x"}},
     })
+    classifier = model.model_copy(deep=True)
+    classifier.spec.model.task = "text-classification"
     queries = [_expand_adapter_template(r["metricsQuery"], r) for r in _adapter_rules(rendered)]
-    queries += [autoscaling.gpu_utilization_query(model), autoscaling.queue_ratio_query(model)]
+    queries += [autoscaling.gpu_utilization_query(model), autoscaling.queue_ratio_query(model),
+                autoscaling.queue_ratio_query(classifier)]
     rules = {"groups": [{"name": "queries", "rules": [{"record": f"q:{i}", "expr": q} for i, q in enumerate(queries)]}]}
     path = tmp_path / "queries.yml"
     path.write_text(yaml.safe_dump(rules))
@@ -411,6 +446,11 @@ def test_dashboard_covers_rps_latency_queue_gpu_replicas_and_builds():
     assert "rate(nv_inference_request_success" in joined  # requests per second
     assert 'quantile="0.5"' in joined and 'quantile="0.99"' in joined  # p50 / p99
     assert "nv_inference_queue_duration_us" in joined  # queue time
+    for series in ("deepseek_scheduler_requests_waiting", "deepseek_scheduler_sequences_running",
+                   "deepseek_scheduler_kv_cache_utilization", "deepseek_scheduler_time_to_first_token_seconds_bucket",
+                   "deepseek_scheduler_inter_token_latency_seconds_bucket", "deepseek_scheduler_generated_tokens_total",
+                   autoscaling.SCHEDULER_QUEUE_RECORD):
+        assert series in joined, series
     assert autoscaling.GPU_UTIL_METRIC in joined  # GPU utilization
     assert any("replicas" in t.lower() for t in by_title)  # replicas
     assert "deepseek_operator_build_duration_seconds_bucket" in joined  # build durations

@@ -6,9 +6,12 @@
   dashboard's p50/p99 panels and the latency alert need.
 * Debian's ``prometheus`` on loopback scrapes it every second with the target labels a ServiceMonitor
   gives (namespace, pod) and evaluates the PrometheusRule rendered by ``helm template``.
-* The recorded queue-to-compute ratio is ~0 idle, rises under a bounded load (16 clients, 8 s), and falls
-  back once the load stops. Every Triton metric the dashboard and the rules name is in Triton's real
-  /metrics, and every Triton panel's query returns data.
+* Beside it, the same Triton serves the tiny text-generation model (engine built by the builder) with 2
+  KV-cache slots: its scheduler publishes the ``deepseek_scheduler_*`` series on the same port.
+* The recorded queue-to-compute ratio (Triton's queue) and the recorded scheduler queue ratio (requests
+  waiting per slot) are ~0 idle, rise under a bounded load (16 + 8 clients, 8 s), and fall back once the
+  load stops. Every Triton and scheduler metric the dashboard and the rules name is in Triton's real
+  /metrics, and every such panel's query returns data.
 
 Fails (not skips) without prometheus/promtool/helm: run scripts/install-tools.sh.
 """
@@ -33,10 +36,14 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from deepseek_local import local
+from deepseek_model_repository import write_repository as write_model_repository
+from deepseek_model_repository.client import GenerationClient
 from deepseek_operator import autoscaling
+from triton_harness import build, tiny_resource
 from test_monitoring_rules import (
     EXTERNAL_METRICS,
     OPERATOR_METRICS,
+    SCHEDULER_METRICS,
     by_kind,
     dashboard_exprs,
     helm_template,
@@ -48,6 +55,8 @@ from test_monitoring_rules import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 MODEL = "sleepy"
+CHAT = "chat"
+CHAT_CLIENTS = 8
 NAMESPACE = "serving"
 POD = "sleepy-triton-5d8f7c9b4-x2x7q"
 CLIENTS = 16
@@ -116,6 +125,9 @@ def triton(tmp_path_factory):
     """tritonserver on loopback with latency summaries on; yields (http_port, metrics_port)."""
     root = tmp_path_factory.mktemp("triton")
     repo = write_repository(root)
+    chat = tiny_resource(root / "cache", CHAT, spec_overrides={
+        "engine": {"maxBatchSize": 2}, "serving": {"dynamicBatching": {"preferredBatchSizes": [2]}}})
+    write_model_repository(build(chat, root / "cache"), repo, CHAT, runtime="local", max_queue_delay_us=0)
     install = local.find_triton()
     backends = local.prepare_backends(install, root / "backends")
     http_port, grpc_port, metrics_port = local.free_port(), local.free_port(), local.free_port()
@@ -130,8 +142,8 @@ def triton(tmp_path_factory):
         proc = subprocess.Popen(argv, env=local.server_env(install), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     try:
-        local.wait_ready(proc.pid, http_port, [MODEL], log, timeout=60)
-        yield http_port, metrics_port
+        local.wait_ready(proc.pid, http_port, [MODEL, CHAT, f"{CHAT}_stream"], log, timeout=60)
+        yield http_port, metrics_port, grpc_port
     finally:
         stop(proc)
 
@@ -154,7 +166,7 @@ def prometheus(triton, rendered, tmp_path_factory):
     root = tmp_path_factory.mktemp("prometheus")
     [rule] = by_kind(rendered, "PrometheusRule")
     (root / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
-    _, metrics_port = triton
+    _, metrics_port, _ = triton
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(root / "rules.yml")],
@@ -197,9 +209,35 @@ def query(url: str, promql: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def ratio(url: str) -> float | None:
-    result = query(url, f'{autoscaling.QUEUE_RATIO_RECORD}{{model="{MODEL}"}}')
+def ratio(url: str, record: str = autoscaling.QUEUE_RATIO_RECORD, model: str = MODEL) -> float | None:
+    result = query(url, f'{record}{{model="{model}"}}')
     return float(result[0]["value"][1]) if result else None
+
+
+def scheduler_ratio(url: str) -> float | None:
+    return ratio(url, autoscaling.SCHEDULER_QUEUE_RECORD, CHAT)
+
+
+def run_chat_load(grpc_port: int, seconds: float, clients: int) -> int:
+    """``clients`` closed-loop text-generation clients on 2 slots, so requests wait; returns completions."""
+    deadline = time.monotonic() + seconds
+    done = [0] * clients
+
+    def loop(i: int) -> None:
+        client = GenerationClient(f"127.0.0.1:{grpc_port}", CHAT)
+        try:
+            while time.monotonic() < deadline and done[i] < 500:
+                assert client.generate("the of and", max_tokens=16)
+                done[i] += 1
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done)
 
 
 def run_load(http_port: int, seconds: float, clients: int) -> int:
@@ -226,40 +264,50 @@ def run_load(http_port: int, seconds: float, clients: int) -> int:
     return sum(sent)
 
 
-def wait_for(url: str, predicate, timeout: float) -> float | None:
+def wait_for(url: str, predicate, timeout: float, read=ratio) -> float | None:
     deadline = time.monotonic() + timeout
-    value = ratio(url)
+    value = read(url)
     while not predicate(value) and time.monotonic() < deadline:
         time.sleep(0.5)
-        value = ratio(url)
+        value = read(url)
     return value
 
 
 @pytest.fixture(scope="module")
 def load_phases(triton, prometheus):
-    """Idle, loaded and after-load values of the recorded ratio, and the Triton metric names seen."""
-    http_port, metrics_port = triton
+    """Idle, loaded and after-load values of the recorded ratios, and the Triton metric names seen."""
+    http_port, metrics_port, grpc_port = triton
     idle = wait_for(prometheus, lambda v: v is not None, timeout=15)
+    scheduler_idle = wait_for(prometheus, lambda v: v is not None, timeout=15, read=scheduler_ratio)
     peaks: list[float] = []
+    scheduler_peaks: list[float] = []
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
-            value = ratio(prometheus)
-            if value is not None:
-                peaks.append(value)
+            for read, seen in ((ratio, peaks), (scheduler_ratio, scheduler_peaks)):
+                value = read(prometheus)
+                if value is not None:
+                    seen.append(value)
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
+    chat = threading.Thread(target=lambda: completions.append(run_chat_load(grpc_port, LOAD_SECONDS, CHAT_CLIENTS)))
+    completions: list[int] = []
+    chat.start()
     sent = run_load(http_port, LOAD_SECONDS, CLIENTS)
+    chat.join()
     time.sleep(2)  # one more scrape and evaluation of the last loaded seconds
     stop.set()
     watcher.join()
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         metrics_text = r.read().decode()
     after = wait_for(prometheus, lambda v: v is not None and v < 0.05, timeout=20)
-    return {"idle": idle, "peak": max(peaks or [0.0]), "after": after, "sent": sent, "metrics": metrics_text}
+    scheduler_after = wait_for(prometheus, lambda v: v is not None and v < 0.05, timeout=20, read=scheduler_ratio)
+    return {"idle": idle, "peak": max(peaks or [0.0]), "after": after, "sent": sent, "metrics": metrics_text,
+            "scheduler": {"idle": scheduler_idle, "peak": max(scheduler_peaks or [0.0]), "after": scheduler_after,
+                          "completions": sum(completions)}}
 
 
 def test_queue_ratio_rises_under_load_and_falls_after(load_phases):
@@ -269,6 +317,15 @@ def test_queue_ratio_rises_under_load_and_falls_after(load_phases):
     # 16 clients on one instance taking 4 per batch: most of a request's time is spent queued.
     assert peak > 0.5, f"peak ratio under load {peak}"
     assert after is not None and after < 0.05 < peak, f"ratio after the load {after} (peak {peak})"
+
+
+def test_scheduler_queue_ratio_rises_under_load_and_falls_after(load_phases):
+    """8 generation clients on 2 KV-cache slots: requests wait in the scheduler, which Triton's queue never sees."""
+    phases = load_phases["scheduler"]
+    assert phases["completions"] > 10
+    assert phases["idle"] is not None and phases["idle"] < 0.05, phases
+    assert phases["peak"] > 0.5, phases
+    assert phases["after"] is not None and phases["after"] < 0.05 < phases["peak"], phases
 
 
 def triton_metric_names(text: str) -> set[str]:
@@ -283,18 +340,19 @@ def test_every_metric_the_dashboard_and_rules_name_is_really_exported(load_phase
     triton_names = triton_metric_names(load_phases["metrics"])
     assert {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
             "nv_inference_request_summary_us"} <= triton_names
+    assert SCHEDULER_METRICS <= triton_names, sorted(SCHEDULER_METRICS - triton_names)
     unknown = named_metrics(rendered) - triton_names - OPERATOR_METRICS - EXTERNAL_METRICS
     assert not unknown, f"named in the dashboard or rules but exported by nobody: {sorted(unknown)}"
 
 
 def test_triton_panels_return_data_from_real_prometheus(load_phases, prometheus, rendered):
     recorded = recorded_names(rendered)
-    grafana = {"$__rate_interval": "30s", "$namespace": NAMESPACE, "$model": MODEL}
+    grafana = {"$__rate_interval": "30s", "$namespace": NAMESPACE, "$model": f"{MODEL}|{CHAT}"}
     checked = 0
     for expr in dashboard_exprs():
         names = metric_names(expr)
-        if expr.startswith("label_values(") or not names or not all(n.startswith("nv_") or n in recorded
-                                                                     for n in names):
+        if expr.startswith("label_values(") or not names or not all(
+                n.startswith(("nv_", "deepseek_scheduler_")) or n in recorded for n in names):
             continue
         if "nv_inference_request_failure" in names and "reason" in expr:
             continue  # no request failed: Triton exports the series at 0, which a rate keeps (checked below)
@@ -302,5 +360,5 @@ def test_triton_panels_return_data_from_real_prometheus(load_phases, prometheus,
             expr = expr.replace(var, value)
         assert query(prometheus, expr), f"no data for dashboard query {expr}"
         checked += 1
-    assert checked >= 6
+    assert checked >= 12
     assert query(prometheus, f'sum(rate(nv_inference_request_failure{{model="{MODEL}"}}[30s]))')

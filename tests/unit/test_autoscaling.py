@@ -14,6 +14,7 @@ from deepseek_operator.autoscaling import (
     DEFAULT_SCALE_UP,
     GPU_UTIL_METRIC,
     QUEUE_RATIO_METRIC,
+    SCHEDULER_QUEUE_METRIC,
     autoscaler_hpa_name,
     autoscaler_status,
     quantity,
@@ -31,14 +32,15 @@ OWNER = {
 }
 
 
-def model(autoscaling: dict | None = None, name: str = "chat", namespace: str = "serving"):
+def model(autoscaling: dict | None = None, name: str = "chat", namespace: str = "serving",
+          task: str = "text-generation"):
     return parse_resource(
         {
             "apiVersion": "deepseek.ai/v1alpha1",
             "kind": "DeepSeekModel",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {
-                "model": {"source": "hf://deepseek-ai/deepseek-coder-1.3b-instruct"},
+                "model": {"source": "hf://deepseek-ai/deepseek-coder-1.3b-instruct", "task": task},
                 "autoscaling": autoscaling if autoscaling is not None else {"enabled": True},
             },
         }
@@ -74,11 +76,15 @@ def test_hpa_uses_gpu_utilization_when_autoscaling_enabled():
     ]
 
 
-def test_hpa_adds_queue_ratio_metric_when_target_set():
-    [hpa] = render_autoscaler(model({"enabled": True, "targetQueueRatio": 0.5}), OWNER)
+@pytest.mark.parametrize(("task", "queue"), [("text-generation", SCHEDULER_QUEUE_METRIC),
+                                             ("text-classification", QUEUE_RATIO_METRIC),
+                                             ("feature-extraction", QUEUE_RATIO_METRIC)])
+def test_hpa_adds_the_queue_signal_of_the_task_when_target_set(task, queue):
+    """Text generation queues in its scheduler (requests waiting per slot); the other tasks in Triton."""
+    [hpa] = render_autoscaler(model({"enabled": True, "targetQueueRatio": 0.5}, task=task), OWNER)
     validate(hpa)
     names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
-    assert names == [GPU_UTIL_METRIC, QUEUE_RATIO_METRIC]
+    assert names == [GPU_UTIL_METRIC, queue]
     assert hpa["spec"]["metrics"][1]["pods"]["target"] == {"type": "AverageValue", "averageValue": "500m"}
 
 
@@ -189,6 +195,16 @@ def test_keda_backend_renders_scaled_object_with_prometheus_triggers():
     assert 'namespace="serving"' in gpu["metadata"]["query"]
     assert 'pod=~"chat-triton-[a-z0-9]+-[a-z0-9]+"' in gpu["metadata"]["query"]
     assert queue["metricType"] == "Value" and queue["metadata"]["threshold"] == "0.5"
+    assert queue["name"] == "scheduler-queue-ratio"
+    assert "deepseek_scheduler_requests_waiting" in queue["metadata"]["query"]
+    assert "deepseek_scheduler_slots" in queue["metadata"]["query"]
+    assert 'pod=~"chat-triton-[a-z0-9]+-[a-z0-9]+"' in queue["metadata"]["query"]
+
+
+def test_keda_queue_trigger_of_a_classifier_reads_tritons_queue():
+    [so] = render_autoscaler(model(KEDA, task="text-classification"), OWNER)
+    _, queue = so["spec"]["triggers"]
+    assert queue["name"] == "queue-compute-ratio"
     assert "nv_inference_queue_duration_us" in queue["metadata"]["query"]
     assert "nv_inference_compute_infer_duration_us" in queue["metadata"]["query"]
 

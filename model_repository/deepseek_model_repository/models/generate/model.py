@@ -31,8 +31,8 @@ ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 class SchedulerMetrics:
     """The scheduler's series on Triton's metrics port, labelled with the client-facing model name.
 
-    ``deepseek_scheduler_requests_waiting`` and ``..._sequences_running`` (gauges) are the queue signal
-    the autoscalers read; ``..._kv_cache_utilization`` is the fraction of cache positions in use;
+    ``deepseek_scheduler_requests_waiting`` over ``..._slots`` is the queue signal the autoscalers read
+    (``deepseek_operator.autoscaling``); ``..._sequences_running`` is the batch; ``..._kv_cache_utilization`` is the fraction of cache positions in use;
     ``..._time_to_first_token_seconds`` and ``..._inter_token_latency_seconds`` are histograms;
     ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls.
     """
@@ -51,8 +51,9 @@ class SchedulerMetrics:
             family("kv_cache_utilization", "Fraction of the KV cache's positions in use (0 to 1)", gauge),
             family("generated_tokens_total", "Tokens generated", counter),
             family("engine_steps_total", "Engine calls: prefills and decode steps", counter),
+            family("slots", "Sequences that can decode together (the KV cache's slots)", gauge),
         ]
-        self.waiting, self.running, self.cache, self.generated, self.steps = (
+        self.waiting, self.running, self.cache, self.generated, self.steps, self.slots = (
             f.Metric(labels=labels) for f in self.families)
         self.ttft = self.itl = None
         if histogram is not None:
@@ -117,6 +118,7 @@ class TritonPythonModel:
         except RunnerError as exc:
             raise pb_utils.TritonModelException(str(exc)) from None
         self.metrics = SchedulerMetrics(self.client_name)
+        self.metrics.slots.set(runner.cache.slots)
         self.scheduler = Scheduler(runner, info.get("eos_token_ids", []), metrics=self.metrics).start()
 
     def execute(self, requests):
