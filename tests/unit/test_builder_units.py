@@ -102,7 +102,8 @@ def test_folder_digest_covers_names_and_contents(tmp_path):
 def test_pvc_sources_are_read_under_the_mount_root(tmp_path, monkeypatch):
     model = tmp_path / "claim-a" / "models" / "tiny"
     model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"model_type": "llama"}')  # passes the checks made before hashing
+    (model / "model.safetensors").write_bytes(b"\0" * 16)
     monkeypatch.setenv("DEEPSEEK_OPERATOR_PVC_ROOT", str(tmp_path))
     resolved = sources.resolve("pvc://claim-a/models/tiny", None, sources.FileHashCache(None))
     assert resolved.local_dir == model
