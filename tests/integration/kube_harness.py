@@ -224,6 +224,22 @@ class ApiServer(kmock.KubernetesEmulator):
         return response
 
     async def _handle(self, request):  # type: ignore[override]
+        served = [request]
+        try:
+            return await self._handle_stamped(request, served)
+        finally:
+            # kmock routes each request by scanning every request it has kept (66 ms a request after ~1,000);
+            # forget a request once answered: in-flight ones (watches) stay visible to the tests.
+            for done in served:
+                self._forget(done)
+
+    def _forget(self, request) -> None:
+        for i in range(len(self._requests) - 1, -1, -1):
+            if self._requests[i] is request:
+                del self._requests[i]
+                return
+
+    async def _handle_stamped(self, request, served: list):
         if request.resource is None or not isinstance(request.data, (dict, list)):
             return await super()._handle(request)
         if not hasattr(self, "_writes"):
@@ -232,6 +248,7 @@ class ApiServer(kmock.KubernetesEmulator):
         async with self._writes:
             if request.action == kmock.action.UPDATE and request.name is not None and self._is_apply(request):
                 request = self._replace_request(request, self._apply(request))
+                served.append(request)
             if request.action == kmock.action.CREATE and isinstance(request.data, dict):
                 self._stamp_new(request.data)
             elif request.action == kmock.action.UPDATE and request.name is not None:
@@ -402,6 +419,13 @@ class Cluster:
 
     async def patch_spec(self, name: str, spec_patch: dict) -> dict:
         return await self.call(self.kube.patch, api.KIND, NAMESPACE, name, {"spec": spec_patch})
+
+    async def edit(self, kind: str, name: str, patch: dict, manager: str = "kubectl-edit") -> dict:
+        """A merge patch by another field manager, as ``kubectl edit`` or an HPA's scale update sends it."""
+        kube = self.kube
+        return await self.call(lambda: kube._call("PATCH", kube._path(kind, NAMESPACE, name), body=patch,
+                                                  query=[("fieldManager", manager)],
+                                                  content_type="application/merge-patch+json"))
 
     async def delete(self, kind: str, name: str) -> bool:
         return await self.call(self.kube.delete, kind, NAMESPACE, name)
