@@ -583,9 +583,10 @@ class Stopped:
     ended: int
 
 
-def down_name(name: str, cache_dir: Path) -> Optional[Stopped]:
+def down_name(name: str, cache_dir: Path, echo: Callable[[str], None] = lambda _: None) -> Optional[Stopped]:
     """Stop the named model's server (its whole process group) and forget it; None if nothing was recorded."""
-    with model_lock(cache_dir, name):
+    with model_lock(cache_dir, name, on_wait=lambda: echo(
+            f"a `local up` of {name} is running; waiting for it to finish before stopping the server")):
         server = read_state(cache_dir, name)
         if server is None:
             return None
@@ -672,7 +673,7 @@ def up(filename: Optional[str], http_port: int, grpc_port: int, metrics_port: in
 def down(filename: Optional[str], cache_dir: Optional[Path]) -> None:
     """Stop the model's Triton server."""
     name = _name_of(filename)
-    stopped = down_name(name, _cache(cache_dir))
+    stopped = down_name(name, _cache(cache_dir), echo=click.echo)
     if stopped is None:
         click.echo(f"{name} is not running")
     elif stopped.was_running:
