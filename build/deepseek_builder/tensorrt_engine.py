@@ -55,19 +55,19 @@ def check_tensorrt_available(precision: str) -> None:
 
 
 def _profile_shapes(spec, max_batch: int, max_seq: int) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) per input: batch 1..max, sequence 1..max, past 0..max-1."""
+    """(min, opt, max) per input.  Text generation (engine format 2): batch 1..max, new tokens 1..max,
+    the cache rows' capacity 1..max (the serving cache's capacity is the maximum)."""
     opt_batch = max(1, max_batch // 2)
     opt_seq = max(1, min(128, max_seq // 2))
     shapes = {}
     if spec.task == "text-generation":
-        shapes["input_ids"] = ((1, 1), (opt_batch, 1), (max_batch, max_seq))
-        shapes["position_ids"] = shapes["input_ids"]
-        shapes["attention_mask"] = ((1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
+        for name in ("input_ids", "position_ids", "token_mask"):
+            shapes[name] = ((1, 1), (opt_batch, 1), (max_batch, max_seq))
+        shapes["cache_lengths"] = ((1,), (opt_batch,), (max_batch,))
         for i, layout in enumerate(spec.kv):
-            for name, dim in ((f"past_key_values.{i}.key", layout.key_dim),
-                              (f"past_key_values.{i}.value", layout.value_dim)):
-                shapes[name] = ((1, layout.heads, 0, dim), (opt_batch, layout.heads, opt_seq, dim),
-                                (max_batch, layout.heads, max_seq - 1, dim))
+            for name, heads, dim in ((f"past_key_values.{i}.key", layout.key_heads, layout.key_dim),
+                                     (f"past_key_values.{i}.value", layout.value_heads, layout.value_dim)):
+                shapes[name] = ((1, heads, 1, dim), (opt_batch, heads, max_seq, dim), (max_batch, heads, max_seq, dim))
         return shapes
     for name in ("input_ids", "attention_mask"):
         shapes[name] = ((1, 1), (opt_batch, opt_seq), (max_batch, max_seq))

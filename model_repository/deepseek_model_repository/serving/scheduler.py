@@ -262,7 +262,7 @@ class Scheduler:
             self._finish(seq, None, notify=False)
             return
         room = self.cache.capacity - int(self.cache.lengths[seq.slot]) - 1
-        if len(seq.generated) >= seq.sampling.max_tokens or room < 0:
+        if len(seq.generated) >= seq.sampling.max_tokens or room <= 0:  # prompt + completion fit the context
             self._finish(seq, None)
 
     def _finish(self, seq: Sequence, error: Optional[str], notify: bool = True) -> None:

@@ -1,0 +1,157 @@
+"""The scheduler in one process, on the ONNX Runtime and PyTorch runners, against transformers' greedy decoding.
+
+No server: sequences are submitted from threads as Triton's execute would, with mixed prompt
+lengths and max_tokens, more of them than there are slots, some joining while others decode.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepseek_model_repository.serving.runners import KvCache, LayerShape, RunnerError, TorchRunner, open_runner
+from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
+from triton_harness import build, tiny_model, tiny_resource
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+SLOTS = 3
+CAPACITY = 64
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def hf_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def greedy(model, prompt: list[int], max_tokens: int, eos: int = 1) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos)
+    ids = out[0, len(prompt):].tolist()
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
+def run_all(scheduler: Scheduler, jobs: list[tuple[list[int], int]], stagger: float = 0.002) -> list[list[int]]:
+    """Submit every job from its own thread (staggered so some join mid-decode); wait for all."""
+    results: list = [None] * len(jobs)
+    done = threading.Semaphore(0)
+
+    def finisher(index):
+        def on_finish(seq, error):
+            results[index] = error or list(seq.generated)
+            done.release()
+        return on_finish
+
+    threads = []
+    for i, (prompt, max_tokens) in enumerate(jobs):
+        seq = Sequence(prompt, Sampling(max_tokens=max_tokens), on_finish=finisher(i))
+        threads.append(threading.Thread(target=scheduler.submit, args=(seq,)))
+        threads[-1].start()
+        threading.Event().wait(stagger * (i % 4))
+    for _ in jobs:
+        assert done.acquire(timeout=120)
+    return results
+
+
+def mixed_jobs(seed: int, n: int = 10) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(3, 2000) for _ in range(rng.randint(1, 14))], rng.randint(1, 18)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2", "llama"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
+def test_mixed_sequences_on_few_slots_equal_transformers_alone(cache_dir, arch, runtime):
+    import json
+
+    model = hf_model(tiny_model(cache_dir, arch))
+    if runtime == "pytorch":
+        runner = TorchRunner(model, SLOTS, CAPACITY)
+    else:
+        engine = build(tiny_resource(cache_dir, f"sched-{arch.replace('_', '-')}", arch=arch), cache_dir)
+        runner = open_runner(engine, json.loads((engine / "model-info.json").read_text()), SLOTS, CAPACITY)
+    scheduler = Scheduler(runner, eos_ids=[1]).start()
+    try:
+        jobs = mixed_jobs(len(arch))
+        got = run_all(scheduler, jobs)
+    finally:
+        scheduler.stop()
+    assert got == [greedy(model, prompt, max_tokens) for prompt, max_tokens in jobs]
+    assert scheduler.steps < sum(len(g) for g in got), "sequences should share decode steps"
+    assert not scheduler.running and not scheduler.waiting
+    assert int(runner.cache.lengths.sum()) == 0, "finished sequences leave their slots"
+
+
+def test_the_cache_is_allocated_once_and_written_in_place(cache_dir):
+    """The cache arrays keep their buffers through admissions, steps and compaction; only lengths change."""
+    import json
+
+    engine = build(tiny_resource(cache_dir, "sched-inplace"), cache_dir)
+    runner = open_runner(engine, json.loads((engine / "model-info.json").read_text()), SLOTS, CAPACITY)
+    buffers = [t.__array_interface__["data"][0] for layer in runner.cache.layers for t in layer]
+    scheduler = Scheduler(runner, eos_ids=[1]).start()
+    try:
+        run_all(scheduler, mixed_jobs(7, n=8))
+    finally:
+        scheduler.stop()
+    assert buffers == [t.__array_interface__["data"][0] for layer in runner.cache.layers for t in layer]
+
+
+def test_kv_cache_move_keeps_only_the_valid_positions():
+    cache = KvCache([LayerShape(2, 4, 1, 3)], slots=3, capacity=8, dtype=np.float32)
+    key, value = cache.layers[0]
+    cache.write(2, [5], [np.ones((1, 2, 5, 4), np.float32), np.full((1, 1, 5, 3), 2, np.float32)])
+    cache.move(2, 0)
+    assert cache.lengths.tolist() == [5, 0, 0]
+    assert key[0, :, :5].min() == 1 and value[0, :, :5].min() == 2
+
+
+def test_a_sequence_cannot_outgrow_the_cache(cache_dir):
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 1, 8)
+    with pytest.raises(RunnerError, match="capacity of 8"):
+        runner.step(0, np.ones((1, 9), np.int64), np.ones((1, 9), np.int64))
+    scheduler = Scheduler(runner, eos_ids=[1])
+    with pytest.raises(ValueError, match="cache holds 8"):
+        scheduler.submit(Sequence(list(range(3, 11)), Sampling(max_tokens=4)))
+    # A sequence that fills its slot ends there, with what fitted.
+    scheduler.start()
+    try:
+        [got] = run_all(scheduler, [([5, 6, 7, 8, 9, 10], 50)])
+    finally:
+        scheduler.stop()
+    assert len(got) == 2
+
+
+def test_a_cancelled_sequence_leaves_and_the_others_go_on(cache_dir):
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 2, CAPACITY)
+    scheduler = Scheduler(runner, eos_ids=[1]).start()
+    gone = threading.Event()
+    finished = threading.Event()
+    cancelled = Sequence([5, 6, 7], Sampling(max_tokens=60), on_token=lambda s, t: gone.set(),
+                         cancelled=gone.is_set)
+    other: dict = {}
+    survivor = Sequence([8, 9], Sampling(max_tokens=12),
+                        on_finish=lambda s, e: (other.update(tokens=list(s.generated), error=e), finished.set()))
+    try:
+        scheduler.submit(cancelled)
+        scheduler.submit(survivor)
+        assert finished.wait(60)
+    finally:
+        scheduler.stop()
+    assert cancelled.finished and len(cancelled.generated) < 60
+    assert other == {"tokens": greedy(model, [8, 9], 12), "error": None}
