@@ -237,8 +237,13 @@ def test_cli_errors_are_clear_and_nonzero_without_traceback(tmp_path, args, mess
 
 
 def test_serving_image_uses_the_triton_release_the_engines_are_built_for():
-    from deepseek_contract.versions import TRITON_RELEASE
+    from deepseek_contract.versions import TENSORRT_VERSION, TRITON_RELEASE
 
     dockerfile = (Path(__file__).parents[2] / "Dockerfile.triton").read_text()
     assert f"ARG TRITON_RELEASE={TRITON_RELEASE}\n" in dockerfile
+    assert f"ARG TENSORRT_VERSION={TENSORRT_VERSION}\n" in dockerfile
     assert 'numpy<2' in dockerfile and "tokenizers" in dockerfile
+    # The scheduler model runs the engine in Triton's Python backend: the serving package and its runtimes.
+    assert "pip install --no-deps ." in dockerfile and "onnxruntime-gpu" in dockerfile and "torch==" in dockerfile
+    for folder in ("contract", "model_repository"):
+        assert f"COPY {folder}/ {folder}/" in dockerfile
