@@ -34,6 +34,12 @@ SOURCE_SCHEMES = tuple(f"{scheme}://" for scheme in vocabulary.SOURCE_SCHEMES)
 SOURCE_PATTERN = r"^(hf://[^/\s]+/[^/\s]+|s3://[^/\s]+(/\S*)?|pvc://[^/\s]+/\S*|file:///\S*)$"
 ORT_PRECISIONS = BACKEND_PRECISIONS["onnxruntime"]
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+#: A URL whose authority holds user info (``s3://KEY:SECRET@bucket``, ``hf://user:token@org/name``).
+CREDENTIALS_PATTERN = r"^[A-Za-z0-9+.-]+://[^/]*@"
+CREDENTIALS_MESSAGE = (
+    "must not embed credentials (user:password@ in the URL): put them in a Secret and name it in "
+    "spec.model.credentialsSecret (keys HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+)
 
 
 
@@ -69,12 +75,19 @@ class _Model(BaseModel):
 
 
 # ---------------------------------------------------------------- spec.model
+def _no_credentials_rule(prefix: str) -> dict[str, str]:
+    return cel(f"!self.source.matches('{CREDENTIALS_PATTERN}')", f"{prefix}.source {CREDENTIALS_MESSAGE}", ".source")
+
+
 class AdapterSpec(_Model):
     """A LoRA adapter merged into the base weights before the engine is built."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_no_credentials_rule("model.adapter")]})
+
     source: str = Field(
         description="Where the adapter lives: hf://org/name, s3://bucket/prefix, pvc://claim/path or file:///abs/path. "
-        "It must be a PEFT LoRA adapter trained on the base model's architecture.",
+        "It must be a PEFT LoRA adapter trained on the base model's architecture. No credentials in the URL.",
+        json_schema_extra={"pattern": SOURCE_PATTERN},
     )
     revision: Optional[str] = Field(
         default=None, description="Branch, tag or commit of an hf:// adapter. Pin a commit for reproducible engines."
@@ -89,10 +102,13 @@ class AdapterSpec(_Model):
 class ModelSpec(_Model):
     """Which checkpoint to serve and for what task."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_no_credentials_rule("model")]})
+
     source: str = Field(
         description="Where the checkpoint lives: hf://org/name (Hugging Face Hub), s3://bucket/prefix (S3 or an "
         "S3-compatible store), pvc://claim/path (a PersistentVolumeClaim in this namespace) or file:///abs/path "
-        "(a path on the builder's filesystem).",
+        "(a path on the builder's filesystem). No credentials in the URL: use credentialsSecret.",
+        json_schema_extra={"pattern": SOURCE_PATTERN},
     )
     revision: Optional[str] = Field(
         default=None,
@@ -118,11 +134,52 @@ class ModelSpec(_Model):
 
 
 def _check_source(v: str) -> str:
+    if re.match(CREDENTIALS_PATTERN, v):
+        raise ValueError(CREDENTIALS_MESSAGE)  # and the value is not echoed: it holds a secret
     if not re.match(SOURCE_PATTERN, v):
         raise ValueError(
             f"{v!r} is not a supported source: use hf://org/name, s3://bucket/prefix, pvc://claim/path or file:///abs/path"
         )
     return v
+
+
+# ---------------------------------------------------------------- resources
+#: Requests and limits of each container the operator renders, per key: a key the CR sets wins, the others stay.
+#: (GPUs come from serving.gpusPerReplica and the backend, not from here.)
+TRITON_RESOURCES = {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "8", "memory": "32Gi"}}
+REPOSITORY_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+BUILDER_RESOURCES = {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"cpu": "8", "memory": "64Gi"}}
+
+
+def _defaults_text(defaults: dict[str, dict[str, str]]) -> str:
+    parts = [f"{kind} " + ", ".join(f"{k} {v}" for k, v in values.items()) for kind, values in defaults.items()]
+    return "Keys left unset take the defaults: " + "; ".join(parts) + "."
+
+
+class ResourceRequirements(_Model):
+    """CPU, memory and ephemeral-storage requests and limits of a container (GPUs are set elsewhere)."""
+
+    limits: dict[str, str] = Field(
+        default_factory=dict, description="Resource limits, e.g. {cpu: '8', memory: 64Gi}.",
+        json_schema_extra={"additionalProperties": {"type": "string", "pattern": QUANTITY_PATTERN}},
+    )
+    requests: dict[str, str] = Field(
+        default_factory=dict, description="Resource requests, e.g. {cpu: '4', memory: 32Gi}.",
+        json_schema_extra={"additionalProperties": {"type": "string", "pattern": QUANTITY_PATTERN}},
+    )
+
+    @field_validator("limits", "requests", mode="before")
+    @classmethod
+    def _quantities(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            out = {}
+            for name, q in v.items():
+                q = str(q)
+                if not re.match(QUANTITY_PATTERN, q):
+                    raise ValueError(f"{name}: {q!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
+                out[name] = q
+            return out
+        return v
 
 
 # ---------------------------------------------------------------- spec.engine
@@ -156,6 +213,12 @@ class EngineSpec(_Model):
     max_sequence_length: int = Field(
         default=2048, ge=16, le=1048576, description="Longest prompt plus completion, in tokens, the engine accepts."
     )
+    builder_resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="Requests and limits of the build Job's container (a tensorrt build also gets one GPU). "
+        "Not part of the engine key: a change applies to build Jobs started after it. "
+        + _defaults_text(BUILDER_RESOURCES),
+    )
 
     @model_validator(mode="after")
     def _ort_precisions(self) -> "EngineSpec":
@@ -179,6 +242,7 @@ class DynamicBatchingSpec(_Model):
     preferred_batch_sizes: list[int] = Field(
         default_factory=list,
         max_length=16,
+        json_schema_extra={"items": {"type": "integer", "minimum": 1}},
         description="Batch sizes the batcher tries to form, each between 1 and engine.maxBatchSize.",
     )
 
@@ -205,30 +269,6 @@ class Toleration(_Model):
     )
 
 
-class ResourceRequirements(_Model):
-    """CPU and memory for each Triton container (GPUs come from gpusPerReplica)."""
-
-    limits: dict[str, str] = Field(
-        default_factory=dict, description="Resource limits, e.g. {cpu: '8', memory: 64Gi}."
-    )
-    requests: dict[str, str] = Field(
-        default_factory=dict, description="Resource requests, e.g. {cpu: '4', memory: 32Gi}."
-    )
-
-    @field_validator("limits", "requests", mode="before")
-    @classmethod
-    def _quantities(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            out = {}
-            for name, q in v.items():
-                q = str(q)
-                if not re.match(QUANTITY_PATTERN, q):
-                    raise ValueError(f"{name}: {q!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
-                out[name] = q
-            return out
-        return v
-
-
 class ServingSpec(_Model):
     """How Triton is deployed. Changes here roll the Deployment and never rebuild the engine."""
 
@@ -241,7 +281,13 @@ class ServingSpec(_Model):
         default_factory=DynamicBatchingSpec, description="Triton's dynamic batcher for this model."
     )
     resources: ResourceRequirements = Field(
-        default_factory=ResourceRequirements, description="CPU and memory requests and limits of the Triton container."
+        default_factory=ResourceRequirements,
+        description="CPU and memory requests and limits of the Triton container. " + _defaults_text(TRITON_RESOURCES),
+    )
+    init_resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="Requests and limits of the init container that writes Triton's model repository. "
+        + _defaults_text(REPOSITORY_RESOURCES),
     )
     node_selector: dict[str, str] = Field(
         default_factory=dict,
@@ -366,6 +412,7 @@ class CacheSpec(_Model):
     )
     size: Optional[str] = Field(
         default="100Gi",
+        json_schema_extra={"pattern": QUANTITY_PATTERN},
         description="If set, the operator creates the claim with this size when it does not exist (it is never "
         "deleted with a model). Set to null to require an existing claim.",
     )
@@ -540,47 +587,114 @@ def parse_resource(obj: Any) -> DeepSeekModel:
     """Validate a whole DeepSeekModel object (apiVersion, kind, metadata.name, spec)."""
     problems: list[str] = []
     if not isinstance(obj, dict):
-        raise SpecError(["the document must be a mapping with apiVersion, kind, metadata and spec"])
+        raise SpecError([f"the document must be a mapping with apiVersion, kind, metadata and spec, "
+                         f"got {_kind_of(obj)}"])
     if obj.get("apiVersion") != API_VERSION:
         problems.append(f"apiVersion: must be {API_VERSION}, got {obj.get('apiVersion')!r}")
     if obj.get("kind") != KIND:
         problems.append(f"kind: must be {KIND}, got {obj.get('kind')!r}")
-    meta = obj.get("metadata") or {}
-    name = meta.get("name")
-    if not name:
+    meta = obj.get("metadata")
+    name = namespace = None
+    labels: dict[str, str] = {}
+    if meta is None:
         problems.append("metadata.name: required")
-    elif len(name) > 63 or not NAME_PATTERN.match(name):
-        problems.append(
-            f"metadata.name: {name!r} must be at most 63 lowercase letters, digits and '-', starting and ending "
-            "with a letter or digit"
-        )
+    elif not isinstance(meta, dict):
+        problems.append(f"metadata: must be a mapping with name (and namespace), got {_kind_of(meta)}")
+    else:
+        name, namespace = meta.get("name"), meta.get("namespace")
+        if name is None or name == "":
+            problems.append("metadata.name: required")
+        elif not isinstance(name, str):
+            problems.append(f"metadata.name: must be a string, got {_kind_of(name)} {name!r}")
+        elif len(name) > 63 or not NAME_PATTERN.match(name):
+            problems.append(
+                f"metadata.name: {name!r} must be at most 63 lowercase letters, digits and '-', starting and ending "
+                "with a letter or digit"
+            )
+        if namespace is not None and (not isinstance(namespace, str) or not NAME_PATTERN.match(namespace)):
+            problems.append(f"metadata.namespace: {namespace!r} must be a namespace name (lowercase letters, digits "
+                            "and '-')")
+        raw_labels = meta.get("labels")
+        if raw_labels is not None:
+            if not isinstance(raw_labels, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in raw_labels.items()):
+                problems.append("metadata.labels: must be a mapping of strings to strings")
+            else:
+                labels = raw_labels
     spec = None
-    try:
-        spec = parse_spec(obj.get("spec"))
-    except SpecError as exc:
-        problems.extend(exc.problems)
+    if "spec" not in obj:
+        problems.append("spec: required (at least spec.model.source)")
+    else:
+        try:
+            spec = parse_spec(obj.get("spec"))
+        except SpecError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise SpecError(problems)
     return DeepSeekModel(
         name=name,
-        namespace=meta.get("namespace") or "default",
+        namespace=namespace or "default",
         uid=meta.get("uid"),
         generation=meta.get("generation"),
-        labels=meta.get("labels") or {},
+        labels=labels,
         spec=spec,
     )
 
 
+def _kind_of(value: Any) -> str:
+    """A YAML reader's name for a value's type."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return type(value).__name__
+
+
+#: A DeepSeekModel file larger than this is refused before it is parsed.
+MAX_FILE_BYTES = 1 << 20
+
+
 def load_resource_file(path: str) -> DeepSeekModel:
-    """Read the first DeepSeekModel in a YAML file."""
+    """Read the DeepSeekModel in a YAML file; every problem is a SpecError whose lines name the file or the field."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            docs = [d for d in yaml.safe_load_all(fh) if d]
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise SpecError([f"{path}: no such file"]) from None
+    except IsADirectoryError:
+        raise SpecError([f"{path}: is a directory, not a YAML file"]) from None
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot be read: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError([f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB; a DeepSeekModel is a few lines"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"]) from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise SpecError([f"{path}: not valid YAML: {exc}"]) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([f"{path}: not valid YAML{where}: {problem}"]) from None
+    except RecursionError:
+        raise SpecError([f"{path}: nested too deeply to be a DeepSeekModel"]) from None
+    if not docs:
+        raise SpecError([f"{path}: is empty; it needs a {KIND} (apiVersion, kind, metadata, spec)"])
     for doc in docs:
         if isinstance(doc, dict) and doc.get("kind") == KIND:
             return parse_resource(doc)
-    raise SpecError([f"{path}: holds no {KIND} document"])
+    if len(docs) == 1:
+        if isinstance(doc, list):
+            raise SpecError([f"{path}: holds a list; write the {KIND} as a mapping with apiVersion, kind, "
+                             "metadata and spec (one document, or documents separated by ---)"])
+        return parse_resource(docs[0])  # names what is wrong: kind, apiVersion, metadata, spec
+    kinds = ", ".join(sorted({str(d.get("kind")) for d in docs if isinstance(d, dict)})) or "none"
+    raise SpecError([f"{path}: holds no {KIND} document (kinds found: {kinds})"])

@@ -53,7 +53,7 @@ def run(namespaces: tuple[str, ...], all_namespaces: bool, liveness: Optional[st
 
 
 @click.command("render")
-@click.option("-f", "--filename", required=True, type=click.Path(dir_okay=False),
+@click.option("-f", "--filename", required=True, type=click.Path(),
               help="A YAML file holding a DeepSeekModel.")
 @click.option("--builder-image", envvar="DEEPSEEK_BUILDER_IMAGE", help="Image of the engine-build Job.")
 @click.option("--operator-image", envvar="DEEPSEEK_OPERATOR_IMAGE", help="Image of the Triton pods' init container.")
@@ -66,9 +66,8 @@ def render(filename: str, builder_image: Optional[str], operator_image: Optional
         config = OperatorConfig.from_env(builder_image=builder_image, operator_image=operator_image)
         objs = renderers.render_children(model, config)
     except SpecError as exc:
-        click.echo(f"error: {filename}: invalid {'DeepSeekModel'}:", err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
+        # One line, whatever the file holds: the problems name the file or the fields.
+        click.echo(f"error: {filename}: invalid DeepSeekModel: " + "; ".join(exc.problems), err=True)
         sys.exit(2)
     click.echo(yaml.safe_dump_all(objs, sort_keys=False), nl=False)
 

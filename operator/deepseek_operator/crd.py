@@ -53,7 +53,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         if len(options) != 1:
             raise ValueError(f"cannot express a union of {options} structurally")
         merged = _structural(options[0], defs)
-        merged.update({k: v for k, v in node.items() if k in ("description",)})
+        merged.update({k: v for k, v in node.items() if k in ("description", "pattern")})
         if "default" in node and node["default"] is not None:
             merged["default"] = node["default"]
         node = merged

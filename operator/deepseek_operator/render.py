@@ -8,13 +8,15 @@ acts; ``handlers.py`` decides which to apply when.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Optional
 
 from deepseek_model_repository.config import server_flags
 
 from . import autoscaling, engine_key, naming
 from deepseek_contract.engine import gpu_type_for
-from .api import API_VERSION, KIND, DeepSeekModel
+from .api import (API_VERSION, BUILDER_RESOURCES, CREDENTIALS_MESSAGE, CREDENTIALS_PATTERN, KIND, SpecError, REPOSITORY_RESOURCES, TRITON_RESOURCES, DeepSeekModel,
+                  ResourceRequirements)
 from .config import OperatorConfig
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
@@ -65,13 +67,43 @@ def _pod_security_context() -> dict[str, Any]:
 
 
 def _container_security_context() -> dict[str, Any]:
-    """Pod Security Standards 'restricted'."""
+    """Pod Security Standards 'restricted', and a read-only root: containers write only to declared volumes."""
     return {
         "runAsNonRoot": True,
         "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+#: The writable scratch every container gets (HOME and caches point into it): an emptyDir at /tmp.
+SCRATCH_VOLUME = {"name": "tmp", "emptyDir": {}}
+SCRATCH_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
+SCRATCH_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
+
+_SUFFIXES = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+             "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60}
+
+
+def quantity_value(quantity: str) -> float:
+    """A Kubernetes quantity (already validated by the API) as a number, to compare requests with limits."""
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * _SUFFIXES[suffix]
+    return float(quantity)
+
+
+def container_resources(user: ResourceRequirements, defaults: dict[str, dict[str, str]],
+                        extra_limits: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Requests and limits: the CR's keys over the defaults; a request never above its limit."""
+    limits = {**defaults["limits"], **user.limits, **(extra_limits or {})}
+    requests = {**defaults["requests"], **user.requests}
+    for name, request in list(requests.items()):
+        limit = limits.get(name)
+        if isinstance(limit, str) and name not in user.requests and quantity_value(request) > quantity_value(limit):
+            requests[name] = limit  # the CR lowered the limit only: the default request follows it down
+    return {"requests": requests, "limits": limits}
 
 
 def _scheduling(model: DeepSeekModel) -> dict[str, Any]:
@@ -173,8 +205,11 @@ def render_engine_index(namespace: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- build Job
 def build_command(model: DeepSeekModel) -> list[str]:
-    """The builder's CLI for this model's engine."""
+    """The builder's CLI for this model's engine (credentials come from the Secret's env, never from here)."""
     spec = model.spec
+    for source in (spec.model.source, spec.model.adapter.source if spec.model.adapter else ""):
+        if re.match(CREDENTIALS_PATTERN, source):  # the API refuses these; a model built around it still may not
+            raise SpecError([f"spec.model.source {CREDENTIALS_MESSAGE}"])
     args = ["deepseek-operator", "build", "--source", spec.model.source]
     if spec.model.revision:
         args += ["--revision", spec.model.revision]
@@ -204,11 +239,11 @@ def render_build_job(model: DeepSeekModel, config: OperatorConfig, spec_key: str
     meta["labels"][naming.SPEC_KEY_LABEL] = spec_key
     volumes: list[dict[str, Any]] = [
         {"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache.claim_name}},
-        {"name": "scratch", "emptyDir": {}},
+        dict(SCRATCH_VOLUME),
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "cache", "mountPath": CACHE_MOUNT},
-        {"name": "scratch", "mountPath": "/tmp"},
+        dict(SCRATCH_MOUNT),
     ]
     adapter = spec.model.adapter.source if spec.model.adapter else None
     for i, claim in enumerate(_pvc_claims(spec.model.source, adapter)):
@@ -218,17 +253,14 @@ def render_build_job(model: DeepSeekModel, config: OperatorConfig, spec_key: str
         "name": "builder",
         "image": config.builder_image,
         "command": build_command(model),
-        "env": [
-            {"name": "HOME", "value": "/tmp"},
-            {"name": "HF_HOME", "value": "/tmp/huggingface"},
-        ],
+        "env": [*SCRATCH_ENV, {"name": "HF_HOME", "value": "/tmp/huggingface"}],
         "volumeMounts": mounts,
         "securityContext": _container_security_context(),
+        "resources": container_resources(spec.engine.builder_resources, BUILDER_RESOURCES,
+                                         {"nvidia.com/gpu": 1} if spec.engine.backend == "tensorrt" else None),
     }
     if spec.model.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
-    if spec.engine.backend == "tensorrt":
-        container["resources"] = {"limits": {"nvidia.com/gpu": 1}}
     pod_labels = dict(meta["labels"])
     return {
         "apiVersion": "batch/v1",
@@ -241,6 +273,7 @@ def render_build_job(model: DeepSeekModel, config: OperatorConfig, spec_key: str
                 "metadata": {"labels": pod_labels},
                 "spec": {
                     "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
                     "securityContext": _pod_security_context(),
                     "containers": [_with_pull_policy(container, config)],
                     "volumes": volumes,
@@ -281,16 +314,8 @@ def triton_args() -> list[str]:
 
 def _triton_resources(model: DeepSeekModel) -> dict[str, Any]:
     serving = model.spec.serving
-    limits: dict[str, Any] = dict(serving.resources.limits)
-    requests: dict[str, Any] = dict(serving.resources.requests)
-    if serving.gpus_per_replica > 0:
-        limits["nvidia.com/gpu"] = serving.gpus_per_replica
-    out: dict[str, Any] = {}
-    if limits:
-        out["limits"] = limits
-    if requests:
-        out["requests"] = requests
-    return out
+    gpus = {"nvidia.com/gpu": serving.gpus_per_replica} if serving.gpus_per_replica > 0 else None
+    return container_resources(serving.resources, TRITON_RESOURCES, gpus)
 
 
 def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: str) -> dict[str, Any]:
@@ -305,8 +330,10 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
         "name": "model-repository",
         "image": config.operator_image,
         "command": repository_command(model, spec_key),
-        "volumeMounts": [cache_mount, models_mount],
+        "env": list(SCRATCH_ENV),
+        "volumeMounts": [cache_mount, models_mount, dict(SCRATCH_MOUNT)],
         "securityContext": _container_security_context(),
+        "resources": container_resources(spec.serving.init_resources, REPOSITORY_RESOURCES),
     }
     triton: dict[str, Any] = {
         "name": "triton",
@@ -334,12 +361,11 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
             "periodSeconds": 10,
             "failureThreshold": 60,
         },
-        "volumeMounts": [cache_mount, models_mount, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "env": list(SCRATCH_ENV),
+        "volumeMounts": [cache_mount, models_mount, {"name": "dshm", "mountPath": "/dev/shm"}, dict(SCRATCH_MOUNT)],
         "securityContext": _container_security_context(),
+        "resources": _triton_resources(model),
     }
-    resources = _triton_resources(model)
-    if resources:
-        triton["resources"] = resources
     deployment_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector},
         "template": {
@@ -348,6 +374,7 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
                 "annotations": {naming.ENGINE_KEY_ANNOTATION: spec_key},
             },
             "spec": {
+                "automountServiceAccountToken": False,
                 "securityContext": _pod_security_context(),
                 "initContainers": [_with_pull_policy(init, config)],
                 "containers": [triton],
@@ -355,6 +382,7 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
                     {"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache.claim_name, "readOnly": True}},
                     {"name": "models", "emptyDir": {}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                    dict(SCRATCH_VOLUME),
                 ],
                 **_scheduling(model),
             },

@@ -38,6 +38,7 @@ WORKLOAD_RULES = {
     ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
     ("", "events"): {"create", "patch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("autoscaling", "horizontalpodautoscalers"): {"get", "list", "watch", "create", "patch", "delete"},

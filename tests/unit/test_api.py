@@ -71,6 +71,10 @@ def test_wire_form_is_camel_case_and_round_trips():
         ({"cache.size": "big"}, "spec.cache.size", "quantity"),
         ({"autoscaling.metricsBackend": "keda"}, "spec.autoscaling.prometheusAddress", "required when"),
         ({"engine.maxBatchsize": 4}, "spec.engine.maxBatchsize", "unknown field"),
+        ({"model.source": "s3://AKIAXXXX:SECRETYYYY@bucket/r1"}, "spec.model.source", "credentialsSecret"),
+        ({"model.source": "hf://user:hf_token@org/name"}, "spec.model.source", "credentialsSecret"),
+        ({"model.adapter": {"source": "s3://KEY:SECRET@bucket/lora"}}, "spec.model.adapter.source",
+         "credentialsSecret"),
     ],
 )
 def test_invalid_specs_are_refused_with_the_field_named(patch, field, words):
@@ -79,6 +83,12 @@ def test_invalid_specs_are_refused_with_the_field_named(patch, field, words):
     message = str(err.value)
     assert f"{field}:" in message, message
     assert words in message, message
+
+
+def test_a_refused_credential_is_never_echoed():
+    with pytest.raises(api.SpecError) as err:
+        api.parse_spec(spec_with(**{"model.source": "s3://AKIAXXXX:SECRETYYYY@bucket/r1"}))
+    assert "SECRETYYYY" not in str(err.value) and "AKIAXXXX" not in str(err.value)
 
 
 def test_parse_resource_checks_kind_and_name():
@@ -192,6 +202,27 @@ def _api_server_accepts(spec: dict) -> tuple[bool, list[str]]:
         {"engine.precision": "bf16"},
         {"autoscaling.metricsBackend": "keda"},
         {"autoscaling.metricsBackend": "keda", "autoscaling.prometheusAddress": "http://prometheus:9090"},
+        # Sources: the four schemes, nothing else, and no credentials in the URL.
+        {"model.source": "s3://bucket/models/r1"},
+        {"model.source": "pvc://weights/r1"},
+        {"model.source": "file:///models/r1"},
+        {"model.source": "ftp://host/model"},
+        {"model.source": "gs://bucket/model"},
+        {"model.source": "hf://only-org"},
+        {"model.source": "file://relative/path"},
+        {"model.source": "s3://AKIA:SECRET@bucket/r1"},
+        {"model.source": "hf://user:token@org/name"},
+        {"model.source": "pvc://user@claim/path"},
+        {"model.adapter": {"source": "hf://org/lora"}},
+        {"model.adapter": {"source": "gs://bucket/lora"}},
+        {"model.adapter": {"source": "s3://KEY:SECRET@bucket/lora"}},
+        # Quantities and batch sizes.
+        {"cache.size": "lots"},
+        {"cache.size": "500Gi"},
+        {"serving.resources": {"limits": {"memory": "lots"}}},
+        {"engine.builderResources": {"requests": {"cpu": "2", "memory": "8Gi"}}},
+        {"serving.initResources": {"limits": {"cpu": "one"}}},
+        {"serving.dynamicBatching.preferredBatchSizes": [0, 2]},
     ],
 )
 def test_cel_rules_and_pydantic_agree(patch):

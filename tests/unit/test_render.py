@@ -130,7 +130,8 @@ def test_build_job_runs_the_builder_cli_with_the_engine_fields():
         "--gpu-type", "NVIDIA-H100-80GB-HBM3",
         "--cache-dir", "/cache", "--output", "/tmp/repository", "--model-name", "r1",
     ]
-    assert builder["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert builder["resources"] == {"requests": api.BUILDER_RESOURCES["requests"],
+                                    "limits": {**api.BUILDER_RESOURCES["limits"], "nvidia.com/gpu": 1}}
     assert {"name": "cache", "mountPath": "/cache"} in builder["volumeMounts"]
     assert {"name": "cache", "persistentVolumeClaim": {"claimName": "deepseek-engine-cache"}} in pod["volumes"]
     assert "envFrom" not in builder
@@ -139,7 +140,7 @@ def test_build_job_runs_the_builder_cli_with_the_engine_fields():
 def test_cpu_build_has_no_gpu_and_gpu_type_cpu():
     model = make_model("r1", CPU)
     builder = render.render_build_job(model, CONFIG, "k" * 20)["spec"]["template"]["spec"]["containers"][0]
-    assert "resources" not in builder
+    assert "nvidia.com/gpu" not in builder["resources"]["limits"]
     cmd = builder["command"]
     assert cmd[cmd.index("--gpu-type") + 1] == "cpu"
     assert cmd[cmd.index("--backend") + 1] == "onnxruntime"
@@ -215,7 +216,8 @@ def test_deployment_serves_triton_on_three_ports_with_health_probes():
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert triton["command"][0] == "tritonserver" and "--model-repository=/models" in triton["command"]
-    assert triton["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert triton["resources"] == {"requests": api.TRITON_RESOURCES["requests"],
+                                   "limits": {**api.TRITON_RESOURCES["limits"], "nvidia.com/gpu": 1}}
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["template"]["metadata"]["annotations"] == {naming.ENGINE_KEY_ANNOTATION: "key123"}
     assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
@@ -255,8 +257,9 @@ def test_deployment_pods_are_restricted(patch):
         ({}, 1, {}),
         ({"serving.gpusPerReplica": 4}, 4, {}),
         (CPU, None, {}),
-        ({**CPU, "serving.resources": {"limits": {"memory": "8Gi"}, "requests": {"cpu": "2"}}}, None,
-         {"limits": {"memory": "8Gi"}, "requests": {"cpu": "2"}}),
+        # The CR's keys win; the others keep their defaults; a default request follows a lowered limit down.
+        ({**CPU, "serving.resources": {"limits": {"memory": "2Gi"}, "requests": {"cpu": "2"}}}, None,
+         {"limits": {"cpu": "8", "memory": "2Gi"}, "requests": {"cpu": "2", "memory": "2Gi"}}),
     ],
 )
 def test_deployment_gpu_limits_only_when_gpus_per_replica_positive(patch, gpus, other):

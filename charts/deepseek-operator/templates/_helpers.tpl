@@ -76,6 +76,10 @@ namespaces it watches. Named resources and verbs only.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+# One build per engine key and cache: the claim is a Lease (created, taken over by a JSON patch, never deleted).
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "patch"]
 # Read the build pod's state for the hints in a failed build's condition.
 - apiGroups: [""]
   resources: ["pods"]
