@@ -52,11 +52,23 @@ def build_ort_engine(exported: Path, out_file: Path, precision: str, float_outpu
 
     import logging
 
+    graph = onnx.load(str(exported), load_external_data=False).graph
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its "consider pre-processing" advice is for convolutional models
     try:
         quantize_dynamic(str(exported), str(out_file), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=large)
+                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=large,
+                         nodes_to_exclude=_batched_weight_matmuls(graph))
     finally:
         root.setLevel(level)
+
+
+def _batched_weight_matmuls(graph) -> list[str]:
+    """MatMuls whose weight is not a 2-D matrix (MLA's absorbed per-head projections, [H, D, R]).
+
+    ONNX Runtime's integer MatMul takes per-channel zero points only for a 2-D weight, so these stay float.
+    """
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1 and ranks.get(n.input[1], 2) != 2]

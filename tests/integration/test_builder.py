@@ -87,16 +87,19 @@ def test_build_writes_engine_repository_and_report(built):
     entry = engine_dir(cache)
     for name in ("engine/model.onnx", "tokenizer/tokenizer.json", "model-info.json", "build-report.json"):
         assert (entry / name).is_file(), name
-    for model in ("tiny", "tiny_engine", "tiny_stream"):
+    for model in ("tiny", "tiny_stream"):  # text generation: the relay and the scheduler that runs the engine
         assert (out / model / "config.pbtxt").is_file(), model
+    assert not (out / "tiny_engine").exists()
     report = json.loads((out / "build-report.json").read_text())
     assert report["content_key"] == entry.name
     assert report["source_revision"].startswith("sha256:")
     assert set(report["versions"]) >= {"torch", "transformers", "onnx", "onnxruntime", "tensorrt"}
     assert set(report["stage_seconds"]) >= {"download", "load", "export", "check", "engine"}
     assert report["check"]["max_rel_error"] < 1e-4
-    cases = report["check"]["export"]["cases"]
-    assert any("past=0" not in c["case"] for c in cases) and any("pad=0" not in c["case"] for c in cases)
+    cases = [c["case"] for c in report["check"]["export"]["cases"]]
+    # A padded prefill of several prompts, single-token decode steps and multi-token chunks on a filled cache.
+    assert cases[0].startswith("prefill [") and any(c.startswith("1 new on") for c in cases)
+    assert any(c.startswith(("3 new on", "4 new on")) for c in cases) and len(cases) >= 5
     assert report["sizes"]["engine_bytes"] > 1_000_000
     ref = json.loads((cache / "refs" / f"{report['spec_key']}.json").read_text())
     assert ref["engine_dir"] == f"engines/{entry.name}"
@@ -119,27 +122,26 @@ def test_model_info_describes_the_onnx_graph(built):
     assert info["outputs"][0] == {"name": "logits", "data_type": "TYPE_FP32", "dims": [129280]}
 
 
-def test_engine_decoding_with_kv_cache_equals_torch_on_a_left_padded_batch(built, tiny_v3):
-    """Prefill a left-padded batch, then decode 3 steps feeding present back as past: logits equal HF's."""
-    import onnxruntime as ort
+def test_engine_steps_over_a_cache_written_in_place_equal_torch(built, tiny_v3):
+    """Prefill two prompts of different lengths, then decode 3 steps: the engine returns only the new
+    positions, the runner writes them into its cache, and every step's logits equal HF's."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from deepseek_model_repository.serving.runners import open_runner
 
     _, cache, _, _ = built
     entry = engine_dir(cache)
     info = json.loads((entry / "model-info.json").read_text())
-    session = ort.InferenceSession(str(entry / "engine/model.onnx"), providers=["CPUExecutionProvider"])
+    runner = open_runner(entry, info, slots=2, capacity=SEQ)
     model = AutoModelForCausalLM.from_pretrained(tiny_v3).eval()
     prompts = [[0, 300, 301, 302, 303], [0, 500, 501]]
     width = max(map(len, prompts))
-    ids = np.array([[1] * (width - len(p)) + p for p in prompts], dtype=np.int64)
-    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
-    for name, spec in zip(info["kv_cache"]["past_inputs"], info["inputs"][3:]):
-        feed[name] = np.zeros((2, spec["dims"][0], 0, spec["dims"][2]), dtype=np.float32)
+    ids = np.array([p + [1] * (width - len(p)) for p in prompts], dtype=np.int64)
+    mask = np.array([[1] * len(p) + [0] * (width - len(p)) for p in prompts], dtype=np.int64)
+    logits = runner.step(0, ids, mask)
     sequences = [list(p) for p in prompts]
     for _ in range(4):
-        logits, *present = session.run(None, feed)
         for row, seq in enumerate(sequences):
             with torch.no_grad():
                 want = model(torch.tensor([seq])).logits[0, -1].numpy()
@@ -147,10 +149,8 @@ def test_engine_decoding_with_kv_cache_equals_torch_on_a_left_padded_batch(built
         nxt = logits.argmax(-1)
         for row, seq in enumerate(sequences):
             seq.append(int(nxt[row]))
-        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
-        feed = {"input_ids": nxt[:, None].astype(np.int64), "attention_mask": mask,
-                "position_ids": (mask.sum(-1, keepdims=True) - 1).astype(np.int64)}
-        feed.update(dict(zip(info["kv_cache"]["past_inputs"], present)))
+        logits = runner.step(0, nxt[:, None].astype(np.int64), np.ones((2, 1), dtype=np.int64))
+    assert runner.cache.lengths.tolist() == [len(s) for s in sequences]
 
 
 def test_second_build_is_a_cache_hit_in_seconds(built, tiny_v3, workspace):

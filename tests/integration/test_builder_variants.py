@@ -66,13 +66,19 @@ def engine_session(entry: Path):
 
 
 def prefill_logits(entry: Path, prompts=PROMPTS) -> np.ndarray:
+    """One batched prefill of right-padded prompts through the serving runner (engine format 2)."""
+    from deepseek_model_repository.serving.runners import open_runner
+
     info = json.loads((entry / "model-info.json").read_text())
-    ids, mask = left_padded(prompts)
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
-    kv_dtype = np.float16 if info["precision"] == "fp16" else np.float32
-    for spec in info["inputs"][3:]:
-        feed[spec["name"]] = np.zeros((len(prompts), spec["dims"][0], 0, spec["dims"][2]), dtype=kv_dtype)
-    return engine_session(entry).run(["logits"], feed)[0]
+    runner = open_runner(entry, info, slots=len(prompts), capacity=SEQ)
+    width = max(map(len, prompts))
+    ids = np.array([p + [1] * (width - len(p)) for p in prompts], dtype=np.int64)
+    mask = np.array([[1] * len(p) + [0] * (width - len(p)) for p in prompts], dtype=np.int64)
+    return runner.step(0, ids, mask)
+
+
+def kv_input(info: dict) -> dict:
+    return {t["name"]: t for t in info["inputs"]}["past_key_values.0.key"]
 
 
 def torch_last_logits(model, prompts=PROMPTS) -> np.ndarray:
@@ -211,7 +217,7 @@ def test_onnxruntime_precisions_build_checked_engines(ws, cache, precision, kv_t
     info = json.loads((entry / "model-info.json").read_text())
     report = json.loads((entry / "build-report.json").read_text())
     assert info["precision"] == precision
-    assert info["outputs"][0]["data_type"] == "TYPE_FP32" and info["inputs"][3]["data_type"] == kv_type
+    assert info["outputs"][0]["data_type"] == "TYPE_FP32" and kv_input(info)["data_type"] == kv_type
     assert report["check"]["engine"]["threshold"] > 1e-4 and report["check"]["export"]["max_rel_error"] < 1e-4
     assert report["sizes"]["engine_bytes"] < report["sizes"]["onnx_bytes"]
     want = torch_last_logits(AutoModelForCausalLM.from_pretrained(source).eval())
