@@ -208,7 +208,8 @@ class EngineSpec(_Model):
         description="Numeric precision of the engine: fp32, fp16, bf16, int8 or fp8. onnxruntime takes fp32, fp16 or int8.",
     )
     max_batch_size: int = Field(
-        default=8, ge=1, le=1024, description="Largest batch the engine accepts (Triton's max_batch_size)."
+        default=8, ge=1, le=1024, description="Largest batch the engine accepts (Triton's max_batch_size). For "
+        "text generation, the KV cache's slots: how many sequences decode together in flight."
     )
     max_sequence_length: int = Field(
         default=2048, ge=16, le=1048576, description="Longest prompt plus completion, in tokens, the engine accepts."
@@ -231,19 +232,27 @@ class EngineSpec(_Model):
 
 # ---------------------------------------------------------------- spec.serving
 class DynamicBatchingSpec(_Model):
-    """Triton's dynamic batcher: requests that arrive together share one forward pass."""
+    """Triton's dynamic batcher: requests that arrive together share one forward pass.
+
+    Classification and embedding models are batched by it.  Text generation is batched in flight by the
+    model's own scheduler (up to engine.maxBatchSize sequences decode together, joining and leaving between
+    steps), so there only the queue delay applies.
+    """
 
     max_queue_delay_microseconds: int = Field(
         default=1000,
         ge=0,
         le=10_000_000,
-        description="How long a request may wait for others to form a larger batch, in microseconds.",
+        description="How long a request may wait for others to form a larger batch, in microseconds. For "
+        "text generation, how long Triton holds a request before handing it to the in-flight scheduler "
+        "(0 hands it over at once; the scheduler batches by itself).",
     )
     preferred_batch_sizes: list[int] = Field(
         default_factory=list,
         max_length=16,
         json_schema_extra={"items": {"type": "integer", "minimum": 1}},
-        description="Batch sizes the batcher tries to form, each between 1 and engine.maxBatchSize.",
+        description="Batch sizes the batcher tries to form, each between 1 and engine.maxBatchSize. Not used "
+        "for text generation: its scheduler admits requests into free slots between decode steps.",
     )
 
     @field_validator("preferred_batch_sizes")
@@ -365,8 +374,9 @@ class AutoscalingSpec(_Model):
         default=None,
         gt=0,
         le=100,
-        description="Optional second signal: Triton's queue time over compute time (e.g. 0.5). It reacts to "
-        "saturation sooner than GPU utilization.",
+        description="Optional second signal, which reacts to saturation sooner than GPU utilization (e.g. 0.5). "
+        "Text generation: requests waiting for a KV-cache slot per slot (deepseek_scheduler_queue_ratio). "
+        "Classification and embeddings: Triton's queue time over compute time (triton_queue_compute_ratio).",
     )
     metrics_backend: Literal["prometheus-adapter", "keda"] = Field(
         default="prometheus-adapter",
