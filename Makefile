@@ -24,9 +24,11 @@ test-fast: setup
 	$(BIN)/python -m pytest -ra tests/unit
 
 bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/build/run.py
 	$(BIN)/python bench/batching/run.py
 	$(BIN)/python bench/autoscaling/run.py
+	$(BIN)/python bench/serving/run.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache

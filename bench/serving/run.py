@@ -1,0 +1,795 @@
+"""Text-generation serving: in-flight batching against its baselines, at concurrency 1, 8 and 32.
+
+Closed-loop mixed-length load (C clients, each sending its next request when the previous one ends)
+on the tiny DeepSeek-V3 (MLA + MoE) and the tiny Qwen2 (the R1-Distill shape), with the same
+weights, the same requests (prompt lengths and max_tokens drawn from a fixed seed) and greedy
+decoding everywhere.  Systems, each measured in this one run:
+
+* ``inflight``: the served path, ``NAME_stream`` on the local Triton (the scheduler and the ONNX
+  Runtime engine in one Python-backend model), streamed over gRPC;
+* ``previous`` (a): the run-to-completion path as it was at commit 234236b (``legacy.py`` rebuilds it
+  from git: dynamic batches decoded to completion, one BLS call per token to ``NAME_engine``, the
+  whole cache through shared memory), on the same Triton;
+* ``bare`` (b): the same Scheduler and OrtRunner in this process, no server (the serving overhead);
+* ``transformers`` (c): ``transformers serve --continuous-batching``, ``/v1/completions`` streamed
+  over loopback; Qwen2 only, its failure on MLA is recorded.
+
+Also the decode step time with 16 rows at about 2,000 and about 50 tokens of context, for the new
+runner and for the previous path's format-1 engine.
+
+    python bench/serving/run.py                       # everything (about 8 minutes on 2 cores)
+    python bench/serving/run.py --seconds 4 --concurrency 1 8 --archs qwen2 --systems inflight bare
+
+Writes bench/results/serving.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, Optional
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RESULTS = ROOT / "bench" / "results" / "serving.json"
+sys.path.insert(0, str(HERE))
+
+ARCHS = {"deepseek_v3": "tiny DeepSeek-V3 (MLA + MoE)", "qwen2": "tiny Qwen2 (the R1-Distill shape)"}
+SYSTEMS = ("inflight", "previous", "bare", "transformers")
+#: Engine maxBatchSize: the KV cache's slots (the scheduler) and Triton's max batch (the previous path).
+SLOTS = 16
+#: maxSequenceLength of the served engines: the longest prompt (about 60 tokens) plus 96 new ones fits.
+CAPACITY = 256
+#: maxSequenceLength of the engine the decode-step timing uses (2,000 tokens of context and room to step).
+LONG_CAPACITY = 2112
+SHORT_MAX_TOKENS = 16
+SHORT_SHARE = 0.3
+MAX_TOKENS_RANGE = (4, 96)
+PROMPT_WORDS_RANGE = (2, 40)
+WORDS = ("the model serves tokens from a cache on every step while clients wait for their answers and the "
+         "scheduler admits new requests between two decode steps so that short ones leave early kubernetes "
+         "triton operator engine batch latency throughput prompt context attention expert router layer "
+         "weights graph runtime memory device process server stream request response queue slot").split()
+
+
+# ------------------------------------------------------------------ workload
+@dataclass(frozen=True)
+class Workload:
+    """The requests every system sees: client ``c``'s k-th request is the same everywhere."""
+
+    seed: int = 20260
+    pool: int = 64
+
+    def prompts(self) -> list[str]:
+        rng = np.random.default_rng([self.seed, 0])
+        out = []
+        for _ in range(self.pool):
+            n = int(rng.integers(PROMPT_WORDS_RANGE[0], PROMPT_WORDS_RANGE[1] + 1))
+            out.append(" ".join(WORDS[int(i)] for i in rng.integers(0, len(WORDS), n)).capitalize())
+        return out
+
+    def requests(self, client: int) -> Iterator[tuple[int, int]]:
+        """(prompt index, max_tokens) for ever: a share of short requests (max_tokens <= 16), the rest up to 96."""
+        rng = np.random.default_rng([self.seed, 1, client])
+        while True:
+            if rng.random() < SHORT_SHARE:
+                max_tokens = int(rng.integers(MAX_TOKENS_RANGE[0], SHORT_MAX_TOKENS + 1))
+            else:
+                max_tokens = int(rng.integers(SHORT_MAX_TOKENS + 1, MAX_TOKENS_RANGE[1] + 1))
+            yield int(rng.integers(0, self.pool)), max_tokens
+
+
+@dataclass
+class Record:
+    """One request as its client saw it: token arrival times (a piece of text counts as one token)."""
+
+    max_tokens: int
+    start: float = 0.0
+    end: Optional[float] = None
+    times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    #: Tokens the server says it generated, where it says so (transformers' usage), else None.
+    reported_tokens: Optional[int] = None
+    error: Optional[str] = None
+
+    def piece(self, at: float, tokens: int = 1) -> None:
+        self.times.append(at)
+        self.tokens += tokens
+
+
+def percentile(values, q: float) -> Optional[float]:
+    """The q-th percentile (linear interpolation), None for no values."""
+    values = list(values)
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else None
+
+
+@dataclass
+class Window:
+    """One measured level: its records and the window [start, deadline] the clients sent in."""
+
+    records: list[Record]
+    start: float
+    deadline: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        tokens = sum(1 for r in self.records for t in r.times if t <= self.deadline)
+        return tokens / (self.deadline - self.start)
+
+
+def summarize(windows: list[Window]) -> dict[str, Any]:
+    """Tokens/s: the median over rounds of the tokens that arrived within each round's window.
+    TTFT, ITL and latencies: percentiles over every completed request of every round."""
+    records = [r for w in windows for r in w.records]
+    done = [r for r in records if r.error is None and r.end is not None]
+    ttft = [r.times[0] - r.start for r in done if r.times]
+    itl = [b - a for r in done for a, b in zip(r.times, r.times[1:])]
+    # Time per output token of each request (its mean inter-token time): not fooled by tokens that arrive in bursts.
+    tpot = [(r.times[-1] - r.times[0]) / (len(r.times) - 1) for r in done if len(r.times) > 1]
+    short = [r.end - r.start for r in done if r.max_tokens <= SHORT_MAX_TOKENS]
+    latency = [r.end - r.start for r in done]
+    per_round = [w.tokens_per_s for w in windows]
+
+    def ms(v):
+        return None if v is None else round(v * 1000.0, 2)
+
+    return {
+        "requests": len(done),
+        "errors": len(records) - len(done),
+        "first_error": next((r.error for r in records if r.error), None),
+        "tokens": int(sum(r.tokens for r in done)),
+        "tokens_per_s": round(float(np.median(per_round)), 1) if per_round else None,
+        "tokens_per_s_rounds": [round(x, 1) for x in per_round],
+        "mean_tokens_per_request": round(float(np.mean([r.tokens for r in done])), 1) if done else None,
+        "ttft_p50_ms": ms(percentile(ttft, 50)),
+        "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "itl_p50_ms": ms(percentile(itl, 50)),
+        "itl_p99_ms": ms(percentile(itl, 99)),
+        "tpot_p50_ms": ms(percentile(tpot, 50)),
+        "short_requests": len(short),
+        "short_p50_ms": ms(percentile(short, 50)),
+        "latency_p50_ms": ms(percentile(latency, 50)),
+        "latency_p99_ms": ms(percentile(latency, 99)),
+    }
+
+
+async def closed_loop(send: Callable[[str, int, Record], Awaitable[None]], prompts: list[str], workload: Workload,
+                      concurrency: int, seconds: float, drain_s: float = 120.0) -> Window:
+    """C clients for ``seconds``: each sends its next request when the previous one ends (in-flight ones finish)."""
+    records: list[Record] = []
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def client(c: int) -> None:
+        for prompt, max_tokens in workload.requests(c):
+            if time.perf_counter() >= deadline:
+                return
+            record = Record(max_tokens)
+            records.append(record)
+            record.start = time.perf_counter()
+            try:
+                await send(prompts[prompt], max_tokens, record)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                record.error = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(0.05)
+                continue
+            record.end = time.perf_counter()
+
+    await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(concurrency))), seconds + drain_s)
+    return Window(records, start, deadline)
+
+
+# ------------------------------------------------------------------ clients
+def triton_sender(url: str, model: str):
+    """Streams one request to ``model`` (decoupled) over gRPC; every non-empty text piece is a token."""
+    import tritonclient.grpc.aio as aioclient
+
+    from deepseek_model_repository.client import generation_inputs
+
+    client = aioclient.InferenceServerClient(url)
+
+    async def send(prompt: str, max_tokens: int, record: Record) -> None:
+        async def one():
+            yield {"model_name": model,
+                   "inputs": generation_inputs(aioclient, prompt, max_tokens=max_tokens, stream=True)}
+
+        # The server ends the call after the request's final response (the client has finished writing).
+        async for result, error in client.stream_infer(one()):
+            now = time.perf_counter()
+            if error is not None:
+                raise RuntimeError(error.message() if hasattr(error, "message") else str(error))
+            text = result.as_numpy("text_output")
+            if text is not None and text.reshape(-1)[0]:
+                record.piece(now)
+
+    return send, client.close
+
+
+def openai_sender(base_url: str, model: str):
+    """Streams one request to an OpenAI-style ``/v1/completions`` (SSE); a chunk with text is a token."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                    timeout=aiohttp.ClientTimeout(total=120))
+
+    async def send(prompt: str, max_tokens: int, record: Record) -> None:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        async with session.post(f"{base_url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                now = time.perf_counter()
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    data = event.strip()
+                    if data.startswith(b"data:"):
+                        data = data[5:].strip()
+                    if not data or data == b"[DONE]":
+                        continue
+                    message = json.loads(data)
+                    if "error" in message:
+                        raise RuntimeError(str(message["error"]))
+                    if (message.get("choices") or [{}])[0].get("text"):
+                        record.piece(now)
+                    if message.get("usage"):
+                        record.reported_tokens = int(message["usage"]["completion_tokens"])
+
+    return send, session.close
+
+
+# ------------------------------------------------------------------ the bare engine loop
+def bare_level(runner, eos_ids, prompt_ids: list[list[int]], workload: Workload, concurrency: int,
+               seconds: float) -> Window:
+    """The same Scheduler and runner in this process: clients resubmit from the scheduler's on_finish."""
+    from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
+
+    scheduler = Scheduler(runner, eos_ids).start()
+    records: list[Record] = []
+    lock = threading.Lock()
+    clients_left = [concurrency]
+    all_done = threading.Event()
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def submit(c: int, requests: Iterator[tuple[int, int]]) -> None:
+        if time.perf_counter() >= deadline:
+            with lock:
+                clients_left[0] -= 1
+                if clients_left[0] == 0:
+                    all_done.set()
+            return
+        prompt, max_tokens = next(requests)
+        record = Record(max_tokens)
+        with lock:
+            records.append(record)
+
+        def on_token(seq, token):
+            record.piece(time.perf_counter())
+
+        def on_finish(seq, error):
+            record.end = time.perf_counter()
+            record.error = error
+            submit(c, requests)
+
+        record.start = time.perf_counter()
+        scheduler.submit(Sequence(prompt_ids[prompt], Sampling(max_tokens=max_tokens), on_token=on_token,
+                                  on_finish=on_finish))
+
+    for c in range(concurrency):
+        submit(c, workload.requests(c))
+    finished = all_done.wait(seconds + 120)
+    scheduler.stop()
+    if not finished:
+        records.append(Record(0, error="the bare loop did not drain in time"))
+    return Window(records, start, deadline)
+
+
+class BareWorker:
+    """The bare engine loop in a process of its own that imports only the serving code (as Triton's model does):
+    one level per request line on stdin, its records as one JSON line on stdout."""
+
+    def __init__(self, engine_dir: Path, prompt_ids: list[list[int]], workload: Workload):
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--bare-worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        self._send({"engine_dir": str(engine_dir), "prompt_ids": prompt_ids, "seed": workload.seed,
+                    "pool": workload.pool})
+
+    def _send(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the bare-loop worker exited ({self.process.wait()})")
+        return json.loads(line)
+
+    def level(self, concurrency: int, seconds: float) -> Window:
+        answer = self._send({"concurrency": concurrency, "seconds": seconds})
+        records = [Record(m, start=s, end=e, times=t, tokens=n, error=err) for m, s, e, t, n, err in answer["records"]]
+        return Window(records, answer["start"], answer["deadline"])
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def bare_worker_main() -> int:
+    """The worker's side of :class:`BareWorker`."""
+    from deepseek_model_repository.serving.runners import open_runner
+
+    setup = json.loads(sys.stdin.readline())
+    engine_dir = Path(setup["engine_dir"])
+    info = json.loads((engine_dir / "model-info.json").read_text())
+    runner = open_runner(engine_dir, info, slots=int(info["max_batch_size"]),
+                         capacity=int(info["max_sequence_length"]))
+    workload = Workload(seed=setup["seed"], pool=setup["pool"])
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        ask = json.loads(line)
+        w = bare_level(runner, info.get("eos_token_ids", []), setup["prompt_ids"], workload, ask["concurrency"],
+                       ask["seconds"])
+        records = [[r.max_tokens, r.start, r.end, r.times, r.tokens, r.error] for r in w.records]
+        print(json.dumps({"start": w.start, "deadline": w.deadline, "records": records}), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------ decode step time
+def step_times(runner, contexts: list[int], repeats: int) -> dict[str, float]:
+    """Median ms of ``runner.step`` for one decode token in every slot, each slot holding ``ctx`` positions."""
+    slots = runner.cache.slots
+    ids = np.full((slots, 1), 100, dtype=np.int64)
+    mask = np.ones((slots, 1), dtype=np.int64)
+    out = {}
+    for ctx in contexts:
+        samples = []
+        for i in range(repeats + 2):
+            runner.cache.lengths[:] = ctx
+            began = time.perf_counter()
+            runner.step(0, ids, mask)
+            if i >= 2:
+                samples.append(time.perf_counter() - began)
+        runner.cache.lengths[:] = 0
+        out[str(ctx)] = round(float(np.median(samples)) * 1000.0, 2)
+    return out
+
+
+def legacy_step_times(engine_dir: Path, slots: int, contexts: list[int], repeats: int) -> dict[str, Any]:
+    """The format-1 engine, in this process: past [B, H, ctx, D] in, the concatenated cache out.
+
+    ``engine_ms`` is the session call; ``with_copies_ms`` adds what the old loop did to the outputs
+    before the next step (select the running rows, make them contiguous for the BLS request).  The
+    shared-memory transfers between the two Triton models come on top and are not timed here.
+    """
+    import onnxruntime as ort
+
+    info = json.loads((engine_dir / "model-info.json").read_text())
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(engine_dir / info["engine_file"]), options, providers=["CPUExecutionProvider"])
+    by_name = {t["name"]: t for t in info["inputs"]}
+    past_names = info["kv_cache"]["past_inputs"]
+    present_names = info["kv_cache"]["present_outputs"]
+    rng = np.random.default_rng(0)
+    engine, copies, moved = {}, {}, {}
+    for ctx in contexts:
+        feeds = {"input_ids": np.full((slots, 1), 100, dtype=np.int64),
+                 "attention_mask": np.ones((slots, ctx + 1), dtype=np.int64),
+                 "position_ids": np.full((slots, 1), ctx, dtype=np.int64)}
+        for name in past_names:
+            heads, _, dim = by_name[name]["dims"]
+            feeds[name] = (rng.standard_normal((slots, heads, ctx, dim)) * 0.5).astype(np.float32)
+        rows = np.arange(slots)
+        output_names = [o.name for o in session.get_outputs()]
+        run_s, copy_s = [], []
+        for i in range(repeats + 2):
+            began = time.perf_counter()
+            outputs = dict(zip(output_names, session.run(output_names, feeds)))
+            ran = time.perf_counter()
+            nxt = [np.ascontiguousarray(outputs[name][rows]) for name in present_names]
+            copied = time.perf_counter()
+            if i >= 2:
+                run_s.append(ran - began)
+                copy_s.append(copied - began)
+        engine[str(ctx)] = round(float(np.median(run_s)) * 1000.0, 2)
+        copies[str(ctx)] = round(float(np.median(copy_s)) * 1000.0, 2)
+        moved[str(ctx)] = int(sum(a.nbytes for a in nxt) + sum(feeds[n].nbytes for n in past_names))
+    return {"engine_ms": engine, "with_copies_ms": copies, "cache_bytes_in_and_out_per_step": moved}
+
+
+# ------------------------------------------------------------------ transformers serve
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TransformersServe:
+    """``transformers serve --continuous-batching MODEL`` on a loopback port, in its own process group."""
+
+    def __init__(self, model_dir: Path, log_path: Path):
+        self.model_dir = model_dir
+        self.port = free_port()
+        self.log_path = log_path
+        exe = Path(sys.executable).with_name("transformers")
+        command = [str(exe) if exe.exists() else "transformers", "serve", "--continuous-batching",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", str(model_dir)]
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"transformers serve exited ({self.process.returncode}): {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"transformers serve not ready in {timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 12) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.log.close()
+
+
+async def probe_openai(url: str, model: str, prompt: str) -> Optional[str]:
+    """One request (the first one sets up the paged cache, seconds): None when it streamed tokens, else the error."""
+    send, close = openai_sender(url, model)
+    try:
+        record = Record(8)
+        try:
+            await asyncio.wait_for(send(prompt, 8, record), 90)
+        except Exception as exc:  # noqa: BLE001 - the failure is the result
+            return f"{type(exc).__name__}: {exc}"
+        return None if record.tokens else "the first request returned no tokens"
+    finally:
+        await close()
+
+
+def first_error_line(log: str) -> str:
+    """The most telling line of a traceback: the last one naming an Error or Exception."""
+    lines = [l.strip() for l in log.splitlines() if "Error" in l or "Exception" in l]
+    return lines[-1] if lines else (log.strip().splitlines() or [""])[-1]
+
+
+# ------------------------------------------------------------------ engines
+def tiny_resource(cache_dir: Path, name: str, arch: str, slots: int, capacity: int):
+    """The local-tiny example CR for ``arch``'s tiny checkpoint with the given slots and capacity."""
+    import yaml
+
+    from deepseek_local import local
+    from deepseek_operator import api
+
+    raw = yaml.safe_load((local.EXAMPLES_DIR / local.DEFAULT_EXAMPLE).read_text())
+    model_dir = Path(cache_dir) / "tiny-models" / f"{arch}-text-generation"
+    local.ensure_tiny_model(model_dir, arch, "text-generation")
+    raw["metadata"]["name"] = name
+    raw["metadata"]["annotations"] = {}
+    raw["spec"]["model"]["source"] = f"file://{model_dir.resolve()}"
+    raw["spec"]["engine"]["maxBatchSize"] = slots
+    raw["spec"]["engine"]["maxSequenceLength"] = capacity
+    return api.parse_resource(raw), model_dir
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine_info() -> dict[str, Any]:
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(), "gpu": None,
+            "python": platform.python_version(),
+            "note": "a shared machine: other load may have been present during the run (see load averages)"}
+
+
+def fmt(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+# ------------------------------------------------------------------ the run
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", type=Path, default=None, help="engine cache (default: the local mode's)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=9.0, help="measured seconds of each level, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds that interleave the systems at each level")
+    parser.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each system's levels")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--step-repeats", type=int, default=12)
+    parser.add_argument("--no-step", action="store_true", help="skip the decode-step timing")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    import onnxruntime  # noqa: F401 - fail early where the builder extra is missing
+    from tokenizers import Tokenizer
+
+    from deepseek_local import local
+    from deepseek_model_repository import write_repository
+    from deepseek_model_repository.repository import ModelNames
+    from deepseek_model_repository.serving.runners import open_runner
+
+    import legacy
+
+    began = time.time()
+    load_before = os.getloadavg()
+    cache_dir = Path(args.cache_dir or local.default_cache_dir())
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    workload = Workload()
+    prompts = workload.prompts()
+    result: dict[str, Any] = {
+        "slots": SLOTS, "capacity": CAPACITY, "seconds_per_level": args.seconds, "concurrency": args.concurrency,
+        "workload": {"seed": workload.seed, "prompts": workload.pool, "max_tokens": list(MAX_TOKENS_RANGE),
+                     "short_max_tokens": SHORT_MAX_TOKENS, "short_share": SHORT_SHARE, "decoding": "greedy",
+                     "client": "closed loop, streaming (gRPC for Triton, SSE for transformers)"},
+        "models": {}, "rows": [], "notes": [],
+    }
+
+    # ---- engines: format 2 (served, bare, step timing) and the previous path's format 1
+    engines: dict[str, dict[str, Any]] = {}
+    legacy_export = legacy_repo = None
+    if "previous" in args.systems or not args.no_step:
+        try:
+            legacy_export, legacy_repo = legacy.reconstruct(ROOT, work)
+        except legacy.LegacyUnavailable as exc:
+            result["notes"].append(f"baseline (a) skipped: {exc}")
+            log(f"baseline (a) skipped: {exc}")
+    for arch in args.archs:
+        resource, model_dir = tiny_resource(cache_dir, f"bench-{arch.replace('_', '-')}", arch, SLOTS, CAPACITY)
+        log(f"{arch}: engine (slots {SLOTS}, capacity {CAPACITY})")
+        engine_dir = local.build_engine(resource, cache_dir, echo=lambda _: None)
+        e: dict[str, Any] = {"model_dir": model_dir, "engine_dir": engine_dir,
+                             "info": json.loads((engine_dir / "model-info.json").read_text())}
+        if not args.no_step:
+            long_resource, _ = tiny_resource(cache_dir, f"bench-{arch.replace('_', '-')}-long", arch, SLOTS, LONG_CAPACITY)
+            log(f"{arch}: engine (slots {SLOTS}, capacity {LONG_CAPACITY}) for the step timing")
+            e["long_engine_dir"] = local.build_engine(long_resource, cache_dir, echo=lambda _: None)
+        if legacy_export is not None:
+            log(f"{arch}: format-1 engine of the previous path (export from {legacy.COMMIT})")
+            e["legacy_dir"] = legacy.export_engine(legacy_export, model_dir, engine_dir, work / f"v1-{arch}", SLOTS,
+                                                   CAPACITY)
+        tokenizer = Tokenizer.from_file(str(engine_dir / e["info"].get("tokenizer_dir", "tokenizer") /
+                                            "tokenizer.json"))
+        e["prompt_ids"] = [tokenizer.encode(p).ids for p in prompts]
+        lengths = [len(ids) for ids in e["prompt_ids"]]
+        result["models"][arch] = {"description": ARCHS[arch], "engine_dir": str(engine_dir),
+                                  "prompt_tokens": {"min": min(lengths), "median": float(np.median(lengths)),
+                                                    "max": max(lengths)}}
+        engines[arch] = e
+
+    rows: list[dict[str, Any]] = result["rows"]
+    servers = contextlib.ExitStack()
+    with servers:
+        # ---- (1) in-flight and (a) previous: one local Triton serving both paths of both models
+        senders: dict[tuple[str, str], Any] = {}
+        served = [s for s in ("inflight", "previous") if s in args.systems]
+        if "previous" in served and legacy_repo is None:
+            served.remove("previous")
+        triton_models: dict[tuple[str, str], str] = {}
+        if served:
+            repo = work / "repository"
+            ready: list[str] = []
+            for arch, e in engines.items():
+                base = f"bench-{arch.replace('_', '-')}"
+                if "inflight" in served:
+                    write_repository(e["engine_dir"], repo, base, runtime="local")
+                    triton_models[(arch, "inflight")] = f"{base}_stream"
+                    ready += [base, f"{base}_stream"]
+                if "previous" in served:
+                    # No preferred sizes: the previous path batches up to maxBatchSize, its best case here.
+                    legacy_repo.write_repository(e["legacy_dir"], repo, f"{base}-previous", runtime="local",
+                                                 max_queue_delay_us=2000)
+                    triton_models[(arch, "previous")] = f"{base}-previous_stream"
+                    ready += [f"{base}-previous", f"{base}-previous_stream", f"{base}-previous_engine"]
+            server_name = f"bench-serving-{os.getpid()}"
+            log(f"starting Triton with {len(ready)} models")
+            server = local.serve_repository(server_name, repo, cache_dir, models=ready, http_port=0, grpc_port=0,
+                                            metrics_port=0)
+            servers.callback(local.down_name, server_name, cache_dir)
+
+        # ---- (c) transformers serve --continuous-batching: Qwen2 measured, V3 tried (its failure recorded)
+        tservers: dict[str, TransformersServe] = {}
+        if "transformers" in args.systems:
+            result["transformers"] = {}
+            for arch, e in engines.items():
+                log(f"{arch}: starting transformers serve --continuous-batching")
+                serve = TransformersServe(e["model_dir"], work / f"transformers-{arch}.log")
+                servers.callback(serve.stop)
+                outcome: dict[str, Any] = {"command": "transformers serve --continuous-batching <checkpoint>",
+                                           "failed": False}
+                try:
+                    serve.wait_ready()
+                    error = asyncio.run(probe_openai(serve.url, str(e["model_dir"]), prompts[0]))
+                except Exception as exc:  # noqa: BLE001 - recorded
+                    error = f"{type(exc).__name__}: {exc}"
+                if error:
+                    time.sleep(0.5)
+                    outcome.update(failed=True, error=error, server_log_error=first_error_line(serve.log_tail(60)))
+                    log(f"{arch}: transformers serve failed: {error} | {outcome['server_log_error']}")
+                    serve.stop()
+                else:
+                    tservers[arch] = serve
+                result["transformers"][arch] = outcome
+
+        # ---- (b) the bare engine loop: the same scheduler and runner in this process
+        runners: dict[str, BareWorker] = {}
+        if "bare" in args.systems:
+            for arch, e in engines.items():
+                runners[arch] = BareWorker(e["engine_dir"], e["prompt_ids"], workload)
+                servers.callback(runners[arch].close)
+
+        async def run_all() -> None:
+            closers = []
+            for (arch, system), model in triton_models.items():
+                send, close = triton_sender(server.endpoints["grpc"], model)
+                senders[(arch, system)] = send
+                closers.append(close)
+            for arch, serve in tservers.items():
+                send, close = openai_sender(serve.url, str(engines[arch]["model_dir"]))
+                senders[(arch, "transformers")] = send
+                closers.append(close)
+            try:
+                for arch, e in engines.items():
+                    systems = [s for s in SYSTEMS if (arch, s) in senders or (s == "bare" and arch in runners)]
+
+                    async def level(system: str, concurrency: int, seconds: float) -> Window:
+                        if system == "bare":
+                            return runners[arch].level(concurrency, seconds)
+                        return await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds)
+
+                    for system in systems:  # warm-up: sessions, caches, allocators
+                        await level(system, 4, args.warmup)
+                    # Rounds interleave the systems, so load from elsewhere on the machine hits them alike.
+                    windows: dict[tuple[str, int], list[Window]] = {}
+                    for round_index in range(args.rounds):
+                        for c in args.concurrency:
+                            for system in systems:
+                                w = await level(system, c, args.seconds / args.rounds)
+                                windows.setdefault((system, c), []).append(w)
+                                log(f"  {arch:<11} {system:<12} c={c:<3} round {round_index + 1}: "
+                                    f"{w.tokens_per_s:8.1f} tok/s")
+                    for system in systems:
+                        for c in args.concurrency:
+                            rows.append({"model": arch, "system": system, "concurrency": c,
+                                         **summarize(windows[(system, c)])})
+            finally:
+                for close in closers:
+                    await close()
+
+        asyncio.run(run_all())
+
+    # ---- decode step time at ~2,000 against ~50 tokens of context
+    if not args.no_step:
+        result["decode_step"] = {"rows": SLOTS, "contexts": [50, 2000], "capacity": LONG_CAPACITY}
+        for arch, e in engines.items():
+            log(f"{arch}: decode step time, {SLOTS} rows")
+            runner = open_runner(e["long_engine_dir"], json.loads((e["long_engine_dir"] / "model-info.json").read_text()),
+                                 slots=SLOTS, capacity=LONG_CAPACITY)
+            entry: dict[str, Any] = {"inflight_runner_ms": step_times(runner, [50, 2000], args.step_repeats)}
+            del runner
+            if e.get("legacy_dir"):
+                entry["previous_engine"] = legacy_step_times(e["legacy_dir"], SLOTS, [50, 2000], args.step_repeats)
+            result["decode_step"][arch] = entry
+
+    # ---- targets
+    by = {(r["model"], r["system"], r["concurrency"]): r for r in rows}
+    targets: list[dict[str, Any]] = []
+    for arch in engines:
+        for c in args.concurrency:
+            mine, bare = by.get((arch, "inflight", c)), by.get((arch, "bare", c))
+            if mine and bare and bare["tokens_per_s"]:
+                ratio = mine["tokens_per_s"] / bare["tokens_per_s"]
+                targets.append({"target": "tokens/s >= 0.85 x bare engine loop", "model": arch, "concurrency": c,
+                                "value": round(ratio, 3), "pass": ratio >= 0.85})
+        for c in args.concurrency:
+            mine, peer = by.get((arch, "inflight", c)), by.get((arch, "transformers", c))
+            if mine and peer and peer["short_p50_ms"] and mine["short_p50_ms"]:
+                ratio = mine["short_p50_ms"] / peer["short_p50_ms"]
+                targets.append({"target": "short-request p50 <= 1.2 x transformers serve --continuous-batching",
+                                "model": arch, "concurrency": c, "value": round(ratio, 3), "pass": ratio <= 1.2})
+        top = max(args.concurrency)
+        mine, prev = by.get((arch, "inflight", top)), by.get((arch, "previous", top))
+        if mine and prev and prev["tokens_per_s"]:
+            ratio = mine["tokens_per_s"] / prev["tokens_per_s"]
+            targets.append({"target": f"tokens/s at concurrency {top} >= previous path", "model": arch,
+                            "concurrency": top, "value": round(ratio, 3), "pass": ratio >= 1.0})
+    result["targets"] = targets
+    result["machine"] = {**machine_info(), "load_average_before": [round(x, 2) for x in load_before],
+                         "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    result["total_seconds"] = round(time.time() - began, 1)
+    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print_report(result)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print()
+    print(f"{'model':<12} {'system':<13} {'conc':>4} {'tok/s':>8} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} "
+          f"{'p99':>7} {'short p50':>10} {'reqs':>5} {'err':>4}")
+    for r in result["rows"]:
+        print(f"{r['model']:<12} {r['system']:<13} {r['concurrency']:>4} {fmt(r['tokens_per_s']):>8} "
+              f"{fmt(r['ttft_p50_ms']):>9} {fmt(r['ttft_p99_ms']):>8} {fmt(r['itl_p50_ms']):>8} "
+              f"{fmt(r['itl_p99_ms']):>7} {fmt(r['short_p50_ms']):>10} {r['requests']:>5} {r['errors']:>4}")
+    print("(milliseconds; tokens/s within the measured window)")
+    for arch, outcome in result.get("transformers", {}).items():
+        if outcome.get("failed"):
+            print(f"transformers serve --continuous-batching on {arch}: FAILED: {outcome['error']}"
+                  f" | server: {outcome['server_log_error']}")
+    step = result.get("decode_step")
+    if step:
+        print()
+        print(f"decode step, {step['rows']} rows (ms):   context 50   context 2000")
+        for arch in ARCHS:
+            if arch not in step:
+                continue
+            r = step[arch]["inflight_runner_ms"]
+            print(f"  {arch:<11} in-flight runner      {r['50']:>8.2f}   {r['2000']:>8.2f}")
+            prev = step[arch].get("previous_engine")
+            if prev:
+                print(f"  {arch:<11} previous engine       {prev['engine_ms']['50']:>8.2f}   "
+                      f"{prev['engine_ms']['2000']:>8.2f}")
+                print(f"  {arch:<11} previous + row copies {prev['with_copies_ms']['50']:>8.2f}   "
+                      f"{prev['with_copies_ms']['2000']:>8.2f}")
+    print()
+    for t in result["targets"]:
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['model']} c={t['concurrency']} "
+              f"ratio {t['value']}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(bare_worker_main() if sys.argv[1:] == ["--bare-worker"] else main())
