@@ -26,6 +26,8 @@ class Desired:
     build: bool = False
     #: The engine key the Triton Deployment serves (None: nothing built yet, nothing to serve).
     serve: Optional[str] = None
+    #: The engine of ``key`` is built: the cache claim is no longer needed for a build (its pods already mount it).
+    built: bool = False
 
 
 Renderer = Callable[[DeepSeekModel, OperatorConfig, Desired], Optional[dict[str, Any]]]
@@ -37,9 +39,9 @@ class ChildKind:
 
     kind: str
     render: Renderer
-    #: apply: server-side apply on every reconcile (drift is repaired); create: create when absent, never changed
-    #: (a claim's size and a Job's template are immutable once created).
-    sync: Literal["apply", "create"]
+    #: apply: server-side apply on every reconcile (drift is repaired); create: create (a Job's template is
+    #: immutable; an existing one is kept); ensure: read, and create when absent (the shared cache claim).
+    sync: Literal["apply", "create", "ensure"]
     #: Delete the live child when the renderer returns None (the claim and build Jobs outlive the decision).
     prune: bool
     #: Name of the child, for pruning (None: not prunable).
@@ -49,7 +51,7 @@ class ChildKind:
 
 
 def _claim(model: DeepSeekModel, config: OperatorConfig, desired: Desired) -> Optional[dict[str, Any]]:
-    return render.render_cache_claim(model)
+    return None if desired.built else render.render_cache_claim(model)
 
 
 def _job(model: DeepSeekModel, config: OperatorConfig, desired: Desired) -> Optional[dict[str, Any]]:
@@ -84,7 +86,7 @@ def _triton(model: DeepSeekModel) -> str:
 
 #: In sync order: the claim before the Job that mounts it, the Deployment before what selects or scales it.
 CHILDREN: tuple[ChildKind, ...] = (
-    ChildKind("PersistentVolumeClaim", _claim, sync="create", prune=False),
+    ChildKind("PersistentVolumeClaim", _claim, sync="ensure", prune=False),
     ChildKind("Job", _job, sync="create", prune=False),
     ChildKind("Deployment", _deployment, sync="apply", prune=True, name=_triton, serving=True),
     ChildKind("Service", _service, sync="apply", prune=True, name=_triton, serving=True),

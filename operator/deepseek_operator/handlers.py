@@ -52,21 +52,35 @@ class Operator:
         #: Only a wake-up list: the claim itself lives in the cluster, and a restart rebuilds this on resume.
         self._waiters: dict[tuple[str, str], set[str]] = {}
         self._waiting_on: dict[tuple[str, str], str] = {}
+        #: Prunable child kinds known to exist per model, as this process applied them (absent: not known yet,
+        #: so the model's first reconcile deletes every kind it does not render).
+        self._children: dict[tuple[str, str], set[str]] = {}
+        #: Models with a reconcile queued and not started: a later trigger is folded into it (it reads fresh state).
+        self._queued: set[tuple[str, str]] = set()
 
     def _lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
 
     async def reconcile(self, namespace: str, name: str, logger: logging.Logger | None = None) -> Optional[dict]:
-        """Reconcile the model as it is now in the API; returns the status written (None if it is gone)."""
+        """Reconcile the model as it is now in the API; returns the status written (None if it is gone or queued)."""
+        ident = (namespace, name)
+        if ident in self._queued:
+            return None
+        self._queued.add(ident)
         async with self._lock(namespace, name):
+            self._queued.discard(ident)
             obj = await asyncio.to_thread(self.kube.get, "DeepSeekModel", namespace, name)
             if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
                 return None
             try:
-                result = await asyncio.to_thread(reconciling.reconcile, self.kube, self.config, obj)
+                result = await asyncio.to_thread(reconciling.reconcile, self.kube, self.config, obj,
+                                                 self._children.get(ident))
             except Exception:
                 metrics.RECONCILES.labels(result="error").inc()
+                self._children.pop(ident, None)  # not known any more: the next reconcile prunes in full
                 raise
+            if result.applied is not None:
+                self._children[ident] = result.applied
             self._note_waiting(namespace, name, result.waiting_on)
             outcome = result.outcome
             invalid = any(c["reason"] == Reason.INVALID_SPEC for c in outcome.status["conditions"])
@@ -87,6 +101,7 @@ class Operator:
         async with self._lock(namespace, name):
             deleted = await asyncio.to_thread(reconciling.delete_children, self.kube, namespace, name, uid)
         self._locks.pop((namespace, name), None)
+        self._children.pop((namespace, name), None)
         self._note_waiting(namespace, name, None)
         metrics.record_phase(namespace, name, None)
         if deleted:
@@ -122,6 +137,21 @@ CHILD_RESOURCES = (("batch/v1", "jobs"), ("apps/v1", "deployments"), ("v1", "ser
                    ("policy/v1", "poddisruptionbudgets"), ("autoscaling/v2", "horizontalpodautoscalers"))
 
 
+def wakes_owner(body: Any, type: Optional[str]) -> bool:
+    """Does this watch event of a child call for its model's reconcile?
+
+    Not the initial listing (None: the models' resume handlers cover it), not a creation (ADDED: the operator
+    created it; but a new build Job does, so the models waiting for its engine name it), and not the annotation
+    that marks a finished Job counted; every other change and every deletion does.
+    """
+    if type is None or (type == "ADDED" and body.get("kind") != "Job"):
+        return False
+    if type == "MODIFIED" and body.get("kind") == "Job":
+        annotations = (body.get("metadata") or {}).get("annotations") or {}
+        return reconciling.OUTCOME_ANNOTATION not in annotations
+    return True
+
+
 def build_registry(
     operator: Operator,
     *,
@@ -149,7 +179,7 @@ def build_registry(
         async def child_changed(body: Any, type: Optional[str], logger: logging.Logger, **_: Any) -> None:
             if body.get("kind") == "Job":
                 await operator.count_build(body)
-            if type is not None:  # None is the initial listing; the CR's resume handler covers it
+            if wakes_owner(body, type):
                 await operator.reconcile_owner(body, logger)
 
     return registry

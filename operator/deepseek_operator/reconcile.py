@@ -48,6 +48,8 @@ class Result:
 
     outcome: status.Outcome
     waiting_on: Optional[str] = None
+    #: The prunable child kinds that exist after this reconcile (None: not known).
+    applied: Optional[set[str]] = None
 
 
 # ---------------------------------------------------------------- observe
@@ -168,23 +170,30 @@ def _hand_over_replicas(kube: Kube, desired_deployment: dict, live: Optional[dic
 
 
 def sync(kube: Kube, model: DeepSeekModel, config: OperatorConfig, desired: Desired, live_deployment: Optional[dict],
-         served_before: bool) -> tuple[dict[str, Any], bool]:
-    """Apply every rendered child and delete the prunable ones rendered as None; (live objects by kind, started?)."""
+         served_before: bool, known: Optional[set[str]] = None) -> dict[str, Any]:
+    """Apply every rendered child and delete the prunable ones rendered as None; the live objects by kind.
+
+    ``known`` is the prunable kinds this process knows exist for the model (None: unknown, so every prunable
+    kind rendered as None is deleted; a 404 is fine).
+    """
     live: dict[str, Any] = {}
-    started = False
     for child, obj in render_all(model, config, desired):
         if obj is None:
-            if child.prune and (served_before or not child.serving) and child.name is not None:
+            prunable = child.prune and (served_before or not child.serving) and child.name is not None
+            if prunable and (known is None or child.kind in known):
                 try:
                     kube.delete(child.kind, model.namespace, child.name(model))
                 except ApiException as exc:
                     if exc.status != 403:  # not allowed to see KEDA's kinds: there is none of ours to delete
                         raise
             continue
+        if child.sync == "ensure":
+            meta = obj["metadata"]
+            live[child.kind] = kube.get(child.kind, meta["namespace"], meta["name"]) or kube.create_if_absent(obj)[1]
+            continue
         if child.sync == "create":
             created, live[child.kind] = kube.create_if_absent(obj)
             if created and child.kind == "Job":
-                started = True
                 metrics.BUILDS_STARTED.inc()
                 log.info("%s/%s: started build Job %s for engine %s", model.namespace, model.name,
                          obj["metadata"]["name"], desired.key)
@@ -197,38 +206,62 @@ def sync(kube: Kube, model: DeepSeekModel, config: OperatorConfig, desired: Desi
             if child.kind not in AUTOSCALER_KINDS or exc.status != 404:
                 raise
             live["missing-autoscaler"] = obj  # the cluster does not serve this API (e.g. no KEDA)
-    return live, started
+    return live
 
 
 # ---------------------------------------------------------------- the reconcile
-def reconcile(kube: Kube, config: OperatorConfig, obj: dict[str, Any]) -> Result:
+def built_by_status(model: DeepSeekModel, previous: dict, key: str) -> Optional[EngineView]:
+    """The engine as the last status recorded it, when that status already says it is built for ``key``.
+
+    The engine index only grows, so a built engine stays built: an idle model's reconcile reads no index.
+    """
+    engine = previous.get("engine") or {}
+    built = next((c for c in previous.get("conditions") or [] if c.get("type") == "EngineBuilt"), {})
+    if engine.get("cacheKey") != key or built.get("status") != "True":
+        return None
+    return EngineView(key, EngineState.BUILT, job=engine.get("buildJob"), reused=bool(engine.get("reused")),
+                      built_at=engine.get("builtAt"), build_seconds=engine.get("buildSeconds"))
+
+
+def reconcile(kube: Kube, config: OperatorConfig, obj: dict[str, Any], known: Optional[set[str]] = None) -> Result:
     """Observe, decide and act for one DeepSeekModel as read from the API."""
     meta = obj.get("metadata") or {}
     namespace, name = meta.get("namespace"), meta.get("name")
     previous = obj.get("status") or {}
-    deployment = kube.get("Deployment", namespace, naming.triton_name(name))
     try:
         model = parse_resource({**obj, "apiVersion": API_VERSION, "kind": KIND})
         key = engine_key.spec_key(model.spec)
         render_all(model, config, Desired(key, build=True, serve=key))  # renderer-side rules, before acting
     except SpecError as exc:
+        deployment = kube.get("Deployment", namespace, naming.triton_name(name))
         return Result(status.invalid(previous, exc.problems, deployment, meta.get("generation"), now()))
 
     if model.spec.cache.size is None and kube.get("PersistentVolumeClaim", namespace,
                                                   model.spec.cache.claim_name) is None:
+        deployment = kube.get("Deployment", namespace, naming.triton_name(name))
         return Result(status.claim_missing(model, previous, deployment, now()))
 
-    view, build = settle_engine(kube, model, key)
+    # Observe and decide.
+    view, build = built_by_status(model, previous, key), False
+    if view is None:
+        view, build = settle_engine(kube, model, key)
+    built = view.state == EngineState.BUILT
+    # The live Deployment matters when the engine is not built yet (which key it serves meanwhile), and for an
+    # autoscaler taking the replica count over (who owns it).
+    deployment = None
+    if not built or model.spec.autoscaling.enabled:
+        deployment = kube.get("Deployment", namespace, naming.triton_name(name))
     live_key = status.deployed_key(deployment)
     served_before = deployment is not None or bool(previous.get("endpoints"))
-    if view.state == EngineState.BUILT:
+    if built:
         serve = key
     else:
         serve = live_key or ((previous.get("engine") or {}).get("cacheKey") if served_before else None)
-    desired = Desired(key, build=build, serve=serve)
-    live, _ = sync(kube, model, config, desired, deployment, served_before)
-    deployment = live.get("Deployment", deployment if serve else None)
 
+    # Act.
+    live = sync(kube, model, config, Desired(key, build=build, serve=serve, built=built), deployment, served_before,
+                known)
+    deployment = live.get("Deployment", deployment if serve else None)
     counts = None
     if model.spec.autoscaling.enabled:
         if model.spec.autoscaling.metrics_backend == "keda":
@@ -237,7 +270,8 @@ def reconcile(kube: Kube, config: OperatorConfig, obj: dict[str, Any]) -> Result
             counts = autoscaler_status(live.get("HorizontalPodAutoscaler") or {})
     outcome = status.derive(model, previous, view, live_key, serve, deployment, counts, live.get("missing-autoscaler"),
                             now())
-    return Result(outcome, waiting_on=key if view.state == EngineState.WAITING else None)
+    applied = {kind for kind in live if kind not in ("Job", "PersistentVolumeClaim", "missing-autoscaler")}
+    return Result(outcome, waiting_on=key if view.state == EngineState.WAITING else None, applied=applied)
 
 
 def delete_children(kube: Kube, namespace: str, name: str, uid: Optional[str]) -> list[str]:
@@ -277,5 +311,9 @@ def count_outcome(kube: Kube, job: dict) -> Optional[str]:
         metrics.BUILDS_FAILED.inc()
     else:
         return None
-    kube.patch("Job", meta["namespace"], meta["name"], {"metadata": {"annotations": {OUTCOME_ANNOTATION: outcome}}})
+    try:
+        kube.patch("Job", meta["namespace"], meta["name"], {"metadata": {"annotations": {OUTCOME_ANNOTATION: outcome}}})
+    except ApiException as exc:
+        if exc.status != 404:  # deleted meanwhile: counted, nothing to mark
+            raise
     return outcome
