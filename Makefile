@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python bench/build/run.py
 	$(BIN)/python bench/batching/run.py
 	$(BIN)/python bench/autoscaling/run.py
+	$(BIN)/python bench/operator/run.py
 	$(BIN)/python bench/serving/run.py
 
 clean:
