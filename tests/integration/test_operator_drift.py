@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from deepseek_operator import naming
-from kube_harness import NAMESPACE, SPEC, key_of
+from kube_harness import SPEC, key_of
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -126,4 +126,3 @@ async def test_a_deleted_build_job_is_recreated_while_the_engine_is_missing(clus
     await cluster.wait_for(recreated, timeout=10, what="the build Job to be recreated")
     assert [j["metadata"]["name"] for j in await cluster.list("Job")] == [job]
     assert (await cluster.get("PersistentVolumeClaim", "deepseek-engine-cache")) is not None
-    assert NAMESPACE == "models"
