@@ -41,15 +41,16 @@ def set_args(c):
     c["command"] = ["tritonserver", "--model-repository=/elsewhere"]
 
 
-def add_env(c):
-    c["env"] = [{"name": "HACKED", "value": "1"}]
+def set_env(c):
+    # A value the operator sets (a real API server merges env by name, so it too puts this one back).
+    c["env"] = [{**e, "value": "/root"} if e["name"] == "HOME" else e for e in c["env"]]
 
 
 def set_resources(c):
     c["resources"] = {"limits": {"cpu": "64"}}
 
 
-@pytest.mark.parametrize("what, change", [("image", set_image), ("args", set_args), ("env", add_env),
+@pytest.mark.parametrize("what, change", [("image", set_image), ("args", set_args), ("env", set_env),
                                           ("resources", set_resources)])
 async def test_a_hand_edited_triton_container_is_restored(cluster, start_operator, what, change):
     await start_operator()
