@@ -3,22 +3,24 @@
 Closed-loop mixed-length load (C clients, each sending its next request when the previous one ends)
 on the tiny DeepSeek-V3 (MLA + MoE) and the tiny Qwen2 (the R1-Distill shape), with the same
 weights, the same requests (prompt lengths and max_tokens drawn from a fixed seed) and greedy
-decoding everywhere.  Systems, each measured in this one run:
+decoding everywhere.  Systems, each measured in this one run, in rounds that interleave them:
 
 * ``inflight``: the served path, ``NAME_stream`` on the local Triton (the scheduler and the ONNX
   Runtime engine in one Python-backend model), streamed over gRPC;
+* ``inflight-unary``: the same model through ``NAME`` (plain gRPC requests, one response each);
 * ``previous`` (a): the run-to-completion path as it was at commit 234236b (``legacy.py`` rebuilds it
   from git: dynamic batches decoded to completion, one BLS call per token to ``NAME_engine``, the
-  whole cache through shared memory), on the same Triton;
-* ``bare`` (b): the same Scheduler and OrtRunner in this process, no server (the serving overhead);
+  whole cache through shared memory), streamed, on the same Triton;
+* ``bare`` (b): the same Scheduler and OrtRunner in a process of their own, no server, clients
+  resubmitting from the scheduler's callbacks (the serving overhead);
 * ``transformers`` (c): ``transformers serve --continuous-batching``, ``/v1/completions`` streamed
-  over loopback; Qwen2 only, its failure on MLA is recorded.
+  over loopback; Qwen2 measured, DeepSeek-V3 tried and its failure recorded.
 
 Also the decode step time with 16 rows at about 2,000 and about 50 tokens of context, for the new
 runner and for the previous path's format-1 engine.
 
     python bench/serving/run.py                       # everything (about 8 minutes on 2 cores)
-    python bench/serving/run.py --seconds 4 --concurrency 1 8 --archs qwen2 --systems inflight bare
+    python bench/serving/run.py --seconds 4 --rounds 2 --concurrency 1 8 --archs qwen2 --systems inflight bare
 
 Writes bench/results/serving.json and prints a table.
 """
@@ -52,7 +54,7 @@ RESULTS = ROOT / "bench" / "results" / "serving.json"
 sys.path.insert(0, str(HERE))
 
 ARCHS = {"deepseek_v3": "tiny DeepSeek-V3 (MLA + MoE)", "qwen2": "tiny Qwen2 (the R1-Distill shape)"}
-SYSTEMS = ("inflight", "previous", "bare", "transformers")
+SYSTEMS = ("inflight", "inflight-unary", "previous", "bare", "transformers")
 #: Engine maxBatchSize: the KV cache's slots (the scheduler) and Triton's max batch (the previous path).
 SLOTS = 16
 #: maxSequenceLength of the served engines: the longest prompt (about 60 tokens) plus 96 new ones fits.
@@ -98,7 +100,9 @@ class Workload:
 
 @dataclass
 class Record:
-    """One request as its client saw it: token arrival times (a piece of text counts as one token)."""
+    """One request as its client saw it: token arrival times (a piece of text counts as one token).
+
+    A plain (unary) request has no arrival times: its ``tokens`` count at ``end``."""
 
     max_tokens: int
     start: float = 0.0
@@ -108,6 +112,7 @@ class Record:
     #: Tokens the server says it generated, where it says so (transformers' usage), else None.
     reported_tokens: Optional[int] = None
     error: Optional[str] = None
+    unary: bool = False
 
     def piece(self, at: float, tokens: int = 1) -> None:
         self.times.append(at)
@@ -131,6 +136,7 @@ class Window:
     @property
     def tokens_per_s(self) -> float:
         tokens = sum(1 for r in self.records for t in r.times if t <= self.deadline)
+        tokens += sum(r.tokens for r in self.records if r.unary and r.end is not None and r.end <= self.deadline)
         return tokens / (self.deadline - self.start)
 
 
@@ -218,6 +224,22 @@ def triton_sender(url: str, model: str):
             text = result.as_numpy("text_output")
             if text is not None and text.reshape(-1)[0]:
                 record.piece(now)
+
+    return send, client.close
+
+
+def unary_sender(url: str, model: str, greedy_lengths: dict[str, int]):
+    """Plain requests to ``model`` over gRPC (one response each); tokens from the greedy length of the prompt."""
+    import tritonclient.grpc.aio as aioclient
+
+    from deepseek_model_repository.client import generation_inputs
+
+    client = aioclient.InferenceServerClient(url)
+
+    async def send(prompt: str, max_tokens: int, record: Record) -> None:
+        record.unary = True
+        await client.infer(model, generation_inputs(aioclient, prompt, max_tokens=max_tokens))
+        record.tokens = min(max_tokens, greedy_lengths[prompt])
 
     return send, client.close
 
@@ -327,6 +349,9 @@ class BareWorker:
         records = [Record(m, start=s, end=e, times=t, tokens=n, error=err) for m, s, e, t, n, err in answer["records"]]
         return Window(records, answer["start"], answer["deadline"])
 
+    def greedy_lengths(self, max_tokens: int) -> list[int]:
+        return self._send({"greedy_lengths": max_tokens})
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.stdin.close()
@@ -350,11 +375,31 @@ def bare_worker_main() -> int:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         ask = json.loads(line)
+        if "greedy_lengths" in ask:
+            print(json.dumps(greedy_lengths(runner, info.get("eos_token_ids", []), setup["prompt_ids"],
+                                            ask["greedy_lengths"])), flush=True)
+            continue
         w = bare_level(runner, info.get("eos_token_ids", []), setup["prompt_ids"], workload, ask["concurrency"],
                        ask["seconds"])
         records = [[r.max_tokens, r.start, r.end, r.times, r.tokens, r.error] for r in w.records]
         print(json.dumps({"start": w.start, "deadline": w.deadline, "records": records}), flush=True)
     return 0
+
+
+def greedy_lengths(runner, eos_ids, prompt_ids: list[list[int]], max_tokens: int) -> list[int]:
+    """How many tokens greedy decoding gives each prompt, up to ``max_tokens`` (fewer where it ends at EOS)."""
+    from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
+
+    scheduler = Scheduler(runner, eos_ids).start()
+    done = threading.Semaphore(0)
+    sequences = [Sequence(ids, Sampling(max_tokens=max_tokens), on_finish=lambda seq, error: done.release())
+                 for ids in prompt_ids]
+    for seq in sequences:
+        scheduler.submit(seq)
+    for _ in sequences:
+        done.acquire(timeout=120)
+    scheduler.stop()
+    return [len(seq.generated) for seq in sequences]
 
 
 # ------------------------------------------------------------------ decode step time
@@ -363,18 +408,16 @@ def step_times(runner, contexts: list[int], repeats: int) -> dict[str, float]:
     slots = runner.cache.slots
     ids = np.full((slots, 1), 100, dtype=np.int64)
     mask = np.ones((slots, 1), dtype=np.int64)
-    out = {}
-    for ctx in contexts:
-        samples = []
-        for i in range(repeats + 2):
+    samples: dict[int, list[float]] = {ctx: [] for ctx in contexts}
+    for i in range(repeats + 2):  # the contexts alternate, so load from elsewhere hits them alike
+        for ctx in contexts:
             runner.cache.lengths[:] = ctx
             began = time.perf_counter()
             runner.step(0, ids, mask)
             if i >= 2:
-                samples.append(time.perf_counter() - began)
-        runner.cache.lengths[:] = 0
-        out[str(ctx)] = round(float(np.median(samples)) * 1000.0, 2)
-    return out
+                samples[ctx].append(time.perf_counter() - began)
+    runner.cache.lengths[:] = 0
+    return {str(ctx): round(float(np.median(v)) * 1000.0, 2) for ctx, v in samples.items()}
 
 
 def legacy_step_times(engine_dir: Path, slots: int, contexts: list[int], repeats: int) -> dict[str, Any]:
@@ -394,7 +437,8 @@ def legacy_step_times(engine_dir: Path, slots: int, contexts: list[int], repeats
     past_names = info["kv_cache"]["past_inputs"]
     present_names = info["kv_cache"]["present_outputs"]
     rng = np.random.default_rng(0)
-    engine, copies, moved = {}, {}, {}
+    output_names = [o.name for o in session.get_outputs()]
+    all_feeds = {}
     for ctx in contexts:
         feeds = {"input_ids": np.full((slots, 1), 100, dtype=np.int64),
                  "attention_mask": np.ones((slots, ctx + 1), dtype=np.int64),
@@ -402,21 +446,24 @@ def legacy_step_times(engine_dir: Path, slots: int, contexts: list[int], repeats
         for name in past_names:
             heads, _, dim = by_name[name]["dims"]
             feeds[name] = (rng.standard_normal((slots, heads, ctx, dim)) * 0.5).astype(np.float32)
-        rows = np.arange(slots)
-        output_names = [o.name for o in session.get_outputs()]
-        run_s, copy_s = [], []
-        for i in range(repeats + 2):
+        all_feeds[ctx] = feeds
+    rows = np.arange(slots)
+    run_s: dict[int, list[float]] = {ctx: [] for ctx in contexts}
+    copy_s: dict[int, list[float]] = {ctx: [] for ctx in contexts}
+    moved = {}
+    for i in range(repeats + 2):
+        for ctx, feeds in all_feeds.items():
             began = time.perf_counter()
             outputs = dict(zip(output_names, session.run(output_names, feeds)))
             ran = time.perf_counter()
             nxt = [np.ascontiguousarray(outputs[name][rows]) for name in present_names]
             copied = time.perf_counter()
             if i >= 2:
-                run_s.append(ran - began)
-                copy_s.append(copied - began)
-        engine[str(ctx)] = round(float(np.median(run_s)) * 1000.0, 2)
-        copies[str(ctx)] = round(float(np.median(copy_s)) * 1000.0, 2)
-        moved[str(ctx)] = int(sum(a.nbytes for a in nxt) + sum(feeds[n].nbytes for n in past_names))
+                run_s[ctx].append(ran - began)
+                copy_s[ctx].append(copied - began)
+            moved[str(ctx)] = int(sum(a.nbytes for a in nxt) + sum(feeds[n].nbytes for n in past_names))
+    engine = {str(c): round(float(np.median(v)) * 1000.0, 2) for c, v in run_s.items()}
+    copies = {str(c): round(float(np.median(v)) * 1000.0, 2) for c, v in copy_s.items()}
     return {"engine_ms": engine, "with_copies_ms": copies, "cache_bytes_in_and_out_per_step": moved}
 
 
@@ -540,15 +587,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=None, help="engine cache (default: the local mode's)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--seconds", type=float, default=9.0, help="measured seconds of each level, over all rounds")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds that interleave the systems at each level")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds of each level, over all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds that interleave the systems at each level")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each system's levels")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--step-repeats", type=int, default=12)
     parser.add_argument("--no-step", action="store_true", help="skip the decode-step timing")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON",
+                        help="print the tables of a results file as Markdown, and run nothing")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_report(json.loads(args.markdown.read_text())))
+        return 0
 
     import onnxruntime  # noqa: F401 - fail early where the builder extra is missing
     from tokenizers import Tokenizer
@@ -611,7 +663,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with servers:
         # ---- (1) in-flight and (a) previous: one local Triton serving both paths of both models
         senders: dict[tuple[str, str], Any] = {}
-        served = [s for s in ("inflight", "previous") if s in args.systems]
+        served = [s for s in ("inflight", "previous") if s in args.systems or f"{s}-unary" in args.systems]
         if "previous" in served and legacy_repo is None:
             served.remove("previous")
         triton_models: dict[tuple[str, str], str] = {}
@@ -622,7 +674,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 base = f"bench-{arch.replace('_', '-')}"
                 if "inflight" in served:
                     write_repository(e["engine_dir"], repo, base, runtime="local")
-                    triton_models[(arch, "inflight")] = f"{base}_stream"
+                    if "inflight" in args.systems:
+                        triton_models[(arch, "inflight")] = f"{base}_stream"
+                    if "inflight-unary" in args.systems:
+                        triton_models[(arch, "inflight-unary")] = base
                     ready += [base, f"{base}_stream"]
                 if "previous" in served:
                     # No preferred sizes: the previous path batches up to maxBatchSize, its best case here.
@@ -662,15 +717,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         # ---- (b) the bare engine loop: the same scheduler and runner in this process
         runners: dict[str, BareWorker] = {}
-        if "bare" in args.systems:
+        if "bare" in args.systems or "inflight-unary" in args.systems:
             for arch, e in engines.items():
                 runners[arch] = BareWorker(e["engine_dir"], e["prompt_ids"], workload)
                 servers.callback(runners[arch].close)
+                if (arch, "inflight-unary") in triton_models:
+                    lengths = runners[arch].greedy_lengths(MAX_TOKENS_RANGE[1])
+                    e["greedy_lengths"] = dict(zip(prompts, lengths))
+                    result["models"][arch]["greedy_tokens_per_prompt"] = {
+                        "min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths)}
 
         async def run_all() -> None:
             closers = []
             for (arch, system), model in triton_models.items():
-                send, close = triton_sender(server.endpoints["grpc"], model)
+                if system == "inflight-unary":
+                    send, close = unary_sender(server.endpoints["grpc"], model, engines[arch]["greedy_lengths"])
+                else:
+                    send, close = triton_sender(server.endpoints["grpc"], model)
                 senders[(arch, system)] = send
                 closers.append(close)
             for arch, serve in tservers.items():
@@ -679,15 +742,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 closers.append(close)
             try:
                 for arch, e in engines.items():
-                    systems = [s for s in SYSTEMS if (arch, s) in senders or (s == "bare" and arch in runners)]
+                    systems = [s for s in SYSTEMS if (arch, s) in senders or (s == "bare" and s in args.systems)]
 
                     async def level(system: str, concurrency: int, seconds: float) -> Window:
                         if system == "bare":
                             return runners[arch].level(concurrency, seconds)
                         return await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds)
 
-                    for system in systems:  # warm-up: sessions, caches, allocators
-                        await level(system, 4, args.warmup)
+                    for system in systems:  # warm-up: sessions, caches, allocators, the batch sizes to come
+                        for c in sorted({1, max(args.concurrency)}):
+                            await level(system, c, args.warmup)
                     # Rounds interleave the systems, so load from elsewhere on the machine hits them alike.
                     windows: dict[tuple[str, int], list[Window]] = {}
                     for round_index in range(args.rounds):
@@ -724,12 +788,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     by = {(r["model"], r["system"], r["concurrency"]): r for r in rows}
     targets: list[dict[str, Any]] = []
     for arch in engines:
-        for c in args.concurrency:
-            mine, bare = by.get((arch, "inflight", c)), by.get((arch, "bare", c))
-            if mine and bare and bare["tokens_per_s"]:
-                ratio = mine["tokens_per_s"] / bare["tokens_per_s"]
-                targets.append({"target": "tokens/s >= 0.85 x bare engine loop", "model": arch, "concurrency": c,
-                                "value": round(ratio, 3), "pass": ratio >= 0.85})
+        for system, how in (("inflight", "streamed"), ("inflight-unary", "plain requests")):
+            for c in args.concurrency:
+                mine, bare = by.get((arch, system, c)), by.get((arch, "bare", c))
+                if mine and bare and bare["tokens_per_s"]:
+                    ratio = mine["tokens_per_s"] / bare["tokens_per_s"]
+                    targets.append({"target": f"tokens/s ({how}) >= 0.85 x bare engine loop", "model": arch,
+                                    "concurrency": c, "value": round(ratio, 3), "pass": ratio >= 0.85})
         for c in args.concurrency:
             mine, peer = by.get((arch, "inflight", c)), by.get((arch, "transformers", c))
             if mine and peer and peer["short_p50_ms"] and mine["short_p50_ms"]:
@@ -753,6 +818,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_report(result)
     print(f"wrote {args.output}")
     return 0
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """The README's tables, from a results file."""
+    def cell(v, digits=0):
+        return "-" if v is None else f"{v:,.{digits}f}"
+
+    lines = ["| model | system | clients | tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | short p50 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['system']} | {r['concurrency']} | {cell(r['tokens_per_s'])} | "
+                     f"{cell(r['ttft_p50_ms'], 1)} | {cell(r['ttft_p99_ms'], 1)} | {cell(r['itl_p50_ms'], 1)} | "
+                     f"{cell(r['itl_p99_ms'], 1)} | {cell(r['short_p50_ms'], 1)} |")
+    lines.append("")
+    step = result.get("decode_step")
+    if step:
+        lines += ["| decode step, 16 rows | context 50 | context 2,000 | x |", "|---|---|---|---|"]
+        for arch in ARCHS:
+            if arch not in step:
+                continue
+            entries = [("in-flight runner", step[arch]["inflight_runner_ms"])]
+            prev = step[arch].get("previous_engine")
+            if prev:
+                entries += [("previous engine", prev["engine_ms"]), ("previous + row copies", prev["with_copies_ms"])]
+            for label, v in entries:
+                lines.append(f"| {arch} {label} | {v['50']:.2f} ms | {v['2000']:.2f} ms | "
+                             f"x{v['2000'] / v['50']:.2f} |")
+        lines.append("")
+    lines += ["| target | model | clients | ratio | |", "|---|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['model']} | {t['concurrency']} | {t['value']:.2f} | "
+                     f"{'pass' if t['pass'] else '**fail**'} |")
+    return "\n".join(lines)
 
 
 def print_report(result: dict[str, Any]) -> None:
