@@ -51,7 +51,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS = ROOT / "bench" / "results" / "serving.json"
-sys.path.insert(0, str(HERE))
 
 ARCHS = {"deepseek_v3": "tiny DeepSeek-V3 (MLA + MoE)", "qwen2": "tiny Qwen2 (the R1-Distill shape)"}
 SYSTEMS = ("inflight", "inflight-unary", "previous", "bare", "transformers")

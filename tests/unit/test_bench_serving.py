@@ -1,0 +1,68 @@
+"""The serving bench's arithmetic: what counts as a token in the window, TTFT, ITL, short requests, the workload."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parents[2] / "bench" / "serving" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_serving_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_tokens_per_s_counts_only_tokens_that_arrived_within_the_window(bench):
+    streamed = bench.Record(max_tokens=4, start=0.0, end=2.5)
+    for t in (0.5, 1.0, 1.5, 2.5):  # the last one after the deadline
+        streamed.piece(t)
+    plain_in = bench.Record(max_tokens=3, start=0.1, end=1.9, tokens=3, unary=True)
+    plain_late = bench.Record(max_tokens=5, start=1.0, end=2.2, tokens=5, unary=True)
+    window = bench.Window([streamed, plain_in, plain_late], start=0.0, deadline=2.0)
+    assert window.tokens_per_s == pytest.approx((3 + 3) / 2.0)
+
+
+def test_summary_of_ttft_itl_and_short_requests(bench):
+    short = bench.Record(max_tokens=bench.SHORT_MAX_TOKENS, start=0.0, end=0.4)
+    for t in (0.1, 0.2, 0.4):
+        short.piece(t)
+    long = bench.Record(max_tokens=bench.SHORT_MAX_TOKENS + 1, start=0.0, end=1.0)
+    for t in (0.3, 1.0):
+        long.piece(t)
+    failed = bench.Record(max_tokens=8, start=0.0, error="boom")
+    row = bench.summarize([bench.Window([short, long, failed], 0.0, 10.0)])
+    assert row["requests"] == 2 and row["errors"] == 1 and row["first_error"] == "boom"
+    assert row["ttft_p50_ms"] == pytest.approx(200.0)  # first pieces at 0.1 and 0.3
+    assert row["itl_p50_ms"] == pytest.approx(200.0)  # gaps 0.1, 0.2, 0.7
+    assert row["tpot_p50_ms"] == pytest.approx(425.0)  # per request: 0.15 and 0.7
+    assert row["short_requests"] == 1 and row["short_p50_ms"] == pytest.approx(400.0)
+    assert row["tokens"] == 5
+
+
+def test_tokens_per_s_is_the_median_over_rounds(bench):
+    def window(tokens):
+        record = bench.Record(max_tokens=tokens, start=0.0, end=0.5)
+        for i in range(tokens):
+            record.piece(0.5)
+        return bench.Window([record], 0.0, 1.0)
+
+    assert bench.summarize([window(10), window(1000), window(30)])["tokens_per_s"] == 30.0
+
+
+def test_every_system_sees_the_same_requests(bench):
+    workload = bench.Workload()
+    once, again = workload.requests(3), bench.Workload().requests(3)
+    assert [next(once) for _ in range(50)] == [next(again) for _ in range(50)]
+    requests = [r for c in range(32) for r, _ in zip(workload.requests(c), range(40))]
+    lengths = [max_tokens for _, max_tokens in requests]
+    assert min(lengths) >= bench.MAX_TOKENS_RANGE[0] and max(lengths) <= bench.MAX_TOKENS_RANGE[1]
+    share = sum(1 for n in lengths if n <= bench.SHORT_MAX_TOKENS) / len(lengths)
+    assert 0.2 < share < 0.4
+    assert workload.prompts() == bench.Workload().prompts()
