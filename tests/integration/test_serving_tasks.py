@@ -108,6 +108,36 @@ def test_lora_merged_greedy_completions_equal_peft_merged_model(server, engines,
     assert differs, "the adapter should change at least one completion, or this test proves nothing"
 
 
+def test_lora_merged_completions_under_32_concurrent_mixed_requests(server, engines, cache_dir, adapter_dir):
+    """The LoRA-merged engine in flight: 32 clients, mixed prompts and lengths, each answer as if alone."""
+    import concurrent.futures
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model(cache_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
+    tokenizer = tokenizer_of(engines["tiny-lora"])
+    jobs = [(TEXTS[i % len(TEXTS)] + " and" * (i % 5), 2 + (i * 7) % 15) for i in range(32)]
+    want = []
+    for prompt, max_tokens in jobs:
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ids = merged.generate(**enc, do_sample=False, max_new_tokens=max_tokens)
+        want.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+
+    def call(job):
+        client = GenerationClient(server.endpoints["grpc"], "tiny-lora")
+        try:
+            return client.generate(job[0], max_tokens=job[1])
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert list(pool.map(call, jobs)) == want
+
+
 def texts_input(module, texts):
     tensor = module.InferInput("text_input", [len(texts), 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
