@@ -20,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits
+from deepseek_model_repository.serving.triton import error_response, model_parameters
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import Scheduler, Sequence
 
@@ -83,13 +84,6 @@ class SchedulerMetrics:
         self.steps.increment(1)
 
 
-def error_response(message, invalid=True):
-    """An error response; a bad request is INVALID_ARG (HTTP 400), anything else INTERNAL."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
-    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
-
-
 def text_response(texts):
     array = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", array)])
@@ -100,8 +94,7 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Open the engine and its cache where it runs, and start the scheduler's thread."""
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config, params = model_parameters(args)
         engine_dir = params["engine_dir"]
         with open(os.path.join(engine_dir, "model-info.json"), encoding="utf-8") as fh:
             info = json.load(fh)

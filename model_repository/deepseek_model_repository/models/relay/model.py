@@ -8,18 +8,12 @@ answers through the request's response sender.  So a plain request joins the run
 between two decode steps instead of waiting for a dynamic batch to finish.
 """
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits
-
-
-def error_response(message, invalid=True):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
-    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+from deepseek_model_repository.serving.triton import error_response, model_parameters
 
 
 class TritonPythonModel:
@@ -27,8 +21,7 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Note the scheduler model; the relay threads wait on it, so there are as many as requests can queue."""
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config, params = model_parameters(args)
         self.model_name = config["name"]
         self.target = params["scheduler_model"]
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("relay_threads", "256")),

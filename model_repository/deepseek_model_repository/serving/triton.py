@@ -1,0 +1,18 @@
+"""What the text-generation Python models share inside Triton (imported only there: it needs the stub's utils)."""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+
+def error_response(message, invalid=True):
+    """An error response; a bad request is INVALID_ARG (HTTP 400), anything else INTERNAL."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def model_parameters(args):
+    """(model config, its string parameters) from ``initialize``'s args."""
+    config = json.loads(args["model_config"])
+    return config, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
