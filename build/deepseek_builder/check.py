@@ -62,7 +62,6 @@ def check_generation(spec, run_engine: Callable[[dict[str, np.ndarray]], list[np
     """Drive the text-generation engine step by step and compare every step's logits with transformers'."""
     import torch
 
-    threshold = THRESHOLDS[precision]
     model = spec.wrapper.model
     prompts, steps = generation_schedule(max_batch, max_seq)
     rows = len(prompts)
@@ -102,12 +101,16 @@ def check_generation(spec, run_engine: Callable[[dict[str, np.ndarray]], list[np
         lengths += np.asarray(counts)
         worst = max(worst, error)
         results.append({"case": label, "max_rel_error": error})
-    report = {"max_rel_error": worst, "threshold": threshold, "precision": precision, "passed": worst <= threshold,
-              "cases": results}
+    return _verdict(worst, precision, results, "the engine's logits differ from PyTorch's")
+
+
+def _verdict(worst: float, precision: str, results: list[dict], what: str) -> dict:
+    """The report's ``check`` section; BuildError when ``worst`` is over the precision's threshold."""
+    threshold = THRESHOLDS[precision]
     if worst > threshold:
-        raise BuildError(f"numerical check failed: the engine's logits differ from PyTorch's by {worst:.3g} "
-                         f"(relative), more than the {precision} threshold {threshold:g}; details: {results}")
-    return report
+        raise BuildError(f"numerical check failed: {what} by {worst:.3g} (relative), more than the {precision} "
+                         f"threshold {threshold:g}; details: {results}")
+    return {"max_rel_error": worst, "threshold": threshold, "precision": precision, "passed": True, "cases": results}
 
 
 def relative_error(reference: np.ndarray, got: np.ndarray) -> float:
@@ -131,7 +134,6 @@ def check_engine(spec, run_engine: Callable[[dict[str, np.ndarray]], list[np.nda
 
     from .export import sample_inputs
 
-    threshold = THRESHOLDS[precision]
     g = torch.Generator().manual_seed(seed)
     results = []
     worst = 0.0
@@ -162,12 +164,7 @@ def check_engine(spec, run_engine: Callable[[dict[str, np.ndarray]], list[np.nda
         worst = max(worst, case_error)
         results.append({"case": case.label(), "max_rel_error": case_error,
                         "worst_output": max(errors, key=errors.get)})
-    report = {"max_rel_error": worst, "threshold": threshold, "precision": precision, "passed": worst <= threshold,
-              "cases": results}
-    if worst > threshold:
-        raise BuildError(f"numerical check failed: the engine differs from PyTorch by {worst:.3g} (relative), "
-                         f"more than the {precision} threshold {threshold:g}; details: {results}")
-    return report
+    return _verdict(worst, precision, results, "the engine differs from PyTorch")
 
 
 def ort_runner(model_file: Path, output_names: list[str], threads: int = 0):

@@ -172,7 +172,7 @@ class Scheduler:
                     break
             try:
                 self._admit()
-                self._retire()  # sequences that ended at their first token leave before the step
+                self._retire(poll_clients=False)  # sequences that ended at their first token leave before the step
                 if self.running:
                     self._decode()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
@@ -275,9 +275,12 @@ class Scheduler:
             except Exception:  # noqa: BLE001
                 log.warning("the final response of a sequence could not be sent", exc_info=True)
 
-    def _retire(self) -> None:
-        """Drop finished and cancelled sequences; move the rest down so slots [0, n) stay the running ones."""
-        for seq in self.running:
+    def _retire(self, poll_clients: bool = True) -> None:
+        """Drop finished and cancelled sequences; move the rest down so slots [0, n) stay the running ones.
+
+        Asking whether a client went away is a round trip to Triton's process: it is done once per step.
+        """
+        for seq in self.running if poll_clients else ():
             if not seq.finished and seq.cancelled():
                 self._finish(seq, None, notify=False)
         if not any(s.finished for s in self.running):
