@@ -179,3 +179,12 @@ def test_tiny_model_refuses_unknown_architectures(tmp_path):
 
     with pytest.raises(TinyModelError, match="choose one of deepseek_v3"):
         write_tiny_model(tmp_path, arch="gpt2")
+
+
+def test_numerical_check_fails_over_the_precision_threshold_and_names_it():
+    from deepseek_builder.check import _verdict
+    from deepseek_builder.errors import BuildError
+
+    assert _verdict(1e-5, "fp32", [], "x")["passed"]
+    with pytest.raises(BuildError, match=r"differs by 0\.001 \(relative\), more than the fp32 threshold 0\.0001"):
+        _verdict(1e-3, "fp32", [{"case": "prefill [3]"}], "differs")
