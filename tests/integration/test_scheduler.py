@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from deepseek_model_repository.serving.runners import KvCache, LayerShape, RunnerError, TorchRunner, open_runner
-from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
+from deepseek_model_repository.serving.scheduler import NoMetrics, Sampling, Scheduler, Sequence
 from triton_harness import build, tiny_model, tiny_resource
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -155,3 +155,31 @@ def test_a_cancelled_sequence_leaves_and_the_others_go_on(cache_dir):
         scheduler.stop()
     assert cancelled.finished and len(cancelled.generated) < 60
     assert other == {"tokens": greedy(model, [8, 9], 12), "error": None}
+
+
+def test_a_failing_client_poll_or_metric_frees_the_slot_and_the_loop_goes_on(cache_dir):
+    """A poll of Triton that raises (a client's cancel state, a gauge) costs that sequence, never the scheduler."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 2, CAPACITY)
+
+    class BrokenGauges(NoMetrics):
+        def gauges(self, waiting, running, cache_utilization):
+            raise RuntimeError("the metrics port is gone")
+
+    def poll_fails() -> bool:
+        raise RuntimeError("cannot reach the server")
+
+    scheduler = Scheduler(runner, eos_ids=[1], metrics=BrokenGauges()).start()
+    ended: dict = {}
+    done = threading.Event()
+    broken = Sequence([5, 6, 7], Sampling(max_tokens=60), cancelled=poll_fails,
+                      on_finish=lambda s, e: (ended.update(error=e), done.set()))
+    try:
+        scheduler.submit(broken)
+        assert done.wait(60)
+        assert "could not check its client" in ended["error"]
+        [got] = run_all(scheduler, [([8, 9], 12)])
+    finally:
+        scheduler.stop()
+    assert got == greedy(model, [8, 9], 12)
+    assert not scheduler.running

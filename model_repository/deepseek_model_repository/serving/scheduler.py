@@ -185,7 +185,10 @@ class Scheduler:
             self._finish(seq, "the server is shutting down")
 
     def _publish(self) -> None:
-        self.metrics.gauges(len(self.waiting), len(self.running), self.cache_utilization())
+        try:
+            self.metrics.gauges(len(self.waiting), len(self.running), self.cache_utilization())
+        except Exception:  # noqa: BLE001 - metrics are never worth a stopped scheduler
+            log.warning("publishing the scheduler's gauges failed", exc_info=True)
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots and prefill them together."""
@@ -195,9 +198,8 @@ class Scheduler:
         with self._cond:
             while self.waiting and len(admitted) < free:
                 seq = self.waiting[0]
-                if seq.cancelled():
+                if self._gone(seq, answer=True):
                     self.waiting.popleft()
-                    self._finish(seq, None)
                     continue
                 if admitted and len(seq.prompt_ids) > budget:
                     break
@@ -275,14 +277,29 @@ class Scheduler:
             except Exception:  # noqa: BLE001
                 log.warning("the final response of a sequence could not be sent", exc_info=True)
 
+    def _gone(self, seq: Sequence, answer: bool = False) -> bool:
+        """Has the client of ``seq`` gone away?  Then ``seq`` is finished (a poll that fails ends it too).
+
+        ``answer``: still send the final response to a client that went away (a sequence that never ran).
+        """
+        try:
+            gone = seq.cancelled()
+        except Exception as exc:  # noqa: BLE001 - one client's failed poll costs that sequence, never the loop
+            log.warning("asking whether a client went away failed; ending its sequence", exc_info=True)
+            self._finish(seq, f"generation failed: the scheduler could not check its client ({exc})")
+            return True
+        if gone:
+            self._finish(seq, None, notify=answer)
+        return gone
+
     def _retire(self, poll_clients: bool = True) -> None:
         """Drop finished and cancelled sequences; move the rest down so slots [0, n) stay the running ones.
 
         Asking whether a client went away is a round trip to Triton's process: it is done once per step.
         """
         for seq in self.running if poll_clients else ():
-            if not seq.finished and seq.cancelled():
-                self._finish(seq, None, notify=False)
+            if not seq.finished:
+                self._gone(seq)
         if not any(s.finished for s in self.running):
             return
         kept = [s for s in self.running if not s.finished]
