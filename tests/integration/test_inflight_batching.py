@@ -149,7 +149,8 @@ def test_a_stream_whose_client_goes_away_frees_its_slot(server):
     while scheduler_metric(server, "sequences_running", name) > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     generated = scheduler_metric(server, "generated_tokens_total", name) - tokens_before
-    assert scheduler_metric(server, "sequences_running", name) == 0, f"still running after {generated:.0f} tokens"
+    assert scheduler_metric(server, "sequences_running", name) == 0, (
+        f"still running after {generated:.0f} tokens; the server's log ends:\n{Path(server.log).read_text()[-3000:]}")
     assert scheduler_metric(server, "kv_cache_utilization", name) == 0
 
 
