@@ -54,8 +54,11 @@ RESULTS = ROOT / "bench" / "results" / "serving.json"
 
 ARCHS = {"deepseek_v3": "tiny DeepSeek-V3 (MLA + MoE)", "qwen2": "tiny Qwen2 (the R1-Distill shape)"}
 SYSTEMS = ("inflight", "inflight-unary", "previous", "bare", "transformers")
-#: Engine maxBatchSize: the KV cache's slots (the scheduler) and Triton's max batch (the previous path).
-SLOTS = 16
+#: Engine maxBatchSize: the KV cache's slots (the scheduler) and Triton's max batch (the previous path).  The
+#: highest concurrency, so that every client can hold a slot, as transformers' paged cache admits them all.
+SLOTS = 32
+#: Sequences in the decode-step timing.
+STEP_ROWS = 16
 #: maxSequenceLength of the served engines: the longest prompt (about 60 tokens) plus 96 new ones fits.
 CAPACITY = 256
 #: maxSequenceLength of the engine the decode-step timing uses (2,000 tokens of context and room to step).
@@ -247,7 +250,9 @@ def openai_sender(base_url: str, model: str):
     """Streams one request to an OpenAI-style ``/v1/completions`` (SSE); a chunk with text is a token."""
     import aiohttp
 
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+    # The server closes connections idle for 5 s (uvicorn's default), and rounds of the other systems run in
+    # between: never reuse a connection that may have been closed under the client.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2),
                                     timeout=aiohttp.ClientTimeout(total=120))
 
     async def send(prompt: str, max_tokens: int, record: Record) -> None:
@@ -641,8 +646,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         e: dict[str, Any] = {"model_dir": model_dir, "engine_dir": engine_dir,
                              "info": json.loads((engine_dir / "model-info.json").read_text())}
         if not args.no_step:
-            long_resource, _ = tiny_resource(cache_dir, f"bench-{arch.replace('_', '-')}-long", arch, SLOTS, LONG_CAPACITY)
-            log(f"{arch}: engine (slots {SLOTS}, capacity {LONG_CAPACITY}) for the step timing")
+            long_resource, _ = tiny_resource(cache_dir, f"bench-{arch.replace('_', '-')}-long", arch, STEP_ROWS,
+                                             LONG_CAPACITY)
+            log(f"{arch}: engine (slots {STEP_ROWS}, capacity {LONG_CAPACITY}) for the step timing")
             e["long_engine_dir"] = local.build_engine(long_resource, cache_dir, echo=lambda _: None)
         if legacy_export is not None:
             log(f"{arch}: format-1 engine of the previous path (export from {legacy.COMMIT})")
@@ -772,15 +778,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # ---- decode step time at ~2,000 against ~50 tokens of context
     if not args.no_step:
-        result["decode_step"] = {"rows": SLOTS, "contexts": [50, 2000], "capacity": LONG_CAPACITY}
+        result["decode_step"] = {"rows": STEP_ROWS, "contexts": [50, 2000], "capacity": LONG_CAPACITY}
         for arch, e in engines.items():
-            log(f"{arch}: decode step time, {SLOTS} rows")
+            log(f"{arch}: decode step time, {STEP_ROWS} rows")
             runner = open_runner(e["long_engine_dir"], json.loads((e["long_engine_dir"] / "model-info.json").read_text()),
-                                 slots=SLOTS, capacity=LONG_CAPACITY)
+                                 slots=STEP_ROWS, capacity=LONG_CAPACITY)
             entry: dict[str, Any] = {"inflight_runner_ms": step_times(runner, [50, 2000], args.step_repeats)}
             del runner
             if e.get("legacy_dir"):
-                entry["previous_engine"] = legacy_step_times(e["legacy_dir"], SLOTS, [50, 2000], args.step_repeats)
+                entry["previous_engine"] = legacy_step_times(e["legacy_dir"], STEP_ROWS, [50, 2000], args.step_repeats)
             result["decode_step"][arch] = entry
 
     # ---- targets
@@ -833,7 +839,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines.append("")
     step = result.get("decode_step")
     if step:
-        lines += ["| decode step, 16 rows | context 50 | context 2,000 | x |", "|---|---|---|---|"]
+        lines += [f"| decode step, {step['rows']} rows | context 50 | context 2,000 | x |", "|---|---|---|---|"]
         for arch in ARCHS:
             if arch not in step:
                 continue
