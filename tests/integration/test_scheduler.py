@@ -169,15 +169,23 @@ def test_a_failing_client_poll_or_metric_frees_the_slot_and_the_loop_goes_on(cac
     def poll_fails() -> bool:
         raise RuntimeError("cannot reach the server")
 
+    polls = []
+
+    def poll_fails_once_running() -> bool:  # the admission's poll answers; the first poll after a step raises
+        polls.append(1)
+        return poll_fails() if len(polls) > 1 else False
+
     scheduler = Scheduler(runner, eos_ids=[1], metrics=BrokenGauges()).start()
-    ended: dict = {}
-    done = threading.Event()
-    broken = Sequence([5, 6, 7], Sampling(max_tokens=60), cancelled=poll_fails,
-                      on_finish=lambda s, e: (ended.update(error=e), done.set()))
     try:
-        scheduler.submit(broken)
-        assert done.wait(60)
-        assert "could not check its client" in ended["error"]
+        for poll in (poll_fails, poll_fails_once_running):
+            ended: dict = {}
+            done = threading.Event()
+            broken = Sequence([5, 6, 7], Sampling(max_tokens=60), cancelled=poll,
+                              on_finish=lambda s, e: (ended.update(error=e, tokens=len(s.generated)), done.set()))
+            scheduler.submit(broken)
+            assert done.wait(60)
+            assert "could not check its client" in ended["error"]
+            assert ended["tokens"] < 60
         [got] = run_all(scheduler, [([8, 9], 12)])
     finally:
         scheduler.stop()
