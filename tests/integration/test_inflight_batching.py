@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from deepseek_model_repository.client import GenerationClient, generation_inputs, text_of
-from triton_harness import build, scheduler_metric, serve_engines, tiny_resource
+from triton_harness import build, scheduler_metric, serve_engines, settled_scheduler_metric, tiny_resource
 
 pytestmark = [
     pytest.mark.slow,
@@ -105,7 +105,7 @@ def test_32_concurrent_mixed_requests_equal_transformers_alone(server, engines, 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         got = list(pool.map(call, range(len(jobs))))
     assert got == want
-    assert scheduler_metric(server, "requests_waiting", name) == 0
+    assert settled_scheduler_metric(server, "requests_waiting", name) == 0
 
 
 def test_a_short_request_joins_a_running_batch_and_returns_first(server):
@@ -136,7 +136,7 @@ def test_a_short_request_joins_a_running_batch_and_returns_first(server):
 
 def test_a_stream_whose_client_goes_away_frees_its_slot(server):
     name = "tiny-llama"
-    tokens_before = scheduler_metric(server, "generated_tokens_total", name)
+    tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
     client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
     first = threading.Event()
     client.start_stream(callback=lambda result, error: first.set())
@@ -148,10 +148,10 @@ def test_a_stream_whose_client_goes_away_frees_its_slot(server):
     deadline = time.monotonic() + 20
     while scheduler_metric(server, "sequences_running", name) > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    generated = scheduler_metric(server, "generated_tokens_total", name) - tokens_before
+    generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
     assert scheduler_metric(server, "sequences_running", name) == 0, (
         f"still running after {generated:.0f} tokens; the server's log ends:\n{Path(server.log).read_text()[-3000:]}")
-    assert scheduler_metric(server, "kv_cache_utilization", name) == 0
+    assert settled_scheduler_metric(server, "kv_cache_utilization", name) == 0
 
 
 def test_a_prompt_too_long_for_the_context_is_refused_by_name(server):
@@ -215,13 +215,13 @@ def test_an_unknown_field_is_refused_by_name(server, model):
 
 def test_scheduler_metrics_count_what_was_served(server):
     name = model_name("deepseek_v3")
-    tokens = scheduler_metric(server, "generated_tokens_total", name)
+    tokens = settled_scheduler_metric(server, "generated_tokens_total", name)
     client = GenerationClient(server.endpoints["grpc"], name)
     try:
         text = client.generate("the of", max_tokens=6)
     finally:
         client.close()
     assert text
-    assert 1 <= scheduler_metric(server, "generated_tokens_total", name) - tokens <= 6
+    assert 1 <= settled_scheduler_metric(server, "generated_tokens_total", name) - tokens <= 6
     assert scheduler_metric(server, "time_to_first_token_seconds_count", name) >= 1
     assert np.isfinite(scheduler_metric(server, "inter_token_latency_seconds_sum", name))

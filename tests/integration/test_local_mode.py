@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from deepseek_model_repository.client import GenerationClient, ServingError, generation_inputs, text_of
 from deepseek_local import local
-from triton_harness import EXAMPLE, model_stats, scheduler_metric
+from triton_harness import EXAMPLE, model_stats, settled_scheduler_metric
 
 pytestmark = [
     pytest.mark.slow,
@@ -110,11 +110,11 @@ def test_greedy_completions_equal_transformers_over_http_and_grpc(server, refere
 
 def test_decoding_reuses_the_kv_cache_one_engine_step_per_token(server):
     """One engine call per new token: a prefill, then decode steps over the cache (parity proves the cache)."""
-    before = scheduler_metric(server, "engine_steps_total", NAME)
-    tokens = scheduler_metric(server, "generated_tokens_total", NAME)
+    before = settled_scheduler_metric(server, "engine_steps_total", NAME)
+    tokens = settled_scheduler_metric(server, "generated_tokens_total", NAME)
     http_generate(server, PROMPTS[2], max_tokens=5)
-    assert scheduler_metric(server, "engine_steps_total", NAME) - before == 5
-    assert scheduler_metric(server, "generated_tokens_total", NAME) - tokens == 5
+    assert settled_scheduler_metric(server, "engine_steps_total", NAME) - before == 5
+    assert settled_scheduler_metric(server, "generated_tokens_total", NAME) - tokens == 5
 
 
 def test_streaming_yields_the_same_text_piece_by_piece(server, reference):
@@ -149,8 +149,8 @@ def test_http_generate_and_server_sent_event_streaming(server, reference):
 
 def test_32_concurrent_clients_get_their_own_correct_answers_in_shared_batches(server, reference):
     before = model_stats(server, NAME)
-    steps = scheduler_metric(server, "engine_steps_total", NAME)
-    tokens = scheduler_metric(server, "generated_tokens_total", NAME)
+    steps = settled_scheduler_metric(server, "engine_steps_total", NAME)
+    tokens = settled_scheduler_metric(server, "generated_tokens_total", NAME)
     jobs = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
 
     def call(prompt: str) -> str:
@@ -166,8 +166,8 @@ def test_32_concurrent_clients_get_their_own_correct_answers_in_shared_batches(s
     after = model_stats(server, NAME)
     assert after["inference_count"] - before["inference_count"] == 32
     # 32 requests, 8 slots: sequences share engine steps (far fewer steps than tokens), and the rest queue.
-    steps = scheduler_metric(server, "engine_steps_total", NAME) - steps
-    tokens = scheduler_metric(server, "generated_tokens_total", NAME) - tokens
+    steps = settled_scheduler_metric(server, "engine_steps_total", NAME) - steps
+    tokens = settled_scheduler_metric(server, "generated_tokens_total", NAME) - tokens
     assert steps < tokens / 3, f"{steps} engine steps for {tokens} tokens: sequences should share steps"
 
 

@@ -171,11 +171,11 @@ def test_a_failing_client_poll_or_metric_frees_the_slot_and_the_loop_goes_on(cac
 
     polls = []
 
-    def poll_fails_once_running() -> bool:  # the admission's poll answers; the first poll after a step raises
+    def poll_fails_once_running() -> bool:  # the watcher's first poll answers; its next one raises
         polls.append(1)
         return poll_fails() if len(polls) > 1 else False
 
-    scheduler = Scheduler(runner, eos_ids=[1], metrics=BrokenGauges()).start()
+    scheduler = Scheduler(runner, eos_ids=[1], metrics=BrokenGauges(), client_poll_s=0.002).start()
     try:
         for poll in (poll_fails, poll_fails_once_running):
             ended: dict = {}

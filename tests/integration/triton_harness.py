@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,3 +116,22 @@ def scheduler_metric(server: local.LocalServer, name: str, model: str) -> float:
         if line.startswith(prefix):
             return float(line[len(prefix):])
     return 0.0
+
+
+def settled_scheduler_metric(server: local.LocalServer, name: str, model: str, quiet_s: float = 0.3,
+                             timeout: float = 10.0) -> float:
+    """:func:`scheduler_metric` once it has stopped changing for ``quiet_s``.
+
+    The scheduler publishes its metrics in batches, at most every ``PUBLISH_INTERVAL_S`` and when it goes idle
+    (``deepseek_model_repository.serving.metrics``), so a value read the moment a response arrives may lag.
+    """
+    deadline = time.monotonic() + timeout
+    value, since = scheduler_metric(server, name, model), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = scheduler_metric(server, name, model)
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return value

@@ -10,6 +10,12 @@ token after at most one prefill and one step of the running batch.
 The scheduler deals in token ids.  Callers (the Triton model, the benchmark) give each
 :class:`Sequence` an ``on_token`` and an ``on_finish`` callback, called from the scheduler's
 thread; the callbacks detokenize and send.
+
+Asking a client whether it went away and updating a metric are round trips to Triton's process
+when the scheduler runs there, so neither happens on the decode loop per token: a watcher thread
+asks each queued and running sequence's client every :data:`CLIENT_POLL_S` seconds and marks the
+sequence, which the loop drops at its next step; the metrics are counted here and published in
+batches (:mod:`.metrics`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ import numpy as np
 from .runners import Runner
 
 log = logging.getLogger("deepseek_model_repository.scheduler")
+
+#: Seconds between two rounds of the watcher's client polls (a client gone frees its slot about this soon).
+CLIENT_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class Sequence:
     sampling: Sampling
     on_token: Callable[["Sequence", int], None] = lambda seq, token: None
     on_finish: Callable[["Sequence", Optional[str]], None] = lambda seq, error: None
-    #: Polled between steps: True when the client went away (its slot is freed at once).
+    #: Polled by the scheduler's watcher thread: True when the client went away (its slot is freed at the next step).
     cancelled: Callable[[], bool] = lambda: False
     generated: list[int] = field(default_factory=list)
     slot: int = -1
@@ -55,6 +64,11 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: Optional[float] = None
     last_token_at: Optional[float] = None
+    #: Set by the watcher: the client went away, or asking it failed (the failure).
+    gone: bool = False
+    poll_error: Optional[Exception] = None
+    #: Held while the watcher polls, and while ``finished`` is set: no poll after the final response.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,7 +76,11 @@ class Sequence:
 
 
 class Metrics(Protocol):
-    """What the scheduler reports (the Triton model publishes these through Triton's custom metrics)."""
+    """What the scheduler reports (the Triton model publishes these through Triton's custom metrics).
+
+    Every call but :meth:`publish` only counts; :meth:`publish` is called after each iteration of the
+    loop (``idle`` when the scheduler is about to wait for work) and decides what to send, and when.
+    """
 
     def gauges(self, waiting: int, running: int, cache_utilization: float) -> None: ...
 
@@ -73,6 +91,8 @@ class Metrics(Protocol):
     def tokens(self, count: int) -> None: ...
 
     def engine_step(self) -> None: ...
+
+    def publish(self, idle: bool) -> None: ...
 
 
 class NoMetrics:
@@ -89,6 +109,9 @@ class NoMetrics:
         pass
 
     def engine_step(self):
+        pass
+
+    def publish(self, idle):
         pass
 
 
@@ -120,7 +143,7 @@ class Scheduler:
     """Admits, steps and retires sequences on one runner, in a thread of its own."""
 
     def __init__(self, runner: Runner, eos_ids: Seq[int], *, metrics: Optional[Metrics] = None,
-                 max_prefill_tokens: Optional[int] = None):
+                 max_prefill_tokens: Optional[int] = None, client_poll_s: float = CLIENT_POLL_S):
         self.runner = runner
         self.cache = runner.cache
         self.eos = set(int(t) for t in eos_ids)
@@ -130,22 +153,27 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.steps = 0
+        self.client_poll_s = client_poll_s
         self._cond = threading.Condition()
         self._stop = False
-        self._thread: Optional[threading.Thread] = None
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ outside the loop
     def start(self) -> "Scheduler":
-        self._thread = threading.Thread(target=self._loop, name="deepseek-scheduler", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name="deepseek-scheduler", daemon=True),
+                         threading.Thread(target=self._watch, name="deepseek-client-watch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread:
-            self._thread.join(timeout)
+        self._stopped.set()
+        for thread in self._threads:
+            thread.join(timeout)
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence (never refused for being busy: a full server queues)."""
@@ -166,13 +194,13 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stop and not self.waiting and not self.running:
-                    self._publish()
+                    self._publish(idle=True)
                     self._cond.wait()
                 if self._stop:
                     break
             try:
                 self._admit()
-                self._retire(poll_clients=False)  # sequences that ended at their first token leave before the step
+                self._retire()  # sequences that ended at their first token, or whose client went, leave before the step
                 if self.running:
                     self._decode()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
@@ -184,9 +212,26 @@ class Scheduler:
         for seq in list(self.running) + list(self.waiting):
             self._finish(seq, "the server is shutting down")
 
-    def _publish(self) -> None:
+    def _watch(self) -> None:
+        """Ask each queued and running sequence's client whether it went away; mark the sequence for the loop."""
+        while not self._stopped.wait(self.client_poll_s):
+            with self._cond:
+                # The loop changes ``running`` outside the lock, but a list copy is atomic under the GIL.
+                seqs = list(self.waiting) + list(self.running)
+            for seq in seqs:
+                with seq.lock:
+                    if seq.finished or seq.gone or seq.poll_error is not None:
+                        continue
+                    try:
+                        seq.gone = bool(seq.cancelled())
+                    except Exception as exc:  # noqa: BLE001 - one client's failed poll costs that sequence only
+                        log.warning("asking whether a client went away failed; ending its sequence", exc_info=True)
+                        seq.poll_error = exc
+
+    def _publish(self, idle: bool = False) -> None:
         try:
             self.metrics.gauges(len(self.waiting), len(self.running), self.cache_utilization())
+            self.metrics.publish(idle)
         except Exception:  # noqa: BLE001 - metrics are never worth a stopped scheduler
             log.warning("publishing the scheduler's gauges failed", exc_info=True)
 
@@ -198,7 +243,7 @@ class Scheduler:
         with self._cond:
             while self.waiting and len(admitted) < free:
                 seq = self.waiting[0]
-                if self._gone(seq, answer=True):
+                if self._dropped(seq, answer=True):
                     self.waiting.popleft()
                     continue
                 if admitted and len(seq.prompt_ids) > budget:
@@ -268,38 +313,33 @@ class Scheduler:
             self._finish(seq, None)
 
     def _finish(self, seq: Sequence, error: Optional[str], notify: bool = True) -> None:
-        if seq.finished:
-            return
-        seq.finished = True
+        with seq.lock:
+            if seq.finished:
+                return
+            seq.finished = True
         if notify:
             try:
                 seq.on_finish(seq, error)
             except Exception:  # noqa: BLE001
                 log.warning("the final response of a sequence could not be sent", exc_info=True)
 
-    def _gone(self, seq: Sequence, answer: bool = False) -> bool:
-        """Has the client of ``seq`` gone away?  Then ``seq`` is finished (a poll that fails ends it too).
+    def _dropped(self, seq: Sequence, answer: bool = False) -> bool:
+        """Has the watcher found the client of ``seq`` gone (or failed to ask)?  Then ``seq`` is finished.
 
         ``answer``: still send the final response to a client that went away (a sequence that never ran).
         """
-        try:
-            gone = seq.cancelled()
-        except Exception as exc:  # noqa: BLE001 - one client's failed poll costs that sequence, never the loop
-            log.warning("asking whether a client went away failed; ending its sequence", exc_info=True)
-            self._finish(seq, f"generation failed: the scheduler could not check its client ({exc})")
+        if seq.poll_error is not None:
+            self._finish(seq, f"generation failed: the scheduler could not check its client ({seq.poll_error})")
             return True
-        if gone:
+        if seq.gone:
             self._finish(seq, None, notify=answer)
-        return gone
+        return seq.gone
 
-    def _retire(self, poll_clients: bool = True) -> None:
-        """Drop finished and cancelled sequences; move the rest down so slots [0, n) stay the running ones.
-
-        Asking whether a client went away is a round trip to Triton's process: it is done once per step.
-        """
-        for seq in self.running if poll_clients else ():
+    def _retire(self) -> None:
+        """Drop finished sequences and those whose client went away; keep the rest in slots [0, n)."""
+        for seq in self.running:
             if not seq.finished:
-                self._gone(seq)
+                self._dropped(seq)
         if not any(s.finished for s in self.running):
             return
         kept = [s for s in self.running if not s.finished]

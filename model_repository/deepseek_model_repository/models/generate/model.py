@@ -14,34 +14,34 @@ metrics port (see ``SchedulerMetrics``).
 
 import json
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
-from deepseek_model_repository.serving import limits
+from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.triton import error_response, model_parameters
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import Scheduler, Sequence
-
-#: Histogram buckets (seconds) of time to first token and inter-token latency.
-TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 
 class SchedulerMetrics:
     """The scheduler's series on Triton's metrics port, labelled with the client-facing model name.
 
     ``deepseek_scheduler_requests_waiting`` over ``..._slots`` is the queue signal the autoscalers read
-    (``deepseek_operator.autoscaling``); ``..._sequences_running`` is the batch; ``..._kv_cache_utilization`` is the fraction of cache positions in use;
-    ``..._time_to_first_token_seconds`` and ``..._inter_token_latency_seconds`` are histograms;
-    ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls.
+    (``deepseek_operator.autoscaling``); ``..._sequences_running`` is the batch; ``..._kv_cache_utilization`` is the
+    fraction of cache positions in use; ``..._time_to_first_token_seconds`` and ``..._inter_token_latency_seconds``
+    are histograms; ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls.
+
+    Each update of a Triton metric is a round trip to Triton's process, so the scheduler's events are counted
+    here and :meth:`publish` sends what changed, at most every ``PUBLISH_INTERVAL_S`` and when the scheduler goes
+    idle (:mod:`deepseek_model_repository.serving.metrics`).
     """
 
     def __init__(self, model_name):
-        labels = {"model": model_name}
+        self.labels = {"model": model_name}
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
-        histogram = getattr(pb_utils.MetricFamily, "HISTOGRAM", None)
 
         def family(name, description, kind):
             return pb_utils.MetricFamily(name=f"deepseek_scheduler_{name}", description=description, kind=kind)
@@ -55,33 +55,70 @@ class SchedulerMetrics:
             family("slots", "Sequences that can decode together (the KV cache's slots)", gauge),
         ]
         self.waiting, self.running, self.cache, self.generated, self.steps, self.slots = (
-            f.Metric(labels=labels) for f in self.families)
-        self.ttft = self.itl = None
-        if histogram is not None:
-            ttft = family("time_to_first_token_seconds", "From arrival to the first generated token", histogram)
-            itl = family("inter_token_latency_seconds", "Between two tokens of one sequence", histogram)
-            self.families += [ttft, itl]
-            self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
-            self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
+            f.Metric(labels=self.labels) for f in self.families)
+        self.histograms = [
+            self._histogram(family, "time_to_first_token_seconds", "From arrival to the first generated token",
+                            metrics.TTFT_BUCKETS),
+            self._histogram(family, "inter_token_latency_seconds", "Between two tokens of one sequence",
+                            metrics.ITL_BUCKETS),
+        ]
+        (self.ttft, _), (self.itl, _) = self.histograms
+        self._tokens = self._steps = 0
+        self._gauges = self._sent_gauges = None
+        self._published_at = 0.0
 
+    def _histogram(self, family, name, description, buckets):
+        """A classic histogram as counters (``_bucket`` by ``le``, ``_sum``, ``_count``), fed from a local one."""
+        counter = pb_utils.MetricFamily.COUNTER
+        bucket_family = family(f"{name}_bucket", f"{description} (cumulative count of seconds <= le)", counter)
+        sum_family = family(f"{name}_sum", f"{description}: sum of seconds", counter)
+        count_family = family(f"{name}_count", f"{description}: observations", counter)
+        self.families += [bucket_family, sum_family, count_family]
+        local = metrics.Histogram(buckets)
+        series = {bound: bucket_family.Metric(labels={**self.labels, "le": metrics.le_label(bound)})
+                  for bound in local.bounds}
+        return local, (series, sum_family.Metric(labels=self.labels), count_family.Metric(labels=self.labels))
+
+    # ---- counted here, from the scheduler's thread
     def gauges(self, waiting, running, cache_utilization):
-        self.waiting.set(waiting)
-        self.running.set(running)
-        self.cache.set(cache_utilization)
+        self._gauges = (waiting, running, cache_utilization)
 
     def first_token(self, seconds):
-        if self.ttft is not None:
-            self.ttft.observe(seconds)
+        self.ttft.observe(seconds)
 
     def inter_token(self, seconds):
-        if self.itl is not None:
-            self.itl.observe(seconds)
+        self.itl.observe(seconds)
 
     def tokens(self, count):
-        self.generated.increment(count)
+        self._tokens += count
 
     def engine_step(self):
-        self.steps.increment(1)
+        self._steps += 1
+
+    # ---- sent to Triton
+    def publish(self, idle):
+        now = time.monotonic()
+        if not idle and now - self._published_at < metrics.PUBLISH_INTERVAL_S:
+            return
+        self._published_at = now
+        if self._gauges is not None and self._gauges != self._sent_gauges:
+            for metric, value, sent in zip((self.waiting, self.running, self.cache), self._gauges,
+                                           self._sent_gauges or (None,) * 3):
+                if value != sent:
+                    metric.set(value)
+            self._sent_gauges = self._gauges
+        tokens, steps, self._tokens, self._steps = self._tokens, self._steps, 0, 0
+        if tokens:
+            self.generated.increment(tokens)
+        if steps:
+            self.steps.increment(steps)
+        for local, (series, total, count) in self.histograms:
+            increments, added, observed = local.take()
+            for bound, n in increments:
+                series[bound].increment(n)
+            if observed:
+                total.increment(added)
+                count.increment(observed)
 
 
 def text_response(texts):

@@ -1,0 +1,61 @@
+"""The scheduler's metrics, counted in its own process and published in batches.
+
+Every update through the Python backend's custom-metrics API is a round trip to Triton's process.
+One per token (a histogram observation, a counter increment) cost the scheduler's thread about as
+much time as the engine itself on CPU (bench/serving/README.md), so the scheduler counts here and
+publishes what changed at most every :data:`PUBLISH_INTERVAL_S` seconds, and whenever it goes idle.
+
+Histograms are kept in Prometheus's classic layout, cumulative ``_bucket`` series labelled ``le``
+with ``_sum`` and ``_count``, so a batch of observations is a handful of increments, not one round
+trip each. ``histogram_quantile`` reads them as any other classic histogram.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Iterable
+
+#: Seconds between two publications while the scheduler is busy (it publishes at once when it goes idle).
+PUBLISH_INTERVAL_S = 0.1
+
+#: Histogram buckets (seconds) of time to first token and inter-token latency.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def le_label(bound: float) -> str:
+    """A bucket's ``le`` label as Prometheus' clients write it (``0.005``, ``1.0``, ``+Inf``)."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class Histogram:
+    """Observations counted into buckets here; :meth:`take` hands the cumulative increments since the last take."""
+
+    def __init__(self, buckets: Iterable[float]):
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or any(not math.isfinite(b) for b in bounds) or len(set(bounds)) != len(bounds):
+            raise ValueError(f"histogram buckets must be distinct finite numbers, not {list(buckets)}")
+        self.bounds = tuple(bounds) + (math.inf,)
+        self._counts = [0] * len(self.bounds)  # per bucket, not cumulative
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self._sum += value
+
+    def take(self) -> tuple[list[tuple[float, int]], float, int]:
+        """(bound, cumulative increment) for every bucket whose count grew, widest first; the sum; the count.
+
+        Widest first: a scrape that lands between two increments still sees cumulative counts that never
+        decrease with ``le``.
+        """
+        increments, running = [], 0
+        for bound, count in zip(self.bounds, self._counts):
+            running += count
+            if running:
+                increments.append((bound, running))
+        total, added = running, self._sum
+        self._counts = [0] * len(self.bounds)
+        self._sum = 0.0
+        return increments[::-1], added, total
