@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
+from deepseek_model_repository.serving.detokenize import IncrementalText
 from deepseek_model_repository.serving.triton import error_response, model_parameters
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import Scheduler, Sequence
@@ -176,25 +177,20 @@ class TritonPythonModel:
         return sender.is_cancelled if hasattr(sender, "is_cancelled") else (lambda: False)
 
     def _stream(self, prompt, sender):
-        """A streamed sequence: a response per new piece of text, then a final empty one."""
-        sent = [""]
+        """A streamed sequence: a response per new piece of text, then a final one with what is left."""
+        text = IncrementalText(self.tokenizer)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
         def on_token(seq, token):
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-            # Hold back text that ends inside a multi-byte character until the rest arrives.
-            if not text.endswith("\ufffd"):
-                delta = text[len(sent[0]):]
-                if delta:
-                    sender.send(text_response([delta]))
-                    sent[0] = text
+            delta = text.step(seq.generated)
+            if delta:
+                sender.send(text_response([delta]))
 
         def on_finish(seq, error):
             if error:
                 sender.send(error_response(error, invalid=False), flags=final)
                 return
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-            sender.send(text_response([text[len(sent[0]):]]), flags=final)
+            sender.send(text_response([text.rest(seq.generated)]), flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
                         cancelled=self._cancelled(sender))
