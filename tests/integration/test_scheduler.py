@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,38 @@ def test_a_failing_client_poll_or_metric_frees_the_slot_and_the_loop_goes_on(cac
         scheduler.stop()
     assert got == greedy(model, [8, 9], 12)
     assert not scheduler.running
+
+
+def test_the_decode_loop_neither_polls_clients_nor_publishes_metrics_per_token(cache_dir):
+    """Both are round trips to Triton's process: the watcher polls on its own clock, metrics go out in batches."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 2, CAPACITY)
+
+    class Counting(NoMetrics):
+        def __init__(self):
+            self.counted = self.published = self.publishes = 0
+
+        def tokens(self, count):
+            self.counted += count
+
+        def publish(self):
+            self.publishes += 1
+            self.published, self.counted = self.published + self.counted, 0
+
+    polls = []
+    metrics = Counting()
+    scheduler = Scheduler(runner, eos_ids=[], metrics=metrics, client_poll_s=30.0, publish_interval_s=30.0).start()
+    try:
+        done = threading.Event()
+        seq = Sequence([5, 6, 7], Sampling(max_tokens=40), cancelled=lambda: polls.append(1) or False,
+                       on_finish=lambda s, e: done.set())
+        scheduler.submit(seq)
+        assert done.wait(60)
+        deadline = time.monotonic() + 10
+        while metrics.published < 40 and time.monotonic() < deadline:  # the loop publishes as it goes idle
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert len(seq.generated) == 40 and scheduler.steps == 39
+    assert polls == []
+    assert metrics.published == 40 and metrics.publishes <= 3

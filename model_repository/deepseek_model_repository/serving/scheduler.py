@@ -29,6 +29,7 @@ from typing import Callable, Optional, Protocol, Sequence as Seq
 
 import numpy as np
 
+from .metrics import PUBLISH_INTERVAL_S
 from .runners import Runner
 
 log = logging.getLogger("deepseek_model_repository.scheduler")
@@ -78,8 +79,8 @@ class Sequence:
 class Metrics(Protocol):
     """What the scheduler reports (the Triton model publishes these through Triton's custom metrics).
 
-    Every call but :meth:`publish` only counts; :meth:`publish` is called after each iteration of the
-    loop (``idle`` when the scheduler is about to wait for work) and decides what to send, and when.
+    Every call but :meth:`publish` only counts; the scheduler calls :meth:`gauges` and then :meth:`publish`,
+    which sends what changed, at most every ``publish_interval_s`` while it is busy and whenever it goes idle.
     """
 
     def gauges(self, waiting: int, running: int, cache_utilization: float) -> None: ...
@@ -92,7 +93,7 @@ class Metrics(Protocol):
 
     def engine_step(self) -> None: ...
 
-    def publish(self, idle: bool) -> None: ...
+    def publish(self) -> None: ...
 
 
 class NoMetrics:
@@ -111,7 +112,7 @@ class NoMetrics:
     def engine_step(self):
         pass
 
-    def publish(self, idle):
+    def publish(self):
         pass
 
 
@@ -143,7 +144,8 @@ class Scheduler:
     """Admits, steps and retires sequences on one runner, in a thread of its own."""
 
     def __init__(self, runner: Runner, eos_ids: Seq[int], *, metrics: Optional[Metrics] = None,
-                 max_prefill_tokens: Optional[int] = None, client_poll_s: float = CLIENT_POLL_S):
+                 max_prefill_tokens: Optional[int] = None, client_poll_s: float = CLIENT_POLL_S,
+                 publish_interval_s: float = PUBLISH_INTERVAL_S):
         self.runner = runner
         self.cache = runner.cache
         self.eos = set(int(t) for t in eos_ids)
@@ -154,6 +156,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.steps = 0
         self.client_poll_s = client_poll_s
+        self.publish_interval_s = publish_interval_s
+        self._published_at = float("-inf")
         self._cond = threading.Condition()
         self._stop = False
         self._stopped = threading.Event()
@@ -229,11 +233,16 @@ class Scheduler:
                         seq.poll_error = exc
 
     def _publish(self, idle: bool = False) -> None:
+        """Hand the metrics over to be sent: every ``publish_interval_s`` while busy, and on going idle."""
+        now = time.monotonic()
+        if not idle and now - self._published_at < self.publish_interval_s:
+            return
+        self._published_at = now
         try:
             self.metrics.gauges(len(self.waiting), len(self.running), self.cache_utilization())
-            self.metrics.publish(idle)
+            self.metrics.publish()
         except Exception:  # noqa: BLE001 - metrics are never worth a stopped scheduler
-            log.warning("publishing the scheduler's gauges failed", exc_info=True)
+            log.warning("publishing the scheduler's metrics failed", exc_info=True)
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots and prefill them together."""

@@ -14,7 +14,6 @@ metrics port (see ``SchedulerMetrics``).
 
 import json
 import os
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -36,8 +35,8 @@ class SchedulerMetrics:
     are histograms; ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls.
 
     Each update of a Triton metric is a round trip to Triton's process, so the scheduler's events are counted
-    here and :meth:`publish` sends what changed, at most every ``PUBLISH_INTERVAL_S`` and when the scheduler goes
-    idle (:mod:`deepseek_model_repository.serving.metrics`).
+    here and :meth:`publish` sends what changed; the scheduler calls it at most every ``PUBLISH_INTERVAL_S`` and
+    when it goes idle (:mod:`deepseek_model_repository.serving.metrics`).
     """
 
     def __init__(self, model_name):
@@ -66,7 +65,6 @@ class SchedulerMetrics:
         (self.ttft, _), (self.itl, _) = self.histograms
         self._tokens = self._steps = 0
         self._gauges = self._sent_gauges = None
-        self._published_at = 0.0
 
     def _histogram(self, family, name, description, buckets):
         """A classic histogram as counters (``_bucket`` by ``le``, ``_sum``, ``_count``), fed from a local one."""
@@ -97,11 +95,7 @@ class SchedulerMetrics:
         self._steps += 1
 
     # ---- sent to Triton
-    def publish(self, idle):
-        now = time.monotonic()
-        if not idle and now - self._published_at < metrics.PUBLISH_INTERVAL_S:
-            return
-        self._published_at = now
+    def publish(self):
         if self._gauges is not None and self._gauges != self._sent_gauges:
             for metric, value, sent in zip((self.waiting, self.running, self.cache), self._gauges,
                                            self._sent_gauges or (None,) * 3):
