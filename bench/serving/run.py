@@ -8,6 +8,8 @@ decoding everywhere.  Systems, each measured in this one run, in rounds that int
 * ``inflight``: the served path, ``NAME_stream`` on the local Triton (the scheduler and the ONNX
   Runtime engine in one Python-backend model), streamed over gRPC;
 * ``inflight-unary``: the same model through ``NAME`` (plain gRPC requests, one response each);
+* ``inflight-paced``: the same engine served with ``serving.streamInterval`` 4, streamed (the first token
+  at once, then a response per 4 tokens); its ITL is not reported (tokens arrive 4 at a time);
 * ``previous`` (a): the run-to-completion path as it was at commit 234236b (``legacy.py`` rebuilds it
   from git: dynamic batches decoded to completion, one BLS call per token to ``NAME_engine``, the
   whole cache through shared memory), streamed, on the same Triton;
@@ -53,7 +55,9 @@ ROOT = HERE.parents[1]
 RESULTS = ROOT / "bench" / "results" / "serving.json"
 
 ARCHS = {"deepseek_v3": "tiny DeepSeek-V3 (MLA + MoE)", "qwen2": "tiny Qwen2 (the R1-Distill shape)"}
-SYSTEMS = ("inflight", "inflight-unary", "previous", "bare", "transformers")
+SYSTEMS = ("inflight", "inflight-unary", "inflight-paced", "previous", "bare", "transformers")
+#: ``serving.streamInterval`` of the ``inflight-paced`` system: tokens per streamed response.
+PACED_INTERVAL = 4
 #: Engine maxBatchSize: the KV cache's slots (the scheduler) and Triton's max batch (the previous path).  The
 #: highest concurrency, so that every client can hold a slot, as transformers' paged cache admits them all.
 SLOTS = 32
@@ -102,7 +106,8 @@ class Workload:
 
 @dataclass
 class Record:
-    """One request as its client saw it: token arrival times (a piece of text counts as one token).
+    """One request as its client saw it: the arrival time of each piece of text and the tokens it carries (one,
+    but for a paced stream).
 
     A plain (unary) request has no arrival times: its ``tokens`` count at ``end``."""
 
@@ -110,7 +115,10 @@ class Record:
     start: float = 0.0
     end: Optional[float] = None
     times: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
     tokens: int = 0
+    #: Pieces of several tokens (a paced stream): no inter-token latency is taken from them.
+    paced: bool = False
     #: Tokens the server says it generated, where it says so (transformers' usage), else None.
     reported_tokens: Optional[int] = None
     error: Optional[str] = None
@@ -118,6 +126,7 @@ class Record:
 
     def piece(self, at: float, tokens: int = 1) -> None:
         self.times.append(at)
+        self.sizes.append(tokens)
         self.tokens += tokens
 
 
@@ -137,7 +146,7 @@ class Window:
 
     @property
     def tokens_per_s(self) -> float:
-        tokens = sum(1 for r in self.records for t in r.times if t <= self.deadline)
+        tokens = sum(n for r in self.records for t, n in zip(r.times, r.sizes) if t <= self.deadline)
         tokens += sum(r.tokens for r in self.records if r.unary and r.end is not None and r.end <= self.deadline)
         return tokens / (self.deadline - self.start)
 
@@ -148,9 +157,10 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
     records = [r for w in windows for r in w.records]
     done = [r for r in records if r.error is None and r.end is not None]
     ttft = [r.times[0] - r.start for r in done if r.times]
-    itl = [b - a for r in done for a, b in zip(r.times, r.times[1:])]
+    itl = [b - a for r in done if not r.paced for a, b in zip(r.times, r.times[1:])]
     # Time per output token of each request (its mean inter-token time): not fooled by tokens that arrive in bursts.
-    tpot = [(r.times[-1] - r.times[0]) / (len(r.times) - 1) for r in done if len(r.times) > 1]
+    tpot = [(r.times[-1] - r.times[0]) / (r.tokens - r.sizes[0]) for r in done
+            if len(r.times) > 1 and r.tokens > r.sizes[0]]
     short = [r.end - r.start for r in done if r.max_tokens <= SHORT_MAX_TOKENS]
     latency = [r.end - r.start for r in done]
     per_round = [w.tokens_per_s for w in windows]
@@ -205,8 +215,11 @@ async def closed_loop(send: Callable[[str, int, Record], Awaitable[None]], promp
 
 
 # ------------------------------------------------------------------ clients
-def triton_sender(url: str, model: str):
-    """Streams one request to ``model`` (decoupled) over gRPC; every non-empty text piece is a token."""
+def triton_sender(url: str, model: str, interval: int = 1, greedy_lengths: Optional[dict[str, int]] = None):
+    """Streams one request to ``model`` (decoupled) over gRPC; every non-empty text piece is a token.
+
+    A model paced at ``interval`` tokens per response: the first piece is one token, each later one
+    ``interval``, and the last what is left of the prompt's greedy length (``greedy_lengths``)."""
     import tritonclient.grpc.aio as aioclient
 
     from deepseek_model_repository.client import generation_inputs
@@ -225,7 +238,12 @@ def triton_sender(url: str, model: str):
                 raise RuntimeError(error.message() if hasattr(error, "message") else str(error))
             text = result.as_numpy("text_output")
             if text is not None and text.reshape(-1)[0]:
-                record.piece(now)
+                record.piece(now, 1 if not record.times else interval)
+        if interval > 1 and record.times:
+            record.paced = True
+            total = min(max_tokens, greedy_lengths[prompt])
+            record.sizes[-1] = max(0, record.sizes[-1] + total - record.tokens)
+            record.tokens = sum(record.sizes)
 
     return send, client.close
 
@@ -350,7 +368,8 @@ class BareWorker:
 
     def level(self, concurrency: int, seconds: float) -> Window:
         answer = self._send({"concurrency": concurrency, "seconds": seconds})
-        records = [Record(m, start=s, end=e, times=t, tokens=n, error=err) for m, s, e, t, n, err in answer["records"]]
+        records = [Record(m, start=s, end=e, times=t, sizes=z, tokens=n, error=err)
+                   for m, s, e, t, z, n, err in answer["records"]]
         return Window(records, answer["start"], answer["deadline"])
 
     def greedy_lengths(self, max_tokens: int) -> list[int]:
@@ -385,7 +404,7 @@ def bare_worker_main() -> int:
             continue
         w = bare_level(runner, info.get("eos_token_ids", []), setup["prompt_ids"], workload, ask["concurrency"],
                        ask["seconds"])
-        records = [[r.max_tokens, r.start, r.end, r.times, r.tokens, r.error] for r in w.records]
+        records = [[r.max_tokens, r.start, r.end, r.times, r.sizes, r.tokens, r.error] for r in w.records]
         print(json.dumps({"start": w.start, "deadline": w.deadline, "records": records}), flush=True)
     return 0
 
@@ -669,6 +688,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         # ---- (1) in-flight and (a) previous: one local Triton serving both paths of both models
         senders: dict[tuple[str, str], Any] = {}
         served = [s for s in ("inflight", "previous") if s in args.systems or f"{s}-unary" in args.systems]
+        if "inflight-paced" in args.systems and "inflight" not in served:
+            served.append("inflight-paced")
         if "previous" in served and legacy_repo is None:
             served.remove("previous")
         triton_models: dict[tuple[str, str], str] = {}
@@ -684,6 +705,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if "inflight-unary" in args.systems:
                         triton_models[(arch, "inflight-unary")] = base
                     ready += [base, f"{base}_stream"]
+                if "inflight-paced" in args.systems:
+                    write_repository(e["engine_dir"], repo, f"{base}-paced", runtime="local",
+                                     stream_interval=PACED_INTERVAL)
+                    triton_models[(arch, "inflight-paced")] = f"{base}-paced_stream"
+                    ready += [f"{base}-paced", f"{base}-paced_stream"]
                 if "previous" in served:
                     # No preferred sizes: the previous path batches up to maxBatchSize, its best case here.
                     legacy_repo.write_repository(e["legacy_dir"], repo, f"{base}-previous", runtime="local",
@@ -722,11 +748,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         # ---- (b) the bare engine loop: the same scheduler and runner in this process
         runners: dict[str, BareWorker] = {}
-        if "bare" in args.systems or "inflight-unary" in args.systems:
+        if {"bare", "inflight-unary", "inflight-paced"} & set(args.systems):
             for arch, e in engines.items():
                 runners[arch] = BareWorker(e["engine_dir"], e["prompt_ids"], workload)
                 servers.callback(runners[arch].close)
-                if (arch, "inflight-unary") in triton_models:
+                if {(arch, "inflight-unary"), (arch, "inflight-paced")} & set(triton_models):
                     lengths = runners[arch].greedy_lengths(MAX_TOKENS_RANGE[1])
                     e["greedy_lengths"] = dict(zip(prompts, lengths))
                     result["models"][arch]["greedy_tokens_per_prompt"] = {
@@ -737,6 +763,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             for (arch, system), model in triton_models.items():
                 if system == "inflight-unary":
                     send, close = unary_sender(server.endpoints["grpc"], model, engines[arch]["greedy_lengths"])
+                elif system == "inflight-paced":
+                    send, close = triton_sender(server.endpoints["grpc"], model, PACED_INTERVAL,
+                                                engines[arch]["greedy_lengths"])
                 else:
                     send, close = triton_sender(server.endpoints["grpc"], model)
                 senders[(arch, system)] = send
@@ -793,7 +822,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     by = {(r["model"], r["system"], r["concurrency"]): r for r in rows}
     targets: list[dict[str, Any]] = []
     for arch in engines:
-        for system, how in (("inflight", "streamed"), ("inflight-unary", "plain requests")):
+        for system, how in (("inflight", "streamed"), ("inflight-unary", "plain requests"),
+                            ("inflight-paced", f"streamed, streamInterval {PACED_INTERVAL}")):
             for c in args.concurrency:
                 mine, bare = by.get((arch, system, c)), by.get((arch, "bare", c))
                 if mine and bare and bare["tokens_per_s"]:

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import click
 import yaml
@@ -547,20 +547,26 @@ def up_resource(
         return _up_locked(resource, cache_dir, http_port, grpc_port, metrics_port, echo)
 
 
+def repository_options(resource: api.DeepSeekModel) -> dict[str, Any]:
+    """What the CR's ``spec.serving`` says about the model repository, as ``write_repository`` takes it (the init
+    container gets the same from its command line, ``render.repository_command``)."""
+    serving = resource.spec.serving
+    return {
+        "max_queue_delay_us": serving.dynamic_batching.max_queue_delay_microseconds,
+        "preferred_batch_sizes": serving.dynamic_batching.preferred_batch_sizes,
+        "stream_interval": serving.stream_interval,
+    }
+
+
 def _up_locked(resource: api.DeepSeekModel, cache_dir: Path, http_port: int, grpc_port: int, metrics_port: int,
                echo: Callable[[str], None]) -> LocalServer:
     from deepseek_model_repository import RepositoryError, write_repository
     from deepseek_model_repository.repository import ModelNames
 
     engine_dir = build_engine(resource, cache_dir, echo)
-    batching = resource.spec.serving.dynamic_batching
     repo = state_dir(cache_dir) / resource.name / "repository"
     try:
-        write_repository(
-            engine_dir, repo, resource.name, runtime="local",
-            max_queue_delay_us=batching.max_queue_delay_microseconds,
-            preferred_batch_sizes=batching.preferred_batch_sizes,
-        )
+        write_repository(engine_dir, repo, resource.name, runtime="local", **repository_options(resource))
     except RepositoryError as exc:
         raise LocalError(str(exc)) from None
     names = ModelNames.of(resource.name)

@@ -13,7 +13,7 @@ import click
 
 from deepseek_contract.integrity import verify_entry
 
-from .repository import RepositoryError, resolve_engine_ref, write_repository
+from .repository import DEFAULT_STREAM_INTERVAL, RepositoryError, resolve_engine_ref, write_repository
 
 
 @click.command("repository")
@@ -28,6 +28,8 @@ from .repository import RepositoryError, resolve_engine_ref, write_repository
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--preferred-batch-size", "preferred_batch_sizes", type=click.IntRange(min=1), multiple=True)
 @click.option("--no-dynamic-batching", is_flag=True, help="Serve one request per execution.")
+@click.option("--stream-interval", type=click.IntRange(min=1), default=DEFAULT_STREAM_INTERVAL, show_default=True,
+              help="Text generation: tokens per streamed response (the first token is always sent at once).")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per replica.")
 @click.option("--instance-count", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--runtime", type=click.Choice(["triton", "local"]), default="triton", show_default=True)
@@ -40,6 +42,7 @@ def repository(
     max_queue_delay_us: int,
     preferred_batch_sizes: tuple[int, ...],
     no_dynamic_batching: bool,
+    stream_interval: int,
     gpus: int,
     instance_count: int,
     runtime: str,
@@ -67,6 +70,7 @@ def repository(
             gpus=gpus,
             instance_count=instance_count,
             dynamic_batching=not no_dynamic_batching,
+            stream_interval=stream_interval,
             link=not copy_files,
         )
     except RepositoryError as exc:

@@ -36,6 +36,8 @@ from . import config as cfg
 
 Runtime = Literal["triton", "local"]
 DEFAULT_MAX_TOKENS = 64
+#: Tokens per streamed response (``serving.streamInterval``): 1 sends each token's text as it is made.
+DEFAULT_STREAM_INTERVAL = 1
 
 
 class RepositoryError(ValueError):
@@ -99,6 +101,7 @@ def render_configs(
     instance_count: int = 1,
     dynamic_batching: bool = True,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    stream_interval: int = DEFAULT_STREAM_INTERVAL,
 ) -> dict[str, dict[str, Any]]:
     """The config dicts of every model in the repository, keyed by model name (pure: no I/O)."""
     if runtime not in ("triton", "local"):
@@ -110,6 +113,8 @@ def render_configs(
         )
     if info["backend"] == "tensorrt" and gpus < 1:
         raise RepositoryError("a TensorRT engine needs a GPU: set serving.gpusPerReplica >= 1 or use onnxruntime")
+    if stream_interval < 1:
+        raise RepositoryError(f"stream interval {stream_interval} must be at least 1 token per streamed response")
     bad = [s for s in preferred_batch_sizes if s < 1 or s > info["max_batch_size"]]
     if bad:
         raise RepositoryError(
@@ -130,7 +135,8 @@ def render_configs(
         configs[names.stream] = cfg.python_model_config(
             names.stream, inputs, outputs, handover, decoupled=True,
             parameters={"engine_dir": engine_dir, "client_model": names.client,
-                        "default_max_tokens": str(default_max_tokens), "device": "cuda" if gpus > 0 else "cpu"},
+                        "default_max_tokens": str(default_max_tokens), "stream_interval": str(stream_interval),
+                        "device": "cuda" if gpus > 0 else "cpu"},
         )
         for c in configs.values():
             cfg.to_proto(c)
@@ -217,6 +223,7 @@ def write_repository(
     dynamic_batching: bool = True,
     link: bool = True,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    stream_interval: int = DEFAULT_STREAM_INTERVAL,
 ) -> Path:
     """Write (or replace) this engine's models in ``output_dir`` and return it.
 
@@ -241,6 +248,7 @@ def write_repository(
         instance_count=instance_count,
         dynamic_batching=dynamic_batching,
         default_max_tokens=default_max_tokens,
+        stream_interval=stream_interval,
     )
     names = ModelNames.of(model_name)
     output_dir.mkdir(parents=True, exist_ok=True)

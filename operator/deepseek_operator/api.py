@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel
 from deepseek_contract import vocabulary
 from deepseek_contract.versions import TRITON_IMAGE
 from deepseek_contract.vocabulary import BACKEND_PRECISIONS, Backend, Precision, Task
+from deepseek_model_repository.repository import DEFAULT_STREAM_INTERVAL
 
 GROUP = "deepseek.ai"
 VERSION = "v1alpha1"
@@ -288,6 +289,15 @@ class ServingSpec(_Model):
     image: str = Field(default=DEFAULT_TRITON_IMAGE, min_length=1, description="The Triton Inference Server image.")
     dynamic_batching: DynamicBatchingSpec = Field(
         default_factory=DynamicBatchingSpec, description="Triton's dynamic batcher for this model."
+    )
+    stream_interval: int = Field(
+        default=DEFAULT_STREAM_INTERVAL,
+        ge=1,
+        le=256,
+        description="Text generation: tokens per streamed response. 1 sends each token's text as it is made; N sends "
+        "the first token at once and then N tokens per response, which cuts the per-response work of Triton and "
+        "of clients (more tokens/s under load, burstier streams). Plain requests are answered in one response "
+        "either way.",
     )
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements,

@@ -12,6 +12,7 @@ import re
 from typing import Any, Optional
 
 from deepseek_model_repository.config import server_flags
+from deepseek_model_repository.repository import DEFAULT_STREAM_INTERVAL
 
 from . import autoscaling, engine_key, naming
 from deepseek_contract.engine import gpu_type_for
@@ -297,6 +298,8 @@ def repository_command(model: DeepSeekModel, spec_key: str) -> list[str]:
     ]
     for size in serving.dynamic_batching.preferred_batch_sizes:
         args += ["--preferred-batch-size", str(size)]
+    if serving.stream_interval != DEFAULT_STREAM_INTERVAL:  # the default writes no flag: existing Deployments keep their pod template
+        args += ["--stream-interval", str(serving.stream_interval)]
     args += ["--gpus", str(serving.gpus_per_replica)]
     return args
 

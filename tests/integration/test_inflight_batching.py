@@ -52,9 +52,15 @@ def engines(cache_dir) -> dict[str, Path]:
     }
 
 
+#: The Qwen2 engine again, served with ``serving.streamInterval`` 3.
+PACED = "tiny-qwen2-paced"
+PACED_INTERVAL = 3
+
+
 @pytest.fixture(scope="module")
 def server(engines, cache_dir):
-    with serve_engines(engines, cache_dir, max_queue_delay_us=0) as s:
+    with serve_engines({**engines, PACED: engines["tiny-qwen2"]}, cache_dir, max_queue_delay_us=0,
+                       model_options={PACED: {"stream_interval": PACED_INTERVAL}}) as s:
         yield s
 
 
@@ -106,6 +112,24 @@ def test_32_concurrent_mixed_requests_equal_transformers_alone(server, engines, 
         got = list(pool.map(call, range(len(jobs))))
     assert got == want
     assert settled_scheduler_metric(server, "requests_waiting", name) == 0
+
+
+def test_a_paced_stream_sends_a_piece_every_interval_with_the_same_text(server):
+    """serving.streamInterval 3: the first token's text at once, then a response per 3 tokens; the text is the same
+    as one response per token and as the plain request's."""
+    prompt, max_tokens = "the " * 10, 30  # a prompt whose greedy run does not end early
+    clients = {name: GenerationClient(server.endpoints["grpc"], name) for name in ("tiny-qwen2", PACED)}
+    try:
+        every = list(clients["tiny-qwen2"].stream(prompt, max_tokens=max_tokens))
+        paced = list(clients[PACED].stream(prompt, max_tokens=max_tokens))
+        whole = clients[PACED].generate(prompt, max_tokens=max_tokens)
+    finally:
+        for client in clients.values():
+            client.close()
+    assert "".join(paced) == "".join(every) == whole
+    assert len(every) > 20, every
+    # the first token, then one piece per 3 tokens, then what is left with the final response
+    assert 3 <= len(paced) <= 2 + (max_tokens - 1) // PACED_INTERVAL, paced
 
 
 def test_a_short_request_joins_a_running_batch_and_returns_first(server):

@@ -80,13 +80,16 @@ def build(resource: api.DeepSeekModel, cache_dir: Path) -> Path:
 
 @contextmanager
 def serve_engines(
-    engines: dict[str, Path], cache_dir: Path, server_name: str = "harness", **repository_options: Any
+    engines: dict[str, Path], cache_dir: Path, server_name: str = "harness",
+    model_options: Optional[dict[str, dict[str, Any]]] = None, **repository_options: Any
 ) -> Iterator[local.LocalServer]:
-    """One Triton serving several engines: ``{model name: engine dir}``; options go to write_repository."""
+    """One Triton serving several engines: ``{model name: engine dir}``; options go to write_repository, and
+    ``model_options`` adds options for one model name."""
     repo = local.state_dir(Path(cache_dir)) / server_name / "repository"
     models = []
     for name, engine_dir in engines.items():
-        write_repository(engine_dir, repo, name, runtime="local", **repository_options)
+        options = {**repository_options, **(model_options or {}).get(name, {})}
+        write_repository(engine_dir, repo, name, runtime="local", **options)
         names = ModelNames.of(name)
         models += [m for m in (names.engine, names.stream, names.client) if (repo / m).is_dir()]
     server = local.serve_repository(server_name, repo, Path(cache_dir), models=models, http_port=0, grpc_port=0,

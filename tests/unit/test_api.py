@@ -63,6 +63,7 @@ def test_wire_form_is_camel_case_and_round_trips():
          "at least 1"),
         ({"serving.dynamicBatching.maxQueueDelayMicroseconds": -5},
          "spec.serving.dynamicBatching.maxQueueDelayMicroseconds", "greater than or equal to 0"),
+        ({"serving.streamInterval": 0}, "spec.serving.streamInterval", "greater than or equal to 1"),
         ({"serving.resources": {"limits": {"memory": "lots"}}}, "spec.serving.resources.limits", "quantity"),
         ({"serving.gpusPerReplica": 0}, "spec", "gpusPerReplica >= 1"),
         ({"autoscaling.minReplicas": 5, "autoscaling.maxReplicas": 2}, "spec.autoscaling", "must not exceed"),

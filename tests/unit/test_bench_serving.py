@@ -66,3 +66,15 @@ def test_every_system_sees_the_same_requests(bench):
     share = sum(1 for n in lengths if n <= bench.SHORT_MAX_TOKENS) / len(lengths)
     assert 0.2 < share < 0.4
     assert workload.prompts() == bench.Workload().prompts()
+
+
+def test_a_paced_piece_counts_its_tokens_and_gives_no_inter_token_latency(bench):
+    paced = bench.Record(max_tokens=9, start=0.0, end=1.0, paced=True)
+    for t, n in ((0.1, 1), (0.5, 4), (1.0, 4)):
+        paced.piece(t, n)
+    window = bench.Window([paced], start=0.0, deadline=0.6)
+    assert window.tokens_per_s == pytest.approx(5 / 0.6)  # the piece at 1.0 arrived after the deadline
+    row = bench.summarize([bench.Window([paced], 0.0, 10.0)])
+    assert row["tokens"] == 9 and row["itl_p50_ms"] is None
+    assert row["ttft_p50_ms"] == pytest.approx(100.0)
+    assert row["tpot_p50_ms"] == pytest.approx(900.0 / 8)

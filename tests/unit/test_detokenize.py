@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from deepseek_builder.tiny import tokenizer_files_dir
-from deepseek_model_repository.serving.detokenize import INCOMPLETE, IncrementalText
+from deepseek_model_repository.serving.detokenize import INCOMPLETE, IncrementalText, StreamedText
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +36,40 @@ def test_a_character_split_over_tokens_is_held_back_until_whole(tokenizer):
     assert "".join(pieces) + rest == text and rest == ""
     assert INCOMPLETE not in "".join(pieces)
     assert sum(1 for p in pieces if p) > 5, "text arrives piece by piece"
+
+
+def paced(tokenizer, ids, interval):
+    text, pieces = StreamedText(tokenizer, interval), []
+    for n in range(1, len(ids) + 1):
+        piece = text.step(ids[:n])
+        if piece:
+            pieces.append((n, piece))
+    return pieces, text.rest(ids)
+
+
+@pytest.mark.parametrize("interval", [1, 3, 8])
+def test_a_paced_stream_hands_out_the_first_token_at_once_then_one_piece_per_interval(tokenizer, interval):
+    text = "the quick brown fox jumps over the lazy dog, and then it runs back across the field again"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    pieces, rest = paced(tokenizer, ids, interval)
+    assert "".join(p for _, p in pieces) + rest == text
+    at = [n for n, _ in pieces]
+    assert at[0] == 1, "the first token's text is not delayed"
+    assert all(b - a == interval for a, b in zip(at, at[1:])), at  # ASCII words: no piece is held back
+    assert len(pieces) == 1 + (len(ids) - 1) // interval
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_paced_stream_of_random_ids_joins_to_the_whole_text(tokenizer, seed):
+    """Held-back characters are tried again at the next token, and the pieces still join to the whole."""
+    ids = [int(i) for i in np.random.default_rng(seed).integers(0, tokenizer.get_vocab_size(), 200)]
+    pieces, rest = paced(tokenizer, ids, 4)
+    assert "".join(p for _, p in pieces) + rest == tokenizer.decode(ids, skip_special_tokens=True)
+    at = [n for n, _ in pieces]
+    assert all(b - a >= 4 for a, b in zip(at, at[1:]))
+    assert len(pieces) <= 1 + (len(ids) - 1) // 4
+
+
+def test_a_stream_interval_below_one_token_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="at least 1 token"):
+        StreamedText(tokenizer, 0)

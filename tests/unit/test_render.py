@@ -239,6 +239,35 @@ def test_deployment_init_container_writes_the_repository_for_the_engine_key():
     ]
 
 
+def test_a_stream_interval_reaches_the_repository_and_the_default_writes_no_flag():
+    """The default leaves the pod template as it was (no rollout on upgrade); another value rolls it."""
+    def command(patch):
+        deployment = render.render_deployment(make_model("r1", patch), CONFIG, "key123")
+        return deployment["spec"]["template"]["spec"]["initContainers"][0]["command"]
+
+    assert "--stream-interval" not in command({})
+    assert "--stream-interval" not in command({"serving.streamInterval": 1})
+    got = command({"serving.streamInterval": 4})
+    assert got[got.index("--stream-interval") + 1] == "4"
+
+
+def test_the_local_mode_writes_the_repository_the_init_container_writes():
+    from deepseek_local import local
+
+    model = make_model("r1", {"serving.dynamicBatching": {"maxQueueDelayMicroseconds": 250,
+                                                           "preferredBatchSizes": [4, 8]},
+                              "serving.streamInterval": 4})
+    command = render.repository_command(model, "key123")
+    options = local.repository_options(model)
+
+    def flag(name):
+        return [command[i + 1] for i, arg in enumerate(command) if arg == name]
+
+    assert flag("--max-queue-delay-us") == [str(options["max_queue_delay_us"])] == ["250"]
+    assert flag("--preferred-batch-size") == [str(s) for s in options["preferred_batch_sizes"]] == ["4", "8"]
+    assert flag("--stream-interval") == [str(options["stream_interval"])] == ["4"]
+
+
 @pytest.mark.parametrize("patch", [{}, CPU, AUTOSCALED])
 def test_deployment_pods_are_restricted(patch):
     pod = render.render_deployment(make_model("r1", patch), CONFIG, "k")["spec"]["template"]["spec"]

@@ -95,6 +95,7 @@ def test_text_generation_is_a_relay_and_a_scheduler_that_owns_the_engine(tmp_pat
     assert c["chat_stream"].parameters["engine_dir"].string_value == str(engine.resolve())
     assert c["chat_stream"].parameters["client_model"].string_value == "chat"
     assert c["chat_stream"].parameters["device"].string_value == "cpu"
+    assert c["chat_stream"].parameters["stream_interval"].string_value == "1"
     assert (repo / "chat_stream" / "1" / "model.py").read_text().startswith('"""Text generation: the scheduler')
     assert (repo / "chat" / "1" / "model.py").read_text().startswith('"""The client-facing text-generation model')
 
@@ -198,6 +199,18 @@ def test_preferred_batch_size_above_engine_max_is_refused(tmp_path):
         write_repository(engine_dir(tmp_path), tmp_path / "repo", "m", runtime="triton", preferred_batch_sizes=[16])
 
 
+def test_a_stream_interval_goes_to_the_scheduler_model_and_below_one_is_refused(tmp_path):
+    engine = engine_dir(tmp_path)
+    c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton", stream_interval=4))
+    assert c["m_stream"].parameters["stream_interval"].string_value == "4"
+    assert "stream_interval" not in c["m"].parameters  # the relay answers plain requests in one response
+    with pytest.raises(RepositoryError, match="stream interval 0 must be at least 1 token"):
+        write_repository(engine, tmp_path / "repo2", "m", runtime="triton", stream_interval=0)
+    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo3"),
+                                             "--model-name", "m", "--stream-interval", "0"])
+    assert result.exit_code != 0 and "--stream-interval" in result.output
+
+
 def test_cli_resolves_an_engine_ref(tmp_path):
     from deepseek_contract.integrity import write_manifest
 
@@ -210,12 +223,14 @@ def test_cli_resolves_an_engine_ref(tmp_path):
     result = CliRunner().invoke(
         repository,
         ["--engine-ref", str(ref), "--output", str(tmp_path / "repo"), "--model-name", "m",
-         "--preferred-batch-size", "2", "--preferred-batch-size", "4", "--max-queue-delay-us", "300"],
+         "--preferred-batch-size", "2", "--preferred-batch-size", "4", "--max-queue-delay-us", "300",
+         "--stream-interval", "3"],
     )
     assert result.exit_code == 0, result.output
     assert "m, m_stream" in result.output
     c = configs(tmp_path / "repo")
     assert c["m"].dynamic_batching.max_queue_delay_microseconds == 300
+    assert c["m_stream"].parameters["stream_interval"].string_value == "3"
     assert c["m_stream"].parameters["engine_dir"].string_value == str(engine.resolve())
     assert engine.exists()
 

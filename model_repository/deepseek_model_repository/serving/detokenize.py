@@ -5,6 +5,10 @@ thousand tokens that is milliseconds of the decode loop's time per step.  :class
 decodes only the tokens since the last piece it handed out, with the tokens of that piece before
 them as context (so a byte-level or SentencePiece decoder sees the same neighbours it would in the
 whole), and holds back text that ends inside a multi-byte character until the rest arrives.
+
+:class:`StreamedText` paces a stream's pieces: one every ``interval`` tokens (``serving.streamInterval``),
+the first at once, whatever is left at the end.  Each piece is one response, which costs a round trip to
+Triton's process, Triton's frontend and the client's parsing, whatever its length.
 """
 
 from __future__ import annotations
@@ -44,3 +48,34 @@ class IncrementalText:
         before, now = self._new(ids)
         self._prefix = self._read = len(ids)
         return now[len(before):]
+
+
+class StreamedText:
+    """The pieces of a stream: the first as soon as there is text, then one every ``interval`` tokens.
+
+    ``interval`` 1 hands out every token's text.  A piece held back (it ended inside a character) is
+    tried again at the next token, not ``interval`` tokens later.
+    """
+
+    def __init__(self, tokenizer, interval: int = 1, skip_special_tokens: bool = True):
+        if interval < 1:
+            raise ValueError(f"the stream interval must be at least 1 token, got {interval}")
+        self.text = IncrementalText(tokenizer, skip_special_tokens)
+        self.interval = interval
+        self._handed = 0  # tokens covered by the pieces handed out
+        self._pieces = 0
+
+    def step(self, ids: Sequence[int]) -> str:
+        """The next piece, or "" when none is due at this token."""
+        if self._pieces and len(ids) - self._handed < self.interval:
+            return ""
+        piece = self.text.step(ids)
+        if piece:
+            self._handed = len(ids)
+            self._pieces += 1
+        return piece
+
+    def rest(self, ids: Sequence[int]) -> str:
+        """Everything not handed out yet (the end of the completion)."""
+        self._handed = len(ids)
+        return self.text.rest(ids)

@@ -3,9 +3,9 @@
 ``execute`` checks and tokenizes each request, hands it to the scheduler
 (``deepseek_model_repository.serving``) and returns at once; the scheduler's thread admits
 requests into free KV-cache slots between decode steps and answers each one through its
-response sender.  A request with ``stream`` true gets one response per new piece of text and
-then a final empty one; any other request gets its whole completion in one final response.
-The client-facing ``NAME`` model relays its requests here, so plain requests and streams share
+response sender.  A request with ``stream`` true gets one response per piece of text (one every
+``stream_interval`` tokens, the first at once) and then a final one with what is left; any other
+request gets its whole completion in one final response.  The client-facing ``NAME`` model relays its requests here, so plain requests and streams share
 one scheduler, one engine and one cache.
 
 The scheduler publishes its metrics through the Python backend's custom-metrics API on Triton's
@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
-from deepseek_model_repository.serving.detokenize import IncrementalText
+from deepseek_model_repository.serving.detokenize import StreamedText
 from deepseek_model_repository.serving.triton import error_response, model_parameters
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import Scheduler, Sequence
@@ -133,6 +133,7 @@ class TritonPythonModel:
         self.model_name = config["name"]
         self.client_name = params.get("client_model", self.model_name)
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
+        self.stream_interval = int(params.get("stream_interval", "1"))
         tok_dir = os.path.join(engine_dir, info.get("tokenizer_dir", "tokenizer"))
         self.tokenizer = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
         self.limits = limits.RequestLimits.for_tokenizer(self.tokenizer, int(info["max_sequence_length"]))
@@ -171,8 +172,8 @@ class TritonPythonModel:
         return sender.is_cancelled if hasattr(sender, "is_cancelled") else (lambda: False)
 
     def _stream(self, prompt, sender):
-        """A streamed sequence: a response per new piece of text, then a final one with what is left."""
-        text = IncrementalText(self.tokenizer)
+        """A streamed sequence: a response per piece of text (every ``stream_interval`` tokens), then a final one."""
+        text = StreamedText(self.tokenizer, self.stream_interval)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
         def on_token(seq, token):
