@@ -298,7 +298,8 @@ def repository_command(model: DeepSeekModel, spec_key: str) -> list[str]:
     ]
     for size in serving.dynamic_batching.preferred_batch_sizes:
         args += ["--preferred-batch-size", str(size)]
-    if serving.stream_interval != DEFAULT_STREAM_INTERVAL:  # the default writes no flag: existing Deployments keep their pod template
+    # The default writes no flag, so the Deployments of CRs that do not set it keep their pod template.
+    if serving.stream_interval != DEFAULT_STREAM_INTERVAL:
         args += ["--stream-interval", str(serving.stream_interval)]
     args += ["--gpus", str(serving.gpus_per_replica)]
     return args

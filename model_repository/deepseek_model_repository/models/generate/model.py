@@ -5,8 +5,8 @@
 requests into free KV-cache slots between decode steps and answers each one through its
 response sender.  A request with ``stream`` true gets one response per piece of text (one every
 ``stream_interval`` tokens, the first at once) and then a final one with what is left; any other
-request gets its whole completion in one final response.  The client-facing ``NAME`` model relays its requests here, so plain requests and streams share
-one scheduler, one engine and one cache.
+request gets its whole completion in one final response.  The client-facing ``NAME`` model relays
+its requests here, so plain requests and streams share one scheduler, one engine and one cache.
 
 The scheduler publishes its metrics through the Python backend's custom-metrics API on Triton's
 metrics port (see ``SchedulerMetrics``).
