@@ -687,25 +687,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     with servers:
         # ---- (1) in-flight and (a) previous: one local Triton serving both paths of both models
         senders: dict[tuple[str, str], Any] = {}
-        served = [s for s in ("inflight", "previous") if s in args.systems or f"{s}-unary" in args.systems]
-        if "inflight-paced" in args.systems and "inflight" not in served:
-            served.append("inflight-paced")
-        if "previous" in served and legacy_repo is None:
-            served.remove("previous")
+        served = {"inflight", "inflight-unary", "inflight-paced", "previous"} & set(args.systems)
+        if legacy_repo is None:
+            served.discard("previous")
         triton_models: dict[tuple[str, str], str] = {}
         if served:
             repo = work / "repository"
             ready: list[str] = []
             for arch, e in engines.items():
                 base = f"bench-{arch.replace('_', '-')}"
-                if "inflight" in served:
+                if {"inflight", "inflight-unary"} & served:
                     write_repository(e["engine_dir"], repo, base, runtime="local")
                     if "inflight" in args.systems:
                         triton_models[(arch, "inflight")] = f"{base}_stream"
                     if "inflight-unary" in args.systems:
                         triton_models[(arch, "inflight-unary")] = base
                     ready += [base, f"{base}_stream"]
-                if "inflight-paced" in args.systems:
+                if "inflight-paced" in served:
                     write_repository(e["engine_dir"], repo, f"{base}-paced", runtime="local",
                                      stream_interval=PACED_INTERVAL)
                     triton_models[(arch, "inflight-paced")] = f"{base}-paced_stream"

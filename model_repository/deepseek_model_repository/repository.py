@@ -33,11 +33,10 @@ from deepseek_contract.layout import MODEL_INFO
 from deepseek_contract.model_info import ModelInfo, ModelInfoError
 
 from . import config as cfg
+from .serving.detokenize import DEFAULT_STREAM_INTERVAL
 
 Runtime = Literal["triton", "local"]
 DEFAULT_MAX_TOKENS = 64
-#: Tokens per streamed response (``serving.streamInterval``): 1 sends each token's text as it is made.
-DEFAULT_STREAM_INTERVAL = 1
 
 
 class RepositoryError(ValueError):

@@ -17,6 +17,8 @@ from typing import Sequence
 
 #: What a byte-level decoder writes for bytes that do not (yet) make a whole character.
 INCOMPLETE = "\ufffd"
+#: Tokens per streamed response (``serving.streamInterval``): 1 sends each token's text as it is made.
+DEFAULT_STREAM_INTERVAL = 1
 
 
 class IncrementalText:
@@ -57,7 +59,7 @@ class StreamedText:
     tried again at the next token, not ``interval`` tokens later.
     """
 
-    def __init__(self, tokenizer, interval: int = 1, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, interval: int = DEFAULT_STREAM_INTERVAL, skip_special_tokens: bool = True):
         if interval < 1:
             raise ValueError(f"the stream interval must be at least 1 token, got {interval}")
         self.text = IncrementalText(tokenizer, skip_special_tokens)

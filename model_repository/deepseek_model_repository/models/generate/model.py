@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
-from deepseek_model_repository.serving.detokenize import StreamedText
+from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StreamedText
 from deepseek_model_repository.serving.triton import error_response, model_parameters
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import Scheduler, Sequence
@@ -133,7 +133,7 @@ class TritonPythonModel:
         self.model_name = config["name"]
         self.client_name = params.get("client_model", self.model_name)
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
-        self.stream_interval = int(params.get("stream_interval", "1"))
+        self.stream_interval = int(params.get("stream_interval", DEFAULT_STREAM_INTERVAL))
         tok_dir = os.path.join(engine_dir, info.get("tokenizer_dir", "tokenizer"))
         self.tokenizer = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
         self.limits = limits.RequestLimits.for_tokenizer(self.tokenizer, int(info["max_sequence_length"]))
