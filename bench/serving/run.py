@@ -716,6 +716,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ready += [f"{base}-previous", f"{base}-previous_stream", f"{base}-previous_engine"]
             server_name = f"bench-serving-{os.getpid()}"
             log(f"starting Triton with {len(ready)} models")
+            # The server's folder (its backends and log) and lock go with it: each run's name is new.
+            servers.callback((local.state_dir(cache_dir) / f"{server_name}.lock").unlink, missing_ok=True)
+            servers.callback(shutil.rmtree, local.state_dir(cache_dir) / server_name, ignore_errors=True)
             server = local.serve_repository(server_name, repo, cache_dir, models=ready, http_port=0, grpc_port=0,
                                             metrics_port=0)
             servers.callback(local.down_name, server_name, cache_dir)

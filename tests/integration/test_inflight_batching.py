@@ -175,7 +175,30 @@ def test_a_stream_whose_client_goes_away_frees_its_slot(server):
     generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
     assert scheduler_metric(server, "sequences_running", name) == 0, (
         f"still running after {generated:.0f} tokens; the server's log ends:\n{Path(server.log).read_text()[-3000:]}")
+    assert generated < 250, f"the stream ran to its end ({generated:.0f} tokens) after its client went away"
     assert settled_scheduler_metric(server, "kv_cache_utilization", name) == 0
+
+
+def test_a_plain_request_whose_client_goes_away_frees_its_slot(server):
+    """A gRPC request to NAME that gives up (its deadline passes) is dropped from the batch: the relay passes on
+    that its client went away."""
+    name = "tiny-llama"
+    client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+    prompt, max_tokens = "the of and", 250
+    try:
+        tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+        client.infer(name, generation_inputs(grpcclient, prompt, max_tokens=max_tokens))
+        whole = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
+        with pytest.raises(InferenceServerException, match="(?i)deadline"):
+            client.infer(name, generation_inputs(grpcclient, prompt, max_tokens=max_tokens), client_timeout=0.05)
+        deadline = time.monotonic() + 20
+        while scheduler_metric(server, "sequences_running", name) > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before - whole
+    finally:
+        client.close()
+    assert scheduler_metric(server, "sequences_running", name) == 0
+    assert generated < whole, f"the request ran to its end ({generated:.0f} tokens) after its client went away"
 
 
 def test_a_prompt_too_long_for_the_context_is_refused_by_name(server):

@@ -158,6 +158,31 @@ def test_a_cancelled_sequence_leaves_and_the_others_go_on(cache_dir):
     assert other == {"tokens": greedy(model, [8, 9], 12), "error": None}
 
 
+def test_a_sequence_whose_client_went_away_is_answered_only_when_it_asks_to_be(cache_dir):
+    """A relayed request's sequence still gets its final response (the relay waits for it); any other gets none."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 2, CAPACITY)
+    scheduler = Scheduler(runner, eos_ids=[1], client_poll_s=0.002).start()
+    gone = threading.Event()
+    answered: dict = {}
+    sequences = {
+        relayed: Sequence([5, 6, 7], Sampling(max_tokens=60), on_token=lambda s, t: gone.set(), cancelled=gone.is_set,
+                          answer_when_gone=relayed,
+                          on_finish=lambda s, e, relayed=relayed: answered.update({relayed: (len(s.generated), e)}))
+        for relayed in (True, False)
+    }
+    try:
+        for seq in sequences.values():
+            scheduler.submit(seq)
+        deadline = time.monotonic() + 60
+        while not all(seq.finished for seq in sequences.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert all(seq.finished and len(seq.generated) < 60 for seq in sequences.values())
+    assert list(answered) == [True] and answered[True][1] is None and answered[True][0] < 60
+
+
 def test_a_failing_client_poll_or_metric_frees_the_slot_and_the_loop_goes_on(cache_dir):
     """A poll of Triton that raises (a client's cancel state, a gauge) costs that sequence, never the scheduler."""
     model = hf_model(tiny_model(cache_dir, "qwen2"))

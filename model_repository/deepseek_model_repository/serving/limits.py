@@ -25,6 +25,13 @@ GENERATION_INPUTS: tuple[tuple[str, str, bool], ...] = (
     ("stream", "TYPE_BOOL", True),
 )
 INPUT_NAMES = tuple(name for name, _, _ in GENERATION_INPUTS)
+#: Request parameters between the relay (``NAME``) and the scheduler model (``NAME_stream``).  The relay names each
+#: request it passes on (``RELAY_ID``); when that request's client goes away it sends a request that names it
+#: again (``CANCEL_RELAYED``), and the scheduler drops its sequences.  (Triton cancels the relay's request, not the
+#: one the relay made, and the Python backend of Triton 2.51 cannot cancel a request it made.)
+RELAY_ID = "deepseek_relay_id"
+CANCEL_RELAYED = "deepseek_cancel_relayed"
+RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED)
 INT32_MAX = 2**31 - 1
 
 
@@ -68,14 +75,19 @@ class ParsedRequest:
         return self.prompts[0].sampling
 
 
-def unknown_fields(request) -> list[str]:
-    """Request parameters the model does not take (Triton's HTTP ``generate`` passes unknown JSON keys as these)."""
+def request_parameters(request) -> dict:
+    """A request's parameters (Triton's HTTP ``generate`` passes unknown JSON keys as these); {} if none or unreadable."""
     raw = request.parameters() if hasattr(request, "parameters") else ""
     try:
         params = json.loads(raw) if raw else {}
     except (TypeError, ValueError):
-        return []
-    return sorted(k for k in params if not k.startswith("triton_"))
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def unknown_fields(request) -> list[str]:
+    """Request parameters the model does not take."""
+    return sorted(k for k in request_parameters(request) if not k.startswith("triton_") and k not in RELAY_PARAMETERS)
 
 
 def check_fields(request) -> None:

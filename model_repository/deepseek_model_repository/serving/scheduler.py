@@ -65,6 +65,8 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: Optional[float] = None
     last_token_at: Optional[float] = None
+    #: Send the final response even when the client went away (a relayed request: the relay waits for it).
+    answer_when_gone: bool = False
     #: Set by the watcher: the client went away, or asking it failed (the failure).
     gone: bool = False
     poll_error: Optional[Exception] = None
@@ -335,13 +337,14 @@ class Scheduler:
     def _dropped(self, seq: Sequence, answer: bool = False) -> bool:
         """Has the watcher found the client of ``seq`` gone (or failed to ask)?  Then ``seq`` is finished.
 
-        ``answer``: still send the final response to a client that went away (a sequence that never ran).
+        ``answer``: still send the final response to a client that went away (a sequence that never ran); a
+        sequence with ``answer_when_gone`` always gets it.
         """
         if seq.poll_error is not None:
             self._finish(seq, f"generation failed: the scheduler could not check its client ({seq.poll_error})")
             return True
         if seq.gone:
-            self._finish(seq, None, notify=answer)
+            self._finish(seq, None, notify=answer or seq.answer_when_gone)
         return seq.gone
 
     def _retire(self) -> None:

@@ -6,7 +6,8 @@ requests into free KV-cache slots between decode steps and answers each one thro
 response sender.  A request with ``stream`` true gets one response per piece of text (one every
 ``stream_interval`` tokens, the first at once) and then a final one with what is left; any other
 request gets its whole completion in one final response.  The client-facing ``NAME`` model relays
-its requests here, so plain requests and streams share one scheduler, one engine and one cache.
+its requests here, so plain requests and streams share one scheduler, one engine and one cache; when a relayed
+request's client goes away the relay says so in a request of its own, and its sequences are dropped.
 
 The scheduler publishes its metrics through the Python backend's custom-metrics API on Triton's
 metrics port (see ``SchedulerMetrics``).
@@ -14,6 +15,7 @@ metrics port (see ``SchedulerMetrics``).
 
 import json
 import os
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -143,6 +145,9 @@ class TritonPythonModel:
                                  threads=int(params.get("intra_op_threads", "0")))
         except RunnerError as exc:
             raise pb_utils.TritonModelException(str(exc)) from None
+        #: Relay id -> set when the relay says that request's client went away (``_cancel_relayed``).
+        self._relayed: dict = {}
+        self._relayed_lock = threading.Lock()
         self.metrics = SchedulerMetrics(self.client_name)
         self.metrics.slots.set(runner.cache.slots)
         self.scheduler = Scheduler(runner, info.get("eos_token_ids", []), metrics=self.metrics).start()
@@ -152,6 +157,11 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                params = limits.request_parameters(request)
+                if limits.CANCEL_RELAYED in params:
+                    self._cancel_relayed(str(params[limits.CANCEL_RELAYED]))
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
                 parsed = limits.parse_generation_request(request, self.limits, self.tokenizer,
                                                          self.default_max_tokens, pb_utils, self.model_name)
             except limits.RequestError as exc:
@@ -163,7 +173,7 @@ class TritonPythonModel:
             if parsed.stream:
                 self.scheduler.submit(self._stream(parsed.prompts[0], sender))
             else:
-                for seq in self._whole(parsed.prompts, sender):
+                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID)):
                     self.scheduler.submit(seq)
         return None
 
@@ -190,11 +200,21 @@ class TritonPythonModel:
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
                         cancelled=self._cancelled(sender))
 
-    def _whole(self, prompts, sender):
-        """The sequences of a request answered in one response, sent when the last of them ends."""
+    def _whole(self, prompts, sender, relay_id=None):
+        """The sequences of a request answered in one response, sent when the last of them ends.
+
+        A relayed request (``relay_id``) is told apart from its client by the relay: the relay's request is never
+        cancelled, so its sequences are dropped when the relay names it in a cancel (and still answered, since the
+        relay waits for the answer)."""
         texts = [None] * len(prompts)
         errors = []
         pending = [len(prompts)]
+        cancelled, answer_when_gone = self._cancelled(sender), False
+        if relay_id is not None:
+            gone = threading.Event()
+            with self._relayed_lock:
+                self._relayed[str(relay_id)] = gone
+            cancelled, answer_when_gone = gone.is_set, True
 
         def finisher(row):
             def on_finish(seq, error):
@@ -203,13 +223,24 @@ class TritonPythonModel:
                 texts[row] = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
                 pending[0] -= 1
                 if pending[0] == 0:
+                    if relay_id is not None:
+                        with self._relayed_lock:
+                            self._relayed.pop(str(relay_id), None)
                     response = error_response(errors[0], invalid=False) if errors else text_response(texts)
                     sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
             return on_finish
 
-        return [Sequence(p.prompt_ids, p.sampling, on_finish=finisher(row), cancelled=self._cancelled(sender))
+        return [Sequence(p.prompt_ids, p.sampling, on_finish=finisher(row), cancelled=cancelled,
+                         answer_when_gone=answer_when_gone)
                 for row, p in enumerate(prompts)]
+
+    def _cancel_relayed(self, relay_id):
+        """The relay's client went away: its sequences leave at the scheduler's next look (unknown: it ended)."""
+        with self._relayed_lock:
+            gone = self._relayed.get(relay_id)
+        if gone is not None:
+            gone.set()
 
     def finalize(self):
         """Stop the scheduler: sequences still queued or running get an error."""

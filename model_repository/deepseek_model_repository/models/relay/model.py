@@ -6,14 +6,24 @@ a thread and returns at once; the thread sends the request to ``NAME_stream`` (o
 not one per token: a request without ``stream`` gets its whole completion in one response) and
 answers through the request's response sender.  So a plain request joins the running batch
 between two decode steps instead of waiting for a dynamic batch to finish.
+
+A watcher thread asks each relayed request's client whether it went away, every
+``CLIENT_POLL_S`` as the scheduler does for its own clients; for one that did, it sends
+``NAME_stream`` a request that names the relayed one (``limits.CANCEL_RELAYED``), which frees its slot.
 """
 
+import logging
+import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits
+from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
 from deepseek_model_repository.serving.triton import error_response, model_parameters
+
+log = logging.getLogger("deepseek_model_repository.relay")
 
 
 class TritonPythonModel:
@@ -26,6 +36,12 @@ class TritonPythonModel:
         self.target = params["scheduler_model"]
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("relay_threads", "256")),
                                        thread_name_prefix="relay")
+        #: Relay id -> (the client's response sender, the inputs relayed) of each request in flight.
+        self.inflight = {}
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.watcher = threading.Thread(target=self._watch, name="relay-client-watch", daemon=True)
+        self.watcher.start()
 
     def execute(self, requests):
         """Check what can be checked without the scheduler, then relay each request from a thread."""
@@ -52,9 +68,13 @@ class TritonPythonModel:
     def _relay(self, inputs, sender):
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         answer = None
+        relay_id = uuid.uuid4().hex
+        with self.lock:
+            self.inflight[relay_id] = (sender, inputs)
         try:
             request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
-                                                requested_output_names=["text_output"])
+                                                requested_output_names=["text_output"],
+                                                parameters={limits.RELAY_ID: relay_id})
             for response in request.exec(decoupled=True):
                 if response.has_error():
                     error = response.error()
@@ -65,8 +85,34 @@ class TritonPythonModel:
                     answer = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
         except Exception as exc:  # noqa: BLE001 - answer the client whatever happened
             answer = error_response(f"generation failed: {exc}", invalid=False)
+        finally:
+            with self.lock:
+                self.inflight.pop(relay_id, None)
         sender.send(answer or error_response("the scheduler gave no answer", invalid=False), flags=final)
+
+    def _watch(self):
+        """Every ``CLIENT_POLL_S``: tell the scheduler model about each relayed request whose client went away."""
+        while not self.stopped.wait(CLIENT_POLL_S):
+            with self.lock:
+                inflight = list(self.inflight.items())
+            for relay_id, (sender, inputs) in inflight:
+                try:
+                    if not (hasattr(sender, "is_cancelled") and sender.is_cancelled()):
+                        continue
+                    with self.lock:
+                        if self.inflight.pop(relay_id, None) is None:
+                            continue  # answered meanwhile
+                    # The relayed request's own inputs, so the cancel passes Triton's checks of NAME_stream's inputs.
+                    cancel = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
+                                                       requested_output_names=["text_output"],
+                                                       parameters={limits.CANCEL_RELAYED: relay_id})
+                    for _ in cancel.exec(decoupled=True):
+                        pass
+                except Exception:  # noqa: BLE001 - that request then runs to its end; the others are still watched
+                    log.warning("could not pass on that a client went away", exc_info=True)
 
     def finalize(self):
         """Let relayed requests finish."""
+        self.stopped.set()
+        self.watcher.join(5)
         self.pool.shutdown(wait=True, cancel_futures=False)
