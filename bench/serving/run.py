@@ -805,6 +805,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     await close()
 
         asyncio.run(run_all())
+        if served and any(r["errors"] and r["system"] != "transformers" for r in rows):
+            # Said now: the server's folder, its log with it, goes when this block ends.
+            tail = Path(server.log).read_text(errors="replace").splitlines()[-15:]
+            result["notes"].append("Triton answered errors; its log ended: " + " | ".join(tail))
+            log("Triton answered errors; its log ends:\n  " + "\n  ".join(tail))
 
     # ---- decode step time at ~2,000 against ~50 tokens of context
     if not args.no_step:

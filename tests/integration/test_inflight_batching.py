@@ -201,6 +201,34 @@ def test_a_plain_request_whose_client_goes_away_frees_its_slot(server):
     assert generated < whole, f"the request ran to its end ({generated:.0f} tokens) after its client went away"
 
 
+def test_a_burst_of_short_plain_requests_is_answered_and_the_server_stays_up(server):
+    """Plain requests end while the relay's watcher asks their clients whether they went away; a sender asked after
+    its final response crashes Triton, so the watcher and the final response must take turns."""
+    name = "tiny-qwen2"
+    until = time.monotonic() + 3.0
+
+    def client_loop(index: int) -> int:
+        client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+        answered = 0
+        try:
+            while time.monotonic() < until:
+                result = client.infer(name, generation_inputs(grpcclient, WORDS[index % len(WORDS)], max_tokens=2))
+                assert text_of(result)
+                answered += 1
+        finally:
+            client.close()
+        return answered
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answered = sum(pool.map(client_loop, range(16)))
+    client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+    try:
+        assert client.is_server_live() and client.is_model_ready(name)
+    finally:
+        client.close()
+    assert answered > 100
+
+
 def test_a_prompt_too_long_for_the_context_is_refused_by_name(server):
     client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
     try:

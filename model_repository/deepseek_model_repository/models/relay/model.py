@@ -26,6 +26,20 @@ from deepseek_model_repository.serving.triton import error_response, model_param
 log = logging.getLogger("deepseek_model_repository.relay")
 
 
+class Relayed:
+    """A request in flight: its client's response sender and the inputs passed on.
+
+    ``lock`` is held while the watcher asks the sender and while ``answered`` is set, before the final response:
+    a sender must not be asked after its final response (Triton has freed what it asks).
+    """
+
+    def __init__(self, sender, inputs):
+        self.sender = sender
+        self.inputs = inputs
+        self.lock = threading.Lock()
+        self.answered = False
+
+
 class TritonPythonModel:
     """Relay to the scheduler model named by the ``scheduler_model`` parameter."""
 
@@ -36,7 +50,7 @@ class TritonPythonModel:
         self.target = params["scheduler_model"]
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("relay_threads", "256")),
                                        thread_name_prefix="relay")
-        #: Relay id -> (the client's response sender, the inputs relayed) of each request in flight.
+        #: Relay id -> each request in flight (``Relayed``).
         self.inflight = {}
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -69,8 +83,9 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         answer = None
         relay_id = uuid.uuid4().hex
+        relayed = Relayed(sender, inputs)
         with self.lock:
-            self.inflight[relay_id] = (sender, inputs)
+            self.inflight[relay_id] = relayed
         try:
             request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
                                                 requested_output_names=["text_output"],
@@ -88,6 +103,8 @@ class TritonPythonModel:
         finally:
             with self.lock:
                 self.inflight.pop(relay_id, None)
+        with relayed.lock:
+            relayed.answered = True
         sender.send(answer or error_response("the scheduler gave no answer", invalid=False), flags=final)
 
     def _watch(self):
@@ -95,15 +112,17 @@ class TritonPythonModel:
         while not self.stopped.wait(CLIENT_POLL_S):
             with self.lock:
                 inflight = list(self.inflight.items())
-            for relay_id, (sender, inputs) in inflight:
+            for relay_id, relayed in inflight:
                 try:
-                    if not (hasattr(sender, "is_cancelled") and sender.is_cancelled()):
-                        continue
+                    with relayed.lock:
+                        if relayed.answered or not (hasattr(relayed.sender, "is_cancelled")
+                                                    and relayed.sender.is_cancelled()):
+                            continue
                     with self.lock:
                         if self.inflight.pop(relay_id, None) is None:
                             continue  # answered meanwhile
                     # The relayed request's own inputs, so the cancel passes Triton's checks of NAME_stream's inputs.
-                    cancel = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
+                    cancel = pb_utils.InferenceRequest(model_name=self.target, inputs=relayed.inputs,
                                                        requested_output_names=["text_output"],
                                                        parameters={limits.CANCEL_RELAYED: relay_id})
                     for _ in cancel.exec(decoupled=True):
