@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python bench/autoscaling/run.py
 	$(BIN)/python bench/operator/run.py
 	$(BIN)/python bench/serving/run.py
+	$(BIN)/python bench/serving/cache_write.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache

@@ -33,4 +33,6 @@ run "tests/gpu/test_serving_gpu.py::test_onnxruntime_cuda_runner_equals_transfor
 run "tests/gpu/test_serving_gpu.py::test_tensorrt_runner_serves_in_flight_with_logits_close_to_torch"
 # TensorRT engine builds: strongly typed fp16, numerical check, timing cache, cache hit, int8 refused (tensorrt).
 run tests/gpu/test_builder_tensorrt.py "$@"
+# Not a test: a decode step's KV-cache write on the GPU against row by row (prints its table).
+"$PY" bench/serving/cache_write.py --output "${CACHE_WRITE_RESULTS:-/tmp/cache_write.json}" || status=1
 exit $status

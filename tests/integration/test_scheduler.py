@@ -111,6 +111,32 @@ def test_the_cache_is_allocated_once_and_written_in_place(cache_dir):
     assert buffers == [t.__array_interface__["data"][0] for layer in runner.cache.layers for t in layer]
 
 
+@pytest.mark.parametrize("tensors", ["numpy", "torch"])
+def test_kv_cache_write_stores_each_rows_new_positions_after_its_own(tensors):
+    """Rows of different lengths, each getting a different number of new positions (a prefill), then one each."""
+    import torch
+
+    cache = KvCache([LayerShape(2, 4, 1, 3)] * 2, slots=4, capacity=8, dtype=np.float32 if tensors == "numpy"
+                    else torch.float32, torch_tensors=tensors == "torch")
+    as_array = (lambda t: t) if tensors == "numpy" else (lambda t: t.numpy())
+    rng = np.random.default_rng(0)
+    want = [[np.zeros(t.shape, np.float32) for t in layer] for layer in cache.layers]
+    cache.lengths[:] = [0, 3, 1, 2]
+    for counts, width in (([2, 0, 4], 4), ([1, 1, 1], 1)):
+        start = 1
+        new = [rng.standard_normal((3, t.shape[1], width, t.shape[3])).astype(np.float32)
+               for layer in cache.layers for t in layer]
+        for i, layer in enumerate(want):
+            for j, tensor in enumerate(layer):
+                for r, n in enumerate(counts):
+                    at = int(cache.lengths[start + r])
+                    tensor[start + r, :, at:at + n] = new[2 * i + j][r, :, :n]
+        cache.write(start, counts, new if tensors == "numpy" else [torch.from_numpy(a) for a in new])
+    assert cache.lengths.tolist() == [0, 6, 2, 7]
+    for got, expected in zip(cache.rows(0, 4), [t for layer in want for t in layer]):
+        np.testing.assert_array_equal(as_array(got), expected)
+
+
 def test_kv_cache_move_keeps_only_the_valid_positions():
     cache = KvCache([LayerShape(2, 4, 1, 3)], slots=3, capacity=8, dtype=np.float32)
     key, value = cache.layers[0]

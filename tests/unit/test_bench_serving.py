@@ -78,3 +78,15 @@ def test_a_paced_piece_counts_its_tokens_and_gives_no_inter_token_latency(bench)
     assert row["tokens"] == 9 and row["itl_p50_ms"] is None
     assert row["ttft_p50_ms"] == pytest.approx(100.0)
     assert row["tpot_p50_ms"] == pytest.approx(900.0 / 8)
+
+
+def test_the_cache_write_bench_runs_and_writes_its_results(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "cache_write.json"
+    subprocess.run([sys.executable, str(RUN.parent / "cache_write.py"), "--repeats", "1", "--output", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())["results"]
+    assert {(r["layers"], r["tensors"]) for r in results} >= {(2, "numpy (cpu)"), (28, "torch (cpu)")}
+    assert all(r["indexed_ms"] > 0 and r["row_by_row_ms"] > 0 for r in results)

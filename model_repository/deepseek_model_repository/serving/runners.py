@@ -94,15 +94,23 @@ class KvCache:
         return [t[start:stop] for layer in self.layers for t in layer]
 
     def write(self, start: int, counts: Sequence[int], new: Sequence[Any]) -> None:
-        """Store each row's ``counts[r]`` new positions (``new`` flat like :meth:`rows`, [B, H, T, D]) in place."""
+        """Store each row's ``counts[r]`` new positions (``new`` flat like :meth:`rows`, [B, H, T, D]) in place.
+
+        One indexed assignment per tensor, whatever the rows (on a GPU one kernel, not one per row)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        rows = np.repeat(np.arange(counts.size), counts)  # the row of each new position
+        offsets = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)  # its index among the row's
+        positions = self.lengths[start:start + counts.size][rows] + offsets
+        targets = rows + start
+        if self.layers and not isinstance(self.layers[0][0], np.ndarray):
+            import torch
+
+            rows, offsets, targets, positions = (torch.from_numpy(a).to(self.layers[0][0].device)
+                                                 for a in (rows, offsets, targets, positions))
         for i, layer in enumerate(self.layers):
             for j, tensor in enumerate(layer):
-                fresh = new[2 * i + j]
-                for r, n in enumerate(counts):
-                    at = int(self.lengths[start + r])
-                    tensor[start + r, :, at:at + n] = fresh[r, :, :n]
-        for r, n in enumerate(counts):
-            self.lengths[start + r] += n
+                tensor[targets, :, positions] = new[2 * i + j][rows, :, offsets]
+        self.lengths[start:start + counts.size] += counts
 
     def move(self, source: int, target: int) -> None:
         """Copy one slot's valid positions into another (the scheduler compacts finished slots away)."""
