@@ -85,7 +85,7 @@ def test_the_cache_write_bench_runs_and_writes_its_results(tmp_path):
     import subprocess
 
     out = tmp_path / "cache_write.json"
-    subprocess.run([sys.executable, str(RUN.parent / "cache_write.py"), "--repeats", "1", "--output", str(out)],
+    subprocess.run([sys.executable, str(RUN.parent / "cache_write.py"), "--repeats", "1", "--capacity", "8", "--output", str(out)],
                    check=True, capture_output=True, timeout=300)
     results = json.loads(out.read_text())["results"]
     assert {(r["layers"], r["tensors"]) for r in results} >= {(2, "numpy (cpu)"), (28, "torch (cpu)")}
