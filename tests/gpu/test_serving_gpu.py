@@ -87,6 +87,7 @@ def greedy(model, prompt, max_tokens):
 
 
 def test_pytorch_runner_on_cuda_equals_transformers_with_the_cache_on_the_device(tiny):
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -102,6 +103,10 @@ def test_pytorch_runner_on_cuda_equals_transformers_with_the_cache_on_the_device
     got = serve(runner, work)
     assert got == [greedy(model, p, m) for p, m in work]
     assert pointers == [t.data_ptr() for layer in runner.cache.layers for t in layer], "allocated once"
+    # The logits stay on the GPU: greedy rows take their argmax there.
+    runner.cache.lengths[:] = 0
+    logits = runner.forward(0, np.array([[5, 6, 7]], np.int64), np.ones((1, 3), np.int64))
+    assert logits.data.device.type == "cuda"
 
 
 def _engine(ws: Path, source: Path, backend: str, precision: str) -> Path:

@@ -137,6 +137,43 @@ def test_kv_cache_write_stores_each_rows_new_positions_after_its_own(tensors):
         np.testing.assert_array_equal(as_array(got), expected)
 
 
+def test_step_logits_give_the_same_tokens_from_numpy_and_from_torch():
+    import torch
+
+    from deepseek_model_repository.serving.runners import StepLogits
+
+    data = np.random.default_rng(1).standard_normal((3, 50)).astype(np.float32)
+    data[2, [7, 9]] = 10.0  # a tie: the first index, as np.argmax
+    host, device = StepLogits(data), StepLogits(torch.from_numpy(data.copy()))
+    assert host.argmax().tolist() == device.argmax().tolist() == [int(np.argmax(r)) for r in data]
+    assert device.argmax()[2] == 7
+    np.testing.assert_array_equal(device.row(1), data[1])
+    np.testing.assert_array_equal(device.numpy(), host.numpy())
+
+
+def test_sampled_and_greedy_sequences_decode_together_on_the_torch_runner(cache_dir):
+    """Greedy rows take the step's argmax where the logits are; a sampling row copies its own row: top_k 1 is
+    greedy, and a seed gives the same tokens again."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 3, CAPACITY)
+    scheduler = Scheduler(runner, eos_ids=[1]).start()
+    prompt = [5, 6, 7, 8]
+    samplings = [Sampling(max_tokens=10), Sampling(max_tokens=10, temperature=1.5, top_k=1),
+                 Sampling(max_tokens=10, temperature=1.0, seed=3), Sampling(max_tokens=10, temperature=1.0, seed=3)]
+    done = threading.Semaphore(0)
+    sequences = [Sequence(prompt, s, on_finish=lambda seq, error: done.release()) for s in samplings]
+    try:
+        for seq in sequences:
+            scheduler.submit(seq)
+        for _ in sequences:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    want = greedy(model, prompt, 10)
+    assert sequences[0].generated == sequences[1].generated == want
+    assert sequences[2].generated == sequences[3].generated
+
+
 def test_kv_cache_move_keeps_only_the_valid_positions():
     cache = KvCache([LayerShape(2, 4, 1, 3)], slots=3, capacity=8, dtype=np.float32)
     key, value = cache.layers[0]

@@ -1,10 +1,12 @@
 """Runners: one text-generation step of an engine over a KV cache allocated once, where the engine runs.
 
 A :class:`KvCache` holds ``slots x capacity`` positions per layer (numpy arrays on the CPU, torch
-tensors on a GPU) and each slot's valid length.  A runner's :meth:`Runner.step` advances the
+tensors on a GPU) and each slot's valid length.  A runner's :meth:`Runner.forward` advances the
 contiguous slots ``[start, start + B)`` by the given new tokens: it hands the engine those cache
 rows where they lie (a view, never a copy), gets back the logits and the new positions' keys and
-values, and writes those few positions into the cache.  The scheduler keeps its running
+values, and writes those few positions into the cache.  The logits stay where the engine left
+them (:class:`StepLogits`): greedy rows take their argmax there, so a GPU step sends the host B
+token ids rather than B x vocabulary floats.  The scheduler keeps its running
 sequences in the first slots, so every step's rows are contiguous.
 
 Runners:
@@ -125,6 +127,36 @@ class KvCache:
         self.lengths[slot] = 0
 
 
+class StepLogits:
+    """One step's logits [B, V] where the engine left them: a numpy array, or a torch tensor on the engine's device.
+
+    :meth:`argmax` is every row's, taken there (on a GPU only B integers reach the host); :meth:`row` copies one
+    row to the host, for the rows that sample.
+    """
+
+    def __init__(self, data: Any):
+        self.data = data
+        self._argmax: Optional[np.ndarray] = None
+
+    def argmax(self) -> np.ndarray:
+        if self._argmax is None:
+            if isinstance(self.data, np.ndarray):
+                self._argmax = np.argmax(self.data, axis=-1)
+            else:
+                self._argmax = self.data.argmax(dim=-1).cpu().numpy()
+        return self._argmax
+
+    def row(self, r: int) -> np.ndarray:
+        if isinstance(self.data, np.ndarray):
+            return self.data[r]
+        return self.data[r].float().cpu().numpy()
+
+    def numpy(self) -> np.ndarray:
+        if isinstance(self.data, np.ndarray):
+            return np.asarray(self.data, dtype=np.float32)
+        return self.data.float().cpu().numpy()
+
+
 class Runner:
     """One engine and its cache.  Subclasses implement :meth:`_run`."""
 
@@ -132,8 +164,13 @@ class Runner:
     vocab_size: int
 
     def step(self, start: int, input_ids: np.ndarray, token_mask: np.ndarray) -> np.ndarray:
+        """:meth:`forward`, with the logits on the host: float32 [B, V]."""
+        return self.forward(start, input_ids, token_mask).numpy()
+
+    def forward(self, start: int, input_ids: np.ndarray, token_mask: np.ndarray) -> StepLogits:
         """Advance slots ``[start, start + B)`` by the tokens of ``input_ids`` [B, T] (right-padded,
-        ``token_mask`` 1 on real tokens); returns float32 logits [B, V] at each row's last real token."""
+        ``token_mask`` 1 on real tokens); returns the logits [B, V] at each row's last real token, where the engine
+        left them."""
         batch, width = input_ids.shape
         stop = start + batch
         lengths = self.cache.lengths[start:stop].copy()
@@ -147,10 +184,11 @@ class Runner:
             "cache_lengths": lengths,
         }
         logits, new = self._run(feeds, start, stop)
-        self.cache.write(start, [int(c) for c in counts], new)
-        return logits
+        self.cache.write(start, counts, new)
+        return StepLogits(logits)
 
-    def _run(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> tuple[np.ndarray, list[Any]]:
+    def _run(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> tuple[Any, list[Any]]:
+        """The engine's logits (numpy, or torch on its device) and new keys and values of slots ``[start, stop)``."""
         raise NotImplementedError
 
 
@@ -206,7 +244,7 @@ class OrtRunner(Runner):
             self.session.run_with_iobinding(binding)
             outputs = dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
             new = [outputs[n] for n in engine_io.present_names(self.num_layers)]
-            return np.asarray(outputs[engine_io.LOGITS], dtype=np.float32), new
+            return outputs[engine_io.LOGITS], new
         torch = self.torch
         keep = []
         for name, value in feeds.items():
@@ -224,7 +262,7 @@ class OrtRunner(Runner):
             self._bind(binding.bind_output, name, out)
             new.append(out)
         self.session.run_with_iobinding(binding)
-        return logits.cpu().numpy(), new
+        return logits, new
 
     def _bind(self, bind, name, tensor) -> None:
         dtype = {self.torch.float32: np.float32, self.torch.float16: np.float16,
@@ -280,7 +318,7 @@ class TensorRTRunner(Runner):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RunnerError("TensorRT execution failed")
         self.stream.synchronize()
-        return logits.cpu().numpy(), new
+        return logits, new
 
     def _bind_input(self, name, tensor) -> None:
         self.context.set_input_shape(name, tuple(tensor.shape))
@@ -321,7 +359,7 @@ class TorchRunner(Runner):
         tensors = [torch.from_numpy(feeds[n]).to(self.device) for n in engine_io.STEP_INPUTS]
         with torch.no_grad(), split_cache_attention_of(self.model):
             outputs = self.step_module(*tensors, *views)
-        return outputs[0].float().cpu().numpy(), list(outputs[1:])
+        return outputs[0], list(outputs[1:])
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Protocol, Sequence as Seq
 import numpy as np
 
 from .metrics import PUBLISH_INTERVAL_S
-from .runners import Runner
+from .runners import Runner, StepLogits
 
 log = logging.getLogger("deepseek_model_repository.scheduler")
 
@@ -276,7 +276,7 @@ class Scheduler:
             ids[r, :len(seq.prompt_ids)] = seq.prompt_ids
             mask[r, :len(seq.prompt_ids)] = 1
         try:
-            logits = self.runner.step(start, ids, mask)
+            logits = self.runner.forward(start, ids, mask)
             self.metrics.engine_step()
         except Exception as exc:  # noqa: BLE001 - a failed prefill fails its own sequences only
             log.exception("prefill failed")
@@ -284,23 +284,24 @@ class Scheduler:
                 self._finish(seq, f"generation failed: {exc}")
             return
         for r, seq in enumerate(admitted):
-            self._advance(seq, logits[r])
+            self._advance(seq, logits, r)
 
     def _decode(self) -> None:
         n = len(self.running)
         ids = np.zeros((n, 1), dtype=np.int64)
         for seq in self.running:
             ids[seq.slot, 0] = seq.generated[-1]
-        logits = self.runner.step(0, ids, np.ones((n, 1), dtype=np.int64))
+        logits = self.runner.forward(0, ids, np.ones((n, 1), dtype=np.int64))
         self.steps += 1
         self.metrics.engine_step()
         for seq in self.running:
             if not seq.finished:
-                self._advance(seq, logits[seq.slot])
+                self._advance(seq, logits, seq.slot)
 
-    def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        """Choose the next token of ``seq``, hand it on, and end the sequence when it is done."""
-        token = pick(logits, seq)
+    def _advance(self, seq: Sequence, logits: StepLogits, row: int) -> None:
+        """Choose the next token of ``seq`` (row ``row`` of the step), hand it on, and end the sequence when it is
+        done.  Greedy rows take the step's argmax, computed where the logits are."""
+        token = int(logits.argmax()[row]) if seq.sampling.temperature == 0.0 else pick(logits.row(row), seq)
         now = time.monotonic()
         if token in self.eos:
             self._finish(seq, None)
