@@ -128,7 +128,8 @@ class KvCache:
 
 
 class StepLogits:
-    """One step's logits [B, V] where the engine left them: a numpy array, or a torch tensor on the engine's device.
+    """One step's logits [B, V] where the engine left them: a numpy array, or a torch tensor on the engine's device,
+    valid until the runner's next step.
 
     :meth:`argmax` is every row's, taken there (on a GPU only B integers reach the host); :meth:`row` copies one
     row to the host, for the rows that sample.
@@ -152,8 +153,9 @@ class StepLogits:
         return self.data[r].float().cpu().numpy()
 
     def numpy(self) -> np.ndarray:
+        """A host copy (a runner may write its next step's logits where these are)."""
         if isinstance(self.data, np.ndarray):
-            return np.asarray(self.data, dtype=np.float32)
+            return np.array(self.data, dtype=np.float32)
         return self.data.float().cpu().numpy()
 
 
@@ -228,7 +230,10 @@ class OrtRunner(Runner):
             self.cache = KvCache(layer_shapes(info), slots, capacity, kv_type, "cpu")
         self.device_id = device_id
         self.session = ort.InferenceSession(str(model_file), options, providers=providers)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        if not self.vocab_size:
+            self.vocab_size = int({o.name: o.shape for o in self.session.get_outputs()}[engine_io.LOGITS][-1])
+        #: CPU: the logits of every slot, allocated once; each step's engine writes its rows there.
+        self._logits = np.empty((slots, self.vocab_size), dtype=np.float32) if self.device == "cpu" else None
 
     def _run(self, feeds, start, stop):
         binding = self.session.io_binding()
@@ -239,12 +244,15 @@ class OrtRunner(Runner):
                 binding.bind_cpu_input(name, value)
             for name, view in zip(past, rows):
                 binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(view))
-            for name in self.output_names:
-                binding.bind_output(name, "cpu")
+            # Every output into an array of ours, bound where it lies: the logits into rows of the buffer allocated
+            # once, each layer's new positions into a small array of this step's shape. Nothing is copied out.
+            batch, width = feeds["input_ids"].shape
+            logits = self._logits[:batch]
+            new = [np.empty((batch, view.shape[1], width, view.shape[3]), dtype=view.dtype) for view in rows]
+            for name, array in zip((engine_io.LOGITS, *engine_io.present_names(self.num_layers)), (logits, *new)):
+                binding.bind_ortvalue_output(name, self.ort.OrtValue.ortvalue_from_numpy(array))
             self.session.run_with_iobinding(binding)
-            outputs = dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
-            new = [outputs[n] for n in engine_io.present_names(self.num_layers)]
-            return outputs[engine_io.LOGITS], new
+            return logits, new
         torch = self.torch
         keep = []
         for name, value in feeds.items():
