@@ -288,6 +288,20 @@ def test_an_unknown_field_is_refused_by_name(server, model):
     assert "unknown field(s) max_new_tokens" in err.value.read().decode()
 
 
+def test_the_relays_own_parameters_are_refused_from_a_client(server):
+    """``deepseek_relay_id`` passes between NAME and NAME_stream only: a client that sends it to NAME is told."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"text_input": "hi", "max_tokens": 2, "deepseek_relay_id": "x"}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/models/tiny-qwen2/generate", data=body,
+                                     method="POST", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert "unknown field(s) deepseek_relay_id" in err.value.read().decode()
+
+
 def test_scheduler_metrics_count_what_was_served(server):
     name = model_name("deepseek_v3")
     tokens = settled_scheduler_metric(server, "generated_tokens_total", name)

@@ -85,13 +85,13 @@ def request_parameters(request) -> dict:
     return params if isinstance(params, dict) else {}
 
 
-def unknown_fields(request) -> list[str]:
-    """Request parameters the model does not take."""
-    return sorted(k for k in request_parameters(request) if not k.startswith("triton_") and k not in RELAY_PARAMETERS)
+def unknown_fields(request, allowed: tuple[str, ...] = ()) -> list[str]:
+    """Request parameters the model does not take (``allowed``: parameters it takes besides Triton's own)."""
+    return sorted(k for k in request_parameters(request) if not k.startswith("triton_") and k not in allowed)
 
 
-def check_fields(request) -> None:
-    unknown = unknown_fields(request)
+def check_fields(request, allowed: tuple[str, ...] = ()) -> None:
+    unknown = unknown_fields(request, allowed)
     if unknown:
         raise RequestError(f"unknown field(s) {', '.join(unknown)}: this model takes {', '.join(INPUT_NAMES)}")
 
@@ -115,8 +115,9 @@ def _values(pb_utils, request, name, n, default, cast, check):
 
 def parse_generation_request(request, limits: RequestLimits, tokenizer, default_max_tokens: int, pb_utils,
                              model_name: str, *, streaming_model: bool = True) -> ParsedRequest:
-    """The prompts of one request, checked cheapest first; RequestError names what is wrong."""
-    check_fields(request)
+    """The prompts of one request to the scheduler model (which takes the relay's parameters), checked cheapest first;
+    RequestError names what is wrong."""
+    check_fields(request, RELAY_PARAMETERS)
     text = pb_utils.get_input_tensor_by_name(request, "text_input")
     if text is None:
         raise RequestError("missing input 'text_input' (BYTES, shape [1, 1]): send the prompt as text_input")

@@ -12,6 +12,13 @@ def error_response(message, invalid=True):
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
+def client_gone(sender):
+    """A check of whether the client of ``sender``'s request went away (never, where this Triton cannot tell).
+
+    Each call is a round trip to Triton's process, and must not come after the request's final response."""
+    return sender.is_cancelled if hasattr(sender, "is_cancelled") else (lambda: False)
+
+
 def model_parameters(args):
     """(model config, its string parameters) from ``initialize``'s args."""
     config = json.loads(args["model_config"])

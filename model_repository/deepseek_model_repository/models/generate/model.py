@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StreamedText
-from deepseek_model_repository.serving.triton import error_response, model_parameters
+from deepseek_model_repository.serving.triton import client_gone, error_response, model_parameters
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import Scheduler, Sequence
 
@@ -177,10 +177,6 @@ class TritonPythonModel:
                     self.scheduler.submit(seq)
         return None
 
-    @staticmethod
-    def _cancelled(sender):
-        return sender.is_cancelled if hasattr(sender, "is_cancelled") else (lambda: False)
-
     def _stream(self, prompt, sender):
         """A streamed sequence: a response per piece of text (every ``stream_interval`` tokens), then a final one."""
         text = StreamedText(self.tokenizer, self.stream_interval)
@@ -198,7 +194,7 @@ class TritonPythonModel:
             sender.send(text_response([text.rest(seq.generated)]), flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
-                        cancelled=self._cancelled(sender))
+                        cancelled=client_gone(sender))
 
     def _whole(self, prompts, sender, relay_id=None):
         """The sequences of a request answered in one response, sent when the last of them ends.
@@ -209,7 +205,7 @@ class TritonPythonModel:
         texts = [None] * len(prompts)
         errors = []
         pending = [len(prompts)]
-        cancelled, answer_when_gone = self._cancelled(sender), False
+        cancelled, answer_when_gone = client_gone(sender), False
         if relay_id is not None:
             gone = threading.Event()
             with self._relayed_lock:

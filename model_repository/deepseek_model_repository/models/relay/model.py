@@ -21,20 +21,20 @@ import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
-from deepseek_model_repository.serving.triton import error_response, model_parameters
+from deepseek_model_repository.serving.triton import client_gone, error_response, model_parameters
 
 log = logging.getLogger("deepseek_model_repository.relay")
 
 
 class Relayed:
-    """A request in flight: its client's response sender and the inputs passed on.
+    """A request in flight: the check of its client (``client_gone``) and the inputs passed on.
 
-    ``lock`` is held while the watcher asks the sender and while ``answered`` is set, before the final response:
-    a sender must not be asked after its final response (Triton has freed what it asks).
+    ``lock`` is held while the watcher asks and while ``answered`` is set, before the final response: a sender must
+    not be asked after its final response (Triton has freed what it asks).
     """
 
     def __init__(self, sender, inputs):
-        self.sender = sender
+        self.gone = client_gone(sender)
         self.inputs = inputs
         self.lock = threading.Lock()
         self.answered = False
@@ -115,8 +115,7 @@ class TritonPythonModel:
             for relay_id, relayed in inflight:
                 try:
                     with relayed.lock:
-                        if relayed.answered or not (hasattr(relayed.sender, "is_cancelled")
-                                                    and relayed.sender.is_cancelled()):
+                        if relayed.answered or not relayed.gone():
                             continue
                     with self.lock:
                         if self.inflight.pop(relay_id, None) is None:
