@@ -555,6 +555,7 @@ def repository_options(resource: api.DeepSeekModel) -> dict[str, Any]:
         "max_queue_delay_us": serving.dynamic_batching.max_queue_delay_microseconds,
         "preferred_batch_sizes": serving.dynamic_batching.preferred_batch_sizes,
         "stream_interval": serving.stream_interval,
+        "engine_threads": serving.engine_threads,
     }
 
 

@@ -30,6 +30,9 @@ from .repository import DEFAULT_STREAM_INTERVAL, RepositoryError, resolve_engine
 @click.option("--no-dynamic-batching", is_flag=True, help="Serve one request per execution.")
 @click.option("--stream-interval", type=click.IntRange(min=1), default=DEFAULT_STREAM_INTERVAL, show_default=True,
               help="Text generation: tokens per streamed response (the first token is always sent at once).")
+@click.option("--engine-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Text generation on the CPU: threads of the scheduler's engine; 0 takes the container's CPU limit, "
+              "else a thread per physical core.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per replica.")
 @click.option("--instance-count", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--runtime", type=click.Choice(["triton", "local"]), default="triton", show_default=True)
@@ -43,6 +46,7 @@ def repository(
     preferred_batch_sizes: tuple[int, ...],
     no_dynamic_batching: bool,
     stream_interval: int,
+    engine_threads: int,
     gpus: int,
     instance_count: int,
     runtime: str,
@@ -71,6 +75,7 @@ def repository(
             instance_count=instance_count,
             dynamic_batching=not no_dynamic_batching,
             stream_interval=stream_interval,
+            engine_threads=engine_threads,
             link=not copy_files,
         )
     except RepositoryError as exc:

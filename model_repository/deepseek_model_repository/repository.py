@@ -101,6 +101,7 @@ def render_configs(
     dynamic_batching: bool = True,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     stream_interval: int = DEFAULT_STREAM_INTERVAL,
+    engine_threads: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """The config dicts of every model in the repository, keyed by model name (pure: no I/O)."""
     if runtime not in ("triton", "local"):
@@ -114,6 +115,8 @@ def render_configs(
         raise RepositoryError("a TensorRT engine needs a GPU: set serving.gpusPerReplica >= 1 or use onnxruntime")
     if stream_interval < 1:
         raise RepositoryError(f"stream interval {stream_interval} must be at least 1 token per streamed response")
+    if engine_threads < 0:
+        raise RepositoryError(f"engine threads {engine_threads} must be 0 (the container's CPUs) or more")
     bad = [s for s in preferred_batch_sizes if s < 1 or s > info["max_batch_size"]]
     if bad:
         raise RepositoryError(
@@ -135,7 +138,7 @@ def render_configs(
             names.stream, inputs, outputs, handover, decoupled=True,
             parameters={"engine_dir": engine_dir, "client_model": names.client,
                         "default_max_tokens": str(default_max_tokens), "stream_interval": str(stream_interval),
-                        "device": "cuda" if gpus > 0 else "cpu"},
+                        "engine_threads": str(engine_threads), "device": "cuda" if gpus > 0 else "cpu"},
         )
         for c in configs.values():
             cfg.to_proto(c)
@@ -223,6 +226,7 @@ def write_repository(
     link: bool = True,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     stream_interval: int = DEFAULT_STREAM_INTERVAL,
+    engine_threads: int = 0,
 ) -> Path:
     """Write (or replace) this engine's models in ``output_dir`` and return it.
 
@@ -248,6 +252,7 @@ def write_repository(
         dynamic_batching=dynamic_batching,
         default_max_tokens=default_max_tokens,
         stream_interval=stream_interval,
+        engine_threads=engine_threads,
     )
     names = ModelNames.of(model_name)
     output_dir.mkdir(parents=True, exist_ok=True)

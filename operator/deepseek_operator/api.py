@@ -299,6 +299,15 @@ class ServingSpec(_Model):
         "of clients (more tokens/s under load, burstier streams). Plain requests are answered in one response "
         "either way.",
     )
+    engine_threads: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Text generation on the CPU (gpusPerReplica 0): threads of the engine in the scheduler's model. "
+        "0 takes the Triton container's CPU limit (serving.resources.limits.cpu, rounded up) where it is below the "
+        "node's CPUs, else ONNX Runtime's default of a thread per physical core. Set it below the limit to leave "
+        "CPU to Triton and to other containers; set only with gpusPerReplica 0.",
+    )
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements,
         description="CPU and memory requests and limits of the Triton container. " + _defaults_text(TRITON_RESOURCES),
@@ -470,6 +479,12 @@ class DeepSeekModelSpec(_Model):
                     "engine.backend tensorrt needs serving.gpusPerReplica >= 1; use onnxruntime to serve on CPU",
                     ".serving.gpusPerReplica",
                 ),
+                cel(
+                    "!has(self.serving.engineThreads) || self.serving.engineThreads == 0 || "
+                    "(has(self.serving.gpusPerReplica) && self.serving.gpusPerReplica == 0)",
+                    "serving.engineThreads sets the CPU threads of an engine served on the CPU: set it only with serving.gpusPerReplica 0, or remove it",
+                    ".serving.engineThreads",
+                ),
             ]
         }
     )
@@ -494,6 +509,8 @@ class DeepSeekModelSpec(_Model):
             raise ValueError(
                 "engine.backend tensorrt needs serving.gpusPerReplica >= 1; use onnxruntime to serve on CPU"
             )
+        if self.serving.engine_threads and self.serving.gpus_per_replica:
+            raise ValueError("serving.engineThreads sets the CPU threads of an engine served on the CPU: set it only with serving.gpusPerReplica 0, or remove it")
         return self
 
 

@@ -301,6 +301,8 @@ def repository_command(model: DeepSeekModel, spec_key: str) -> list[str]:
     # The default writes no flag, so the Deployments of CRs that do not set it keep their pod template.
     if serving.stream_interval != DEFAULT_STREAM_INTERVAL:
         args += ["--stream-interval", str(serving.stream_interval)]
+    if serving.engine_threads:
+        args += ["--engine-threads", str(serving.engine_threads)]
     args += ["--gpus", str(serving.gpus_per_replica)]
     return args
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepseek_model_repository.serving.runners import KvCache, LayerShape, RunnerError, TorchRunner, open_runner
+from deepseek_model_repository.serving.runners import (KvCache, LayerShape, RunnerError, TorchRunner, available_cpus,
+                                                       engine_threads, open_runner)
 from deepseek_model_repository.serving.scheduler import NoMetrics, Sampling, Scheduler, Sequence
 from triton_harness import build, tiny_model, tiny_resource
 
@@ -94,6 +95,51 @@ def test_mixed_sequences_on_few_slots_equal_transformers_alone(cache_dir, arch, 
     assert scheduler.steps < sum(len(g) for g in got), "sequences should share decode steps"
     assert not scheduler.running and not scheduler.waiting
     assert int(runner.cache.lengths.sum()) == 0, "finished sequences leave their slots"
+
+
+def test_available_cpus_is_the_affinity_capped_by_the_cgroup_quota(tmp_path):
+    """A pod's CPU limit is a cgroup quota, not an affinity: the engine counts by the smaller."""
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path / "none") == (affinity, False)  # no cgroup files: the affinity
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(v2) == (affinity, False)
+    (v2 / "cpu.max").write_text(f"{100000 * (affinity + 4)} 100000\n")  # a limit above the CPUs seen
+    assert available_cpus(v2) == (affinity, False)
+    (v2 / "cpu.max").write_text("50000 100000\n")  # half a CPU is still one thread
+    assert available_cpus(v2) == ((1, True) if affinity > 1 else (1, False))
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(v1.parent) == (affinity, False)
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    assert available_cpus(v1.parent)[0] == 1
+
+
+def test_engine_threads_follow_the_request_then_the_cpu_limit_then_onnx_runtime(cache_dir, tmp_path):
+    import json
+    import os
+
+    limited = tmp_path / "limited"
+    limited.mkdir()
+    (limited / "cpu.max").write_text("50000 100000\n")
+    assert engine_threads(5, tmp_path / "none") == 5
+    assert engine_threads(0, tmp_path / "none") is None  # no limit: ONNX Runtime's default
+    if len(os.sched_getaffinity(0)) > 1:
+        assert engine_threads(0, limited) == 1  # a limit of half a CPU: one thread, not one per core
+    with pytest.raises(RunnerError, match="engine threads -1 must be 0"):
+        engine_threads(-1)
+    engine = build(tiny_resource(cache_dir, "sched-threads"), cache_dir)
+    info = json.loads((engine / "model-info.json").read_text())
+    runner = open_runner(engine, info, SLOTS, CAPACITY, threads=3)
+    assert runner.session.get_session_options().intra_op_num_threads == 3
+    if engine_threads(0) is None:
+        runner = open_runner(engine, info, SLOTS, CAPACITY)
+        assert runner.session.get_session_options().intra_op_num_threads == 0  # left to ONNX Runtime
 
 
 def test_the_cache_is_allocated_once_and_written_in_place(cache_dir):

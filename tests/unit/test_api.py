@@ -64,6 +64,9 @@ def test_wire_form_is_camel_case_and_round_trips():
         ({"serving.dynamicBatching.maxQueueDelayMicroseconds": -5},
          "spec.serving.dynamicBatching.maxQueueDelayMicroseconds", "greater than or equal to 0"),
         ({"serving.streamInterval": 0}, "spec.serving.streamInterval", "greater than or equal to 1"),
+        ({"serving.engineThreads": -2, "serving.gpusPerReplica": 0}, "spec.serving.engineThreads",
+         "greater than or equal to 0"),
+        ({"serving.engineThreads": 4}, "spec", "set it only with serving.gpusPerReplica 0"),
         ({"serving.resources": {"limits": {"memory": "lots"}}}, "spec.serving.resources.limits", "quantity"),
         ({"serving.gpusPerReplica": 0}, "spec", "gpusPerReplica >= 1"),
         ({"autoscaling.minReplicas": 5, "autoscaling.maxReplicas": 2}, "spec.autoscaling", "must not exceed"),
@@ -224,6 +227,12 @@ def _api_server_accepts(spec: dict) -> tuple[bool, list[str]]:
         {"engine.builderResources": {"requests": {"cpu": "2", "memory": "8Gi"}}},
         {"serving.initResources": {"limits": {"cpu": "one"}}},
         {"serving.dynamicBatching.preferredBatchSizes": [0, 2]},
+        # Engine threads: CPU serving only (gpusPerReplica defaults to 1).
+        {"serving.engineThreads": 3, "serving.gpusPerReplica": 0},
+        {"serving.engineThreads": 0, "serving.gpusPerReplica": 2},
+        {"serving.engineThreads": 3, "serving.gpusPerReplica": 1},
+        {"serving.engineThreads": 3},
+        {"serving.engineThreads": -1, "serving.gpusPerReplica": 0},
     ],
 )
 def test_cel_rules_and_pydantic_agree(patch):

@@ -251,12 +251,23 @@ def test_a_stream_interval_reaches_the_repository_and_the_default_writes_no_flag
     assert got[got.index("--stream-interval") + 1] == "4"
 
 
+def test_engine_threads_reach_the_repository_and_the_default_writes_no_flag():
+    def command(patch):
+        deployment = render.render_deployment(make_model("r1", {**CPU, **patch}), CONFIG, "key123")
+        return deployment["spec"]["template"]["spec"]["initContainers"][0]["command"]
+
+    assert "--engine-threads" not in command({})
+    assert "--engine-threads" not in command({"serving.engineThreads": 0})
+    got = command({"serving.engineThreads": 6})
+    assert got[got.index("--engine-threads") + 1] == "6"
+
+
 def test_the_local_mode_writes_the_repository_the_init_container_writes():
     from deepseek_local import local
 
     model = make_model("r1", {"serving.dynamicBatching": {"maxQueueDelayMicroseconds": 250,
                                                            "preferredBatchSizes": [4, 8]},
-                              "serving.streamInterval": 4})
+                              "serving.streamInterval": 4, "serving.engineThreads": 3, **CPU})
     command = render.repository_command(model, "key123")
     options = local.repository_options(model)
 
@@ -266,6 +277,7 @@ def test_the_local_mode_writes_the_repository_the_init_container_writes():
     assert flag("--max-queue-delay-us") == [str(options["max_queue_delay_us"])] == ["250"]
     assert flag("--preferred-batch-size") == [str(s) for s in options["preferred_batch_sizes"]] == ["4", "8"]
     assert flag("--stream-interval") == [str(options["stream_interval"])] == ["4"]
+    assert flag("--engine-threads") == [str(options["engine_threads"])] == ["3"]
 
 
 @pytest.mark.parametrize("patch", [{}, CPU, AUTOSCALED])

@@ -211,6 +211,21 @@ def test_a_stream_interval_goes_to_the_scheduler_model_and_below_one_is_refused(
     assert result.exit_code != 0 and "--stream-interval" in result.output
 
 
+def test_engine_threads_go_to_the_scheduler_model_and_below_zero_is_refused(tmp_path):
+    engine = engine_dir(tmp_path)
+    c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton"))
+    assert c["m_stream"].parameters["engine_threads"].string_value == "0"  # the container's CPUs
+    c = configs(write_repository(engine, tmp_path / "repo1", "m", runtime="triton", engine_threads=3))
+    assert c["m_stream"].parameters["engine_threads"].string_value == "3"
+    assert "engine_threads" not in c["m"].parameters
+    with pytest.raises(RepositoryError, match=r"engine threads -1 must be 0 \(the container's CPUs\) or more"):
+        write_repository(engine, tmp_path / "repo2", "m", runtime="triton", engine_threads=-1)
+    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo3"),
+                                             "--model-name", "m", "--engine-threads", "5"])
+    assert result.exit_code == 0, result.output
+    assert configs(tmp_path / "repo3")["m_stream"].parameters["engine_threads"].string_value == "5"
+
+
 def test_cli_resolves_an_engine_ref(tmp_path):
     from deepseek_contract.integrity import write_manifest
 

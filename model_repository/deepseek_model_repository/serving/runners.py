@@ -19,6 +19,8 @@ Runners:
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -32,6 +34,41 @@ NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np
 
 class RunnerError(RuntimeError):
     """A runner that cannot start or run; the message says what to install or change."""
+
+
+def _cgroup_cpus(cgroup_root: Path) -> Optional[float]:
+    """The CPU quota of this process's cgroup in CPUs (a pod's CPU limit), or None where there is none."""
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        fields = (cgroup_root / "cpu.max").read_text().split()
+        return None if fields[0] == "max" else int(fields[0]) / int(fields[1])
+    except (OSError, ValueError, IndexError, ZeroDivisionError):
+        pass
+    try:  # cgroup v1
+        quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+        return quota / int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text()) if quota > 0 else None
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, bool]:
+    """The CPUs this process may use, and whether a CPU quota (not the affinity) is what sets them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpus(cgroup_root)
+    if quota is not None and math.ceil(quota) < cpus:
+        return max(1, math.ceil(quota)), True
+    return max(1, cpus), False
+
+
+def engine_threads(requested: int = 0, cgroup_root: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+    """Threads of an engine on the CPU (``serving.engineThreads``): ``requested``; with 0, as many as the
+    container's CPU limit where it has one below the CPUs it sees, else None (ONNX Runtime's own default, a thread
+    per physical core of the node, which ignores a pod's CPU limit and would be throttled by it)."""
+    if requested < 0:
+        raise RunnerError(f"engine threads {requested} must be 0 (the container's CPUs) or more")
+    if requested:
+        return requested
+    cpus, limited = available_cpus(cgroup_root)
+    return cpus if limited else None
 
 
 @dataclass(frozen=True)
@@ -208,6 +245,7 @@ class OrtRunner(Runner):
         self.vocab_size = int(info.get("vocab_size") or 0)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        threads = engine_threads(threads) if provider != "cuda" else None
         if threads:
             options.intra_op_num_threads = threads
         kv_type = NUMPY_TYPES.get(cache_type(info))

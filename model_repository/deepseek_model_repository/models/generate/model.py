@@ -142,7 +142,7 @@ class TritonPythonModel:
         try:
             runner = open_runner(engine_dir, info, slots=int(info["max_batch_size"]),
                                  capacity=int(info["max_sequence_length"]), device=params.get("device", "cpu"),
-                                 threads=int(params.get("intra_op_threads", "0")))
+                                 threads=int(params.get("engine_threads", "0")))
         except RunnerError as exc:
             raise pb_utils.TritonModelException(str(exc)) from None
         #: Relay id -> set when the relay says that request's client went away (``_cancel_relayed``).
