@@ -215,30 +215,92 @@ async def closed_loop(send: Callable[[str, int, Record], Awaitable[None]], promp
 
 
 # ------------------------------------------------------------------ clients
-def triton_sender(url: str, model: str, interval: int = 1, greedy_lengths: Optional[dict[str, int]] = None):
-    """Streams one request to ``model`` (decoupled) over gRPC; every non-empty text piece is a token.
+def triton_sender(url: str, model: str, interval: int = 1, greedy_lengths: Optional[dict[str, int]] = None,
+                  persistent: bool = True):
+    """Streams each request to ``model`` (decoupled) over gRPC; every non-empty text piece is a token.
 
-    A model paced at ``interval`` tokens per response: the first piece is one token, each later one
-    ``interval``, and the last what is left of the prompt's greedy length (``greedy_lengths``)."""
+    ``persistent``: each client keeps one gRPC stream open and sends its requests over it one after another, as
+    Triton's perf_analyzer and long-lived streaming clients do (the end of a request is Triton's
+    ``triton_final_response``); otherwise each request opens a stream of its own.  A model paced at ``interval``
+    tokens per response: the first piece is one token, each later one ``interval``, and the last what is left of
+    the prompt's greedy length (``greedy_lengths``)."""
     import tritonclient.grpc.aio as aioclient
 
     from deepseek_model_repository.client import generation_inputs
 
     client = aioclient.InferenceServerClient(url)
+    streams: dict[Any, "_ClientStream"] = {}
+
+    class _ClientStream:
+        """One client's open stream: requests go in through a queue, responses come out in order.  tritonclient's
+        ``stream_infer`` refuses ``triton_``-prefixed parameters, so the requests are built here and carry
+        ``triton_enable_empty_final_response``, which marks each request's last response."""
+
+        def __init__(self):
+            self.queue: asyncio.Queue = asyncio.Queue()
+            self.call = client._client_stub.ModelStreamInfer(self._requests())
+            self.responses = self.call.__aiter__()
+
+        async def _requests(self):
+            from tritonclient.grpc._utils import _get_inference_request
+
+            while True:
+                inputs = await self.queue.get()
+                if inputs is None:
+                    return
+                request = _get_inference_request(model_name=model, inputs=inputs, model_version="", request_id="",
+                                                 outputs=None, sequence_id=0, sequence_start=False,
+                                                 sequence_end=False, priority=0, timeout=None, parameters=None)
+                request.parameters["triton_enable_empty_final_response"].bool_param = True
+                yield request
+
+        async def next(self):
+            response = await self.responses.__anext__()
+            if response.error_message:
+                return None, response.error_message
+            return aioclient.InferResult(response.infer_response), None
+
+        def close(self) -> None:
+            self.queue.put_nowait(None)
+
+    def piece(result, record: Record, now: float) -> None:
+        text = result.as_numpy("text_output")
+        if text is not None and text.reshape(-1)[0]:
+            record.piece(now, 1 if not record.times else interval)
 
     async def send(prompt: str, max_tokens: int, record: Record) -> None:
-        async def one():
-            yield {"model_name": model,
+        request = {"model_name": model,
                    "inputs": generation_inputs(aioclient, prompt, max_tokens=max_tokens, stream=True)}
+        if persistent:
+            task = asyncio.current_task()
+            stream = streams.get(task)
+            if stream is None:
+                stream = streams[task] = _ClientStream()
+                task.add_done_callback(lambda t: streams.pop(t, stream).close())
+            await stream.queue.put(request["inputs"])
+            while True:
+                result, error = await stream.next()
+                now = time.perf_counter()
+                if error is not None:  # the stream is dropped: the client's next request opens another
+                    streams.pop(task, None)
+                    stream.close()
+                    stream.call.cancel()
+                    raise RuntimeError(error)
+                if result.get_output("text_output") is not None:
+                    piece(result, record, now)
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    break
+        else:
+            async def one():
+                yield request
 
-        # The server ends the call after the request's final response (the client has finished writing).
-        async for result, error in client.stream_infer(one()):
-            now = time.perf_counter()
-            if error is not None:
-                raise RuntimeError(error.message() if hasattr(error, "message") else str(error))
-            text = result.as_numpy("text_output")
-            if text is not None and text.reshape(-1)[0]:
-                record.piece(now, 1 if not record.times else interval)
+            # The server ends the call after the request's final response (the client has finished writing).
+            async for result, error in client.stream_infer(one()):
+                now = time.perf_counter()
+                if error is not None:
+                    raise RuntimeError(error.message() if hasattr(error, "message") else str(error))
+                piece(result, record, now)
         if interval > 1 and record.times:
             record.paced = True
             total = min(max_tokens, greedy_lengths[prompt])
@@ -617,6 +679,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--step-repeats", type=int, default=12)
     parser.add_argument("--no-step", action="store_true", help="skip the decode-step timing")
+    parser.add_argument("--per-request-streams", action="store_true",
+                        help="open a gRPC stream per streamed request instead of one per client")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON",
                         help="print the tables of a results file as Markdown, and run nothing")
@@ -645,7 +709,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "slots": SLOTS, "capacity": CAPACITY, "seconds_per_level": args.seconds, "concurrency": args.concurrency,
         "workload": {"seed": workload.seed, "prompts": workload.pool, "max_tokens": list(MAX_TOKENS_RANGE),
                      "short_max_tokens": SHORT_MAX_TOKENS, "short_share": SHORT_SHARE, "decoding": "greedy",
-                     "client": "closed loop, streaming (gRPC for Triton, SSE for transformers)"},
+                     "client": "closed loop, streaming (gRPC for Triton, SSE for transformers)",
+                     "triton_streams": "one per request" if args.per_request_streams else "one per client"},
         "models": {}, "rows": [], "notes": [],
     }
 
@@ -766,9 +831,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     send, close = unary_sender(server.endpoints["grpc"], model, engines[arch]["greedy_lengths"])
                 elif system == "inflight-paced":
                     send, close = triton_sender(server.endpoints["grpc"], model, PACED_INTERVAL,
-                                                engines[arch]["greedy_lengths"])
+                                                engines[arch]["greedy_lengths"],
+                                                persistent=not args.per_request_streams)
                 else:
-                    send, close = triton_sender(server.endpoints["grpc"], model)
+                    send, close = triton_sender(server.endpoints["grpc"], model,
+                                                persistent=not args.per_request_streams)
                 senders[(arch, system)] = send
                 closers.append(close)
             for arch, serve in tservers.items():
