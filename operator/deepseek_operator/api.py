@@ -279,6 +279,13 @@ class Toleration(_Model):
     )
 
 
+#: One message for the rule, from the CRD's CEL and from the operator alike.
+ENGINE_THREADS_ON_GPU = (
+    "serving.engineThreads sets the CPU threads of an engine served on the CPU: set it only with "
+    "serving.gpusPerReplica 0, or remove it"
+)
+
+
 class ServingSpec(_Model):
     """How Triton is deployed. Changes here roll the Deployment and never rebuild the engine."""
 
@@ -482,7 +489,7 @@ class DeepSeekModelSpec(_Model):
                 cel(
                     "!has(self.serving.engineThreads) || self.serving.engineThreads == 0 || "
                     "(has(self.serving.gpusPerReplica) && self.serving.gpusPerReplica == 0)",
-                    "serving.engineThreads sets the CPU threads of an engine served on the CPU: set it only with serving.gpusPerReplica 0, or remove it",
+                    ENGINE_THREADS_ON_GPU,
                     ".serving.engineThreads",
                 ),
             ]
@@ -510,7 +517,7 @@ class DeepSeekModelSpec(_Model):
                 "engine.backend tensorrt needs serving.gpusPerReplica >= 1; use onnxruntime to serve on CPU"
             )
         if self.serving.engine_threads and self.serving.gpus_per_replica:
-            raise ValueError("serving.engineThreads sets the CPU threads of an engine served on the CPU: set it only with serving.gpusPerReplica 0, or remove it")
+            raise ValueError(ENGINE_THREADS_ON_GPU)
         return self
 
 

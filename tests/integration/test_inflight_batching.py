@@ -238,6 +238,45 @@ def test_a_prompt_too_long_for_the_context_is_refused_by_name(server):
         client.close()
 
 
+def test_the_bench_client_sends_one_request_after_another_over_one_stream(server):
+    """bench/serving's streaming client keeps one gRPC stream per client: each request ends at its own final
+    response with the tokens a stream of its own gives, and a refused request raises Triton's message, after
+    which the same client goes on."""
+    import asyncio
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_serving_run_client",
+                                                  Path(__file__).resolve().parents[2] / "bench/serving/run.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(bench)
+        jobs = [("the " * 10, 12), ("of and to", 5), ("word " * 300, 4), ("in is was for on", 9)]
+
+        async def run(persistent: bool):
+            send, close = bench.triton_sender(server.endpoints["grpc"], "tiny-qwen2_stream", persistent=persistent)
+            outcomes = []
+            try:
+                for prompt, max_tokens in jobs:
+                    record = bench.Record(max_tokens)
+                    try:
+                        await asyncio.wait_for(send(prompt, max_tokens, record), 60)
+                        outcomes.append(record.tokens)
+                    except RuntimeError as exc:
+                        outcomes.append(str(exc))
+            finally:
+                await close()
+            return outcomes
+
+        one_stream, own_streams = asyncio.run(run(True)), asyncio.run(run(False))
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert one_stream == own_streams, (one_stream, own_streams)
+    assert [isinstance(o, int) and o > 0 for o in one_stream] == [True, True, False, True], one_stream
+    assert "maxSequenceLength is 256" in one_stream[2]
+
+
 def stub_rss_bytes(server) -> int:
     """Resident memory of the server's Python-backend stubs (the processes that run the models)."""
     total = 0
