@@ -138,23 +138,47 @@ def percentile(values, q: float) -> Optional[float]:
 
 @dataclass
 class Window:
-    """One measured level: its records and the window [start, deadline] the clients sent in."""
+    """One measured level: its records and the measured window [start, deadline].
+
+    The clients began at ``began`` (at or before ``start``): the load settles before the window opens, so that
+    the window sees the steady state and not the ramp from idle. Only then does counting a plain request's tokens
+    when its response arrives measure what streaming's count measures: at a window that opens on an idle server
+    every request in flight at the deadline has made tokens that count for a stream and not for a plain request
+    (at 32 clients some 30 tokens each), while none were in flight at the opening to make up for them.
+    """
 
     records: list[Record]
     start: float
     deadline: float
+    began: Optional[float] = None
+
+    def _tokens_per_s(self, start: float, deadline: float) -> float:
+        tokens = sum(n for r in self.records for t, n in zip(r.times, r.sizes) if start <= t <= deadline)
+        tokens += sum(r.tokens for r in self.records
+                      if r.unary and r.end is not None and start <= r.end <= deadline)
+        return tokens / (deadline - start)
 
     @property
     def tokens_per_s(self) -> float:
-        tokens = sum(n for r in self.records for t, n in zip(r.times, r.sizes) if t <= self.deadline)
-        tokens += sum(r.tokens for r in self.records if r.unary and r.end is not None and r.end <= self.deadline)
-        return tokens / (self.deadline - self.start)
+        """Tokens that reached the client within the window, per second."""
+        return self._tokens_per_s(self.start, self.deadline)
+
+    @property
+    def tokens_per_s_from_idle(self) -> float:
+        """The same count over a window of the same length that opens when the clients begin (the ramp included),
+        which is how this bench counted before it let the load settle."""
+        began = self.start if self.began is None else self.began
+        return self._tokens_per_s(began, began + (self.deadline - self.start))
+
+    def measured(self) -> list[Record]:
+        """The requests sent within the window (each followed to its end)."""
+        return [r for r in self.records if r.start >= self.start]
 
 
 def summarize(windows: list[Window]) -> dict[str, Any]:
     """Tokens/s: the median over rounds of the tokens that arrived within each round's window.
-    TTFT, ITL and latencies: percentiles over every completed request of every round."""
-    records = [r for w in windows for r in w.records]
+    TTFT, ITL and latencies: percentiles over every completed request sent within a round's window."""
+    records = [r for w in windows for r in w.measured()]
     done = [r for r in records if r.error is None and r.end is not None]
     ttft = [r.times[0] - r.start for r in done if r.times]
     itl = [b - a for r in done if not r.paced for a, b in zip(r.times, r.times[1:])]
@@ -164,6 +188,7 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
     short = [r.end - r.start for r in done if r.max_tokens <= SHORT_MAX_TOKENS]
     latency = [r.end - r.start for r in done]
     per_round = [w.tokens_per_s for w in windows]
+    from_idle = [w.tokens_per_s_from_idle for w in windows]
 
     def ms(v):
         return None if v is None else round(v * 1000.0, 2)
@@ -175,6 +200,7 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
         "tokens": int(sum(r.tokens for r in done)),
         "tokens_per_s": round(float(np.median(per_round)), 1) if per_round else None,
         "tokens_per_s_rounds": [round(x, 1) for x in per_round],
+        "tokens_per_s_from_idle": round(float(np.median(from_idle)), 1) if from_idle else None,
         "mean_tokens_per_request": round(float(np.mean([r.tokens for r in done])), 1) if done else None,
         "ttft_p50_ms": ms(percentile(ttft, 50)),
         "ttft_p99_ms": ms(percentile(ttft, 99)),
@@ -189,10 +215,12 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
 
 
 async def closed_loop(send: Callable[[str, int, Record], Awaitable[None]], prompts: list[str], workload: Workload,
-                      concurrency: int, seconds: float, drain_s: float = 120.0) -> Window:
-    """C clients for ``seconds``: each sends its next request when the previous one ends (in-flight ones finish)."""
+                      concurrency: int, seconds: float, settle: float = 0.0, drain_s: float = 120.0) -> Window:
+    """C clients for ``settle`` and then ``seconds`` measured: each sends its next request when the previous one
+    ends (in-flight ones finish)."""
     records: list[Record] = []
-    start = time.perf_counter()
+    began = time.perf_counter()
+    start = began + settle
     deadline = start + seconds
 
     async def client(c: int) -> None:
@@ -210,8 +238,8 @@ async def closed_loop(send: Callable[[str, int, Record], Awaitable[None]], promp
                 continue
             record.end = time.perf_counter()
 
-    await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(concurrency))), seconds + drain_s)
-    return Window(records, start, deadline)
+    await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(concurrency))), settle + seconds + drain_s)
+    return Window(records, start, deadline, began)
 
 
 # ------------------------------------------------------------------ clients
@@ -364,7 +392,7 @@ def openai_sender(base_url: str, model: str):
 
 # ------------------------------------------------------------------ the bare engine loop
 def bare_level(runner, eos_ids, prompt_ids: list[list[int]], workload: Workload, concurrency: int,
-               seconds: float) -> Window:
+               seconds: float, settle: float = 0.0) -> Window:
     """The same Scheduler and runner in this process: clients resubmit from the scheduler's on_finish."""
     from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
 
@@ -373,7 +401,8 @@ def bare_level(runner, eos_ids, prompt_ids: list[list[int]], workload: Workload,
     lock = threading.Lock()
     clients_left = [concurrency]
     all_done = threading.Event()
-    start = time.perf_counter()
+    began = time.perf_counter()
+    start = began + settle
     deadline = start + seconds
 
     def submit(c: int, requests: Iterator[tuple[int, int]]) -> None:
@@ -402,11 +431,11 @@ def bare_level(runner, eos_ids, prompt_ids: list[list[int]], workload: Workload,
 
     for c in range(concurrency):
         submit(c, workload.requests(c))
-    finished = all_done.wait(seconds + 120)
+    finished = all_done.wait(settle + seconds + 120)
     scheduler.stop()
     if not finished:
         records.append(Record(0, error="the bare loop did not drain in time"))
-    return Window(records, start, deadline)
+    return Window(records, start, deadline, began)
 
 
 class BareWorker:
@@ -428,11 +457,11 @@ class BareWorker:
             raise RuntimeError(f"the bare-loop worker exited ({self.process.wait()})")
         return json.loads(line)
 
-    def level(self, concurrency: int, seconds: float) -> Window:
-        answer = self._send({"concurrency": concurrency, "seconds": seconds})
+    def level(self, concurrency: int, seconds: float, settle: float = 0.0) -> Window:
+        answer = self._send({"concurrency": concurrency, "seconds": seconds, "settle": settle})
         records = [Record(m, start=s, end=e, times=t, sizes=z, tokens=n, error=err)
                    for m, s, e, t, z, n, err in answer["records"]]
-        return Window(records, answer["start"], answer["deadline"])
+        return Window(records, answer["start"], answer["deadline"], answer["began"])
 
     def greedy_lengths(self, max_tokens: int) -> list[int]:
         return self._send({"greedy_lengths": max_tokens})
@@ -465,9 +494,10 @@ def bare_worker_main() -> int:
                                             ask["greedy_lengths"])), flush=True)
             continue
         w = bare_level(runner, info.get("eos_token_ids", []), setup["prompt_ids"], workload, ask["concurrency"],
-                       ask["seconds"])
+                       ask["seconds"], ask.get("settle", 0.0))
         records = [[r.max_tokens, r.start, r.end, r.times, r.sizes, r.tokens, r.error] for r in w.records]
-        print(json.dumps({"start": w.start, "deadline": w.deadline, "records": records}), flush=True)
+        print(json.dumps({"start": w.start, "deadline": w.deadline, "began": w.began, "records": records}),
+              flush=True)
     return 0
 
 
@@ -675,6 +705,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds of each level, over all rounds")
     parser.add_argument("--rounds", type=int, default=5, help="rounds that interleave the systems at each level")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each system's levels")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds of load in each round before its measured window opens")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--step-repeats", type=int, default=12)
@@ -706,7 +738,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     workload = Workload()
     prompts = workload.prompts()
     result: dict[str, Any] = {
-        "slots": SLOTS, "capacity": CAPACITY, "seconds_per_level": args.seconds, "concurrency": args.concurrency,
+        "slots": SLOTS, "capacity": CAPACITY, "seconds_per_level": args.seconds, "rounds": args.rounds,
+        "settle_seconds_per_round": args.settle, "concurrency": args.concurrency,
         "workload": {"seed": workload.seed, "prompts": workload.pool, "max_tokens": list(MAX_TOKENS_RANGE),
                      "short_max_tokens": SHORT_MAX_TOKENS, "short_share": SHORT_SHARE, "decoding": "greedy",
                      "client": "closed loop, streaming (gRPC for Triton, SSE for transformers)",
@@ -846,10 +879,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for arch, e in engines.items():
                     systems = [s for s in SYSTEMS if (arch, s) in senders or (s == "bare" and s in args.systems)]
 
-                    async def level(system: str, concurrency: int, seconds: float) -> Window:
+                    async def level(system: str, concurrency: int, seconds: float, settle: float = 0.0) -> Window:
                         if system == "bare":
-                            return runners[arch].level(concurrency, seconds)
-                        return await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds)
+                            return runners[arch].level(concurrency, seconds, settle)
+                        return await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds,
+                                                 settle)
 
                     for system in systems:  # warm-up: sessions, caches, allocators, the batch sizes to come
                         for c in sorted({1, max(args.concurrency)}):
@@ -859,7 +893,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     for round_index in range(args.rounds):
                         for c in args.concurrency:
                             for system in systems:
-                                w = await level(system, c, args.seconds / args.rounds)
+                                w = await level(system, c, args.seconds / args.rounds, args.settle)
                                 windows.setdefault((system, c), []).append(w)
                                 log(f"  {arch:<11} {system:<12} c={c:<3} round {round_index + 1}: "
                                     f"{w.tokens_per_s:8.1f} tok/s")
@@ -933,11 +967,14 @@ def markdown_report(result: dict[str, Any]) -> str:
     def cell(v, digits=0):
         return "-" if v is None else f"{v:,.{digits}f}"
 
-    lines = ["| model | system | clients | tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | short p50 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    idle = any(r.get("tokens_per_s_from_idle") is not None for r in result["rows"])
+    lines = ["| model | system | clients | tokens/s " + ("| from idle " if idle else "")
+             + "| TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | short p50 |",
+             "|---|---|---|---" + ("|---" if idle else "") + "|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['system']} | {r['concurrency']} | {cell(r['tokens_per_s'])} | "
-                     f"{cell(r['ttft_p50_ms'], 1)} | {cell(r['ttft_p99_ms'], 1)} | {cell(r['itl_p50_ms'], 1)} | "
+                     + (f"{cell(r.get('tokens_per_s_from_idle'))} | " if idle else "")
+                     + f"{cell(r['ttft_p50_ms'], 1)} | {cell(r['ttft_p99_ms'], 1)} | {cell(r['itl_p50_ms'], 1)} | "
                      f"{cell(r['itl_p99_ms'], 1)} | {cell(r['short_p50_ms'], 1)} |")
     lines.append("")
     step = result.get("decode_step")

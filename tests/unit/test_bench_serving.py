@@ -29,6 +29,25 @@ def test_tokens_per_s_counts_only_tokens_that_arrived_within_the_window(bench):
     assert window.tokens_per_s == pytest.approx((3 + 3) / 2.0)
 
 
+def test_the_window_opens_after_the_load_settled(bench):
+    """Tokens and requests of the settling second do not count; the count from idle is kept beside for contrast."""
+    ramp = bench.Record(max_tokens=2, start=0.0, end=1.2)  # sent while settling, ends within the window
+    ramp.piece(0.5)
+    ramp.piece(1.2)
+    plain_early = bench.Record(max_tokens=4, start=0.0, end=0.9, tokens=4, unary=True)  # done before the window
+    plain_in = bench.Record(max_tokens=6, start=0.9, end=2.5, tokens=6, unary=True)  # in flight at the opening
+    streamed = bench.Record(max_tokens=2, start=1.5, end=2.0)
+    streamed.piece(1.6)
+    streamed.piece(2.0)
+    window = bench.Window([ramp, plain_early, plain_in, streamed], start=1.0, deadline=3.0, began=0.0)
+    assert window.tokens_per_s == pytest.approx((1 + 6 + 2) / 2.0)
+    assert window.tokens_per_s_from_idle == pytest.approx((2 + 4 + 2) / 2.0)  # [0, 2]: plain_in ends after it
+    assert window.measured() == [streamed]
+    row = bench.summarize([window])
+    assert row["requests"] == 1 and row["ttft_p50_ms"] == pytest.approx(100.0)
+    assert row["tokens_per_s_from_idle"] == pytest.approx(4.0)
+
+
 def test_summary_of_ttft_itl_and_short_requests(bench):
     short = bench.Record(max_tokens=bench.SHORT_MAX_TOKENS, start=0.0, end=0.4)
     for t in (0.1, 0.2, 0.4):
