@@ -16,7 +16,7 @@ import pytest
 
 from deepseek_model_repository.serving.runners import (KvCache, LayerShape, RunnerError, TorchRunner, available_cpus,
                                                        engine_threads, open_runner)
-from deepseek_model_repository.serving.scheduler import NoMetrics, Sampling, Scheduler, Sequence
+from deepseek_model_repository.serving.scheduler import DECODE, PREFILL, NoMetrics, Sampling, Scheduler, Sequence
 from triton_harness import build, tiny_model, tiny_resource
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -361,3 +361,30 @@ def test_the_decode_loop_neither_polls_clients_nor_publishes_metrics_per_token(c
     assert len(seq.generated) == 40 and scheduler.steps == 39
     assert polls == []
     assert metrics.published == 40 and metrics.publishes <= 3
+
+
+def test_each_engine_call_is_timed_by_phase(cache_dir):
+    """One prefill for the admitted sequences, then one decode step per token after the first, each with its time
+    (the engine_step_seconds histogram, by phase)."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 2, CAPACITY)
+
+    class Steps(NoMetrics):
+        def __init__(self):
+            self.steps = []
+
+        def engine_step(self, phase, seconds):
+            self.steps.append((phase, seconds))
+
+    metrics = Steps()
+    scheduler = Scheduler(runner, eos_ids=[], metrics=metrics).start()
+    try:
+        began = time.perf_counter()
+        [got] = run_all(scheduler, [([5, 6, 7], 12)])
+        took = time.perf_counter() - began
+    finally:
+        scheduler.stop()
+    assert len(got) == 12
+    assert [phase for phase, _ in metrics.steps] == [PREFILL] + [DECODE] * 11
+    assert all(seconds > 0 for _, seconds in metrics.steps)
+    assert sum(seconds for _, seconds in metrics.steps) <= took

@@ -22,6 +22,8 @@ PUBLISH_INTERVAL_S = 0.1
 #: Histogram buckets (seconds) of time to first token and inter-token latency.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: Histogram buckets (seconds) of one engine call, a prefill or a decode step.
+ENGINE_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 def le_label(bound: float) -> str:

@@ -37,6 +37,9 @@ log = logging.getLogger("deepseek_model_repository.scheduler")
 #: Seconds between two rounds of the watcher's client polls (a client gone frees its slot about this soon).
 CLIENT_POLL_S = 0.05
 
+#: The phases of an engine call, as the metrics label them.
+PREFILL, DECODE = "prefill", "decode"
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -93,7 +96,8 @@ class Metrics(Protocol):
 
     def tokens(self, count: int) -> None: ...
 
-    def engine_step(self) -> None: ...
+    def engine_step(self, phase: str, seconds: float) -> None:
+        """One engine call: ``phase`` is :data:`PREFILL` or :data:`DECODE`, ``seconds`` its wall time."""
 
     def publish(self) -> None: ...
 
@@ -111,7 +115,7 @@ class NoMetrics:
     def tokens(self, count):
         pass
 
-    def engine_step(self):
+    def engine_step(self, phase, seconds):
         pass
 
     def publish(self):
@@ -276,8 +280,9 @@ class Scheduler:
             ids[r, :len(seq.prompt_ids)] = seq.prompt_ids
             mask[r, :len(seq.prompt_ids)] = 1
         try:
+            began = time.perf_counter()
             logits = self.runner.forward(start, ids, mask)
-            self.metrics.engine_step()
+            self.metrics.engine_step(PREFILL, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - a failed prefill fails its own sequences only
             log.exception("prefill failed")
             for seq in admitted:
@@ -291,9 +296,10 @@ class Scheduler:
         ids = np.zeros((n, 1), dtype=np.int64)
         for seq in self.running:
             ids[seq.slot, 0] = seq.generated[-1]
+        began = time.perf_counter()
         logits = self.runner.forward(0, ids, np.ones((n, 1), dtype=np.int64))
+        self.metrics.engine_step(DECODE, time.perf_counter() - began)
         self.steps += 1
-        self.metrics.engine_step()
         for seq in self.running:
             if not seq.finished:
                 self._advance(seq, logits, seq.slot)

@@ -25,7 +25,7 @@ from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StreamedText
 from deepseek_model_repository.serving.triton import client_gone, error_response, model_parameters
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
-from deepseek_model_repository.serving.scheduler import Scheduler, Sequence
+from deepseek_model_repository.serving.scheduler import DECODE, PREFILL, Scheduler, Sequence
 
 
 class SchedulerMetrics:
@@ -34,7 +34,9 @@ class SchedulerMetrics:
     ``deepseek_scheduler_requests_waiting`` over ``..._slots`` is the queue signal the autoscalers read
     (``deepseek_operator.autoscaling``); ``..._sequences_running`` is the batch; ``..._kv_cache_utilization`` is the
     fraction of cache positions in use; ``..._time_to_first_token_seconds`` and ``..._inter_token_latency_seconds``
-    are histograms; ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls.
+    are histograms; ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls;
+    ``..._engine_step_seconds`` is a histogram of each engine call's time, labelled ``phase`` (prefill or decode), whose
+    ``_sum`` rate is the fraction of the time the engine runs.
 
     Each update of a Triton metric is a round trip to Triton's process, so the scheduler's events are counted
     here and :meth:`publish` sends what changed; the scheduler calls it at most every ``PUBLISH_INTERVAL_S`` and
@@ -59,26 +61,33 @@ class SchedulerMetrics:
         self.waiting, self.running, self.cache, self.generated, self.steps, self.slots = (
             f.Metric(labels=self.labels) for f in self.families)
         self.histograms = [
-            self._histogram(family, "time_to_first_token_seconds", "From arrival to the first generated token",
-                            metrics.TTFT_BUCKETS),
-            self._histogram(family, "inter_token_latency_seconds", "Between two tokens of one sequence",
-                            metrics.ITL_BUCKETS),
+            *self._histogram(family, "time_to_first_token_seconds", "From arrival to the first generated token",
+                             metrics.TTFT_BUCKETS),
+            *self._histogram(family, "inter_token_latency_seconds", "Between two tokens of one sequence",
+                             metrics.ITL_BUCKETS),
+            *self._histogram(family, "engine_step_seconds", "One engine call (phase: prefill or decode)",
+                             metrics.ENGINE_STEP_BUCKETS, phases=(PREFILL, DECODE)),
         ]
-        (self.ttft, _), (self.itl, _) = self.histograms
+        (self.ttft, _), (self.itl, _), *steps = self.histograms
+        self.step_seconds = {phase: local for phase, (local, _) in zip((PREFILL, DECODE), steps)}
         self._tokens = self._steps = 0
         self._gauges = self._sent_gauges = None
 
-    def _histogram(self, family, name, description, buckets):
-        """A classic histogram as counters (``_bucket`` by ``le``, ``_sum``, ``_count``), fed from a local one."""
+    def _histogram(self, family, name, description, buckets, phases=None):
+        """A classic histogram as counters (``_bucket`` by ``le``, ``_sum``, ``_count``), fed from a local one;
+        with ``phases``, one such histogram per ``phase`` label in the same families."""
         counter = pb_utils.MetricFamily.COUNTER
         bucket_family = family(f"{name}_bucket", f"{description} (cumulative count of seconds <= le)", counter)
         sum_family = family(f"{name}_sum", f"{description}: sum of seconds", counter)
         count_family = family(f"{name}_count", f"{description}: observations", counter)
         self.families += [bucket_family, sum_family, count_family]
-        local = metrics.Histogram(buckets)
-        series = {bound: bucket_family.Metric(labels={**self.labels, "le": metrics.le_label(bound)})
-                  for bound in local.bounds}
-        return local, (series, sum_family.Metric(labels=self.labels), count_family.Metric(labels=self.labels))
+        made = []
+        for labels in ([{**self.labels, "phase": phase} for phase in phases] if phases else [self.labels]):
+            local = metrics.Histogram(buckets)
+            series = {bound: bucket_family.Metric(labels={**labels, "le": metrics.le_label(bound)})
+                      for bound in local.bounds}
+            made.append((local, (series, sum_family.Metric(labels=labels), count_family.Metric(labels=labels))))
+        return made
 
     # ---- counted here, from the scheduler's thread
     def gauges(self, waiting, running, cache_utilization):
@@ -93,8 +102,9 @@ class SchedulerMetrics:
     def tokens(self, count):
         self._tokens += count
 
-    def engine_step(self):
+    def engine_step(self, phase, seconds):
         self._steps += 1
+        self.step_seconds[phase].observe(seconds)
 
     # ---- sent to Triton
     def publish(self):
