@@ -50,6 +50,8 @@ from typing import Any, Awaitable, Callable, Iterator, Optional
 
 import numpy as np
 
+from deepseek_model_repository.serving.scheduler import NoMetrics
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RESULTS = ROOT / "bench" / "results" / "serving.json"
@@ -151,6 +153,24 @@ class Window:
     start: float
     deadline: float
     began: Optional[float] = None
+    #: The scheduler's engine calls over the whole round (settling, window and drain): phase -> [seconds, calls].
+    engine: Optional[dict[str, list[float]]] = None
+
+    def engine_summary(self) -> Optional[dict[str, Optional[float]]]:
+        """Mean prefill and decode-step times (ms) and the share of the round's wall time spent in the engine."""
+        if not self.engine:
+            return None
+        ends = [r.end for r in self.records if r.end is not None]
+        began = self.start if self.began is None else self.began
+        wall = (max(ends) - began) if ends else 0.0
+
+        def mean_ms(phase):
+            seconds, calls = self.engine.get(phase, (0.0, 0))
+            return seconds / calls * 1000.0 if calls else None
+
+        busy = sum(seconds for seconds, _ in self.engine.values())
+        return {"prefill_ms": mean_ms("prefill"), "decode_step_ms": mean_ms("decode"),
+                "busy": busy / wall if wall > 0 else None}
 
     def _tokens_per_s(self, start: float, deadline: float) -> float:
         tokens = sum(n for r in self.records for t, n in zip(r.times, r.sizes) if start <= t <= deadline)
@@ -189,6 +209,11 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
     latency = [r.end - r.start for r in done]
     per_round = [w.tokens_per_s for w in windows]
     from_idle = [w.tokens_per_s_from_idle for w in windows]
+    engine = [e for e in (w.engine_summary() for w in windows) if e]
+
+    def engine_median(key, digits):
+        values = [e[key] for e in engine if e[key] is not None]
+        return round(float(np.median(values)), digits) if values else None
 
     def ms(v):
         return None if v is None else round(v * 1000.0, 2)
@@ -211,7 +236,68 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
         "short_p50_ms": ms(percentile(short, 50)),
         "latency_p50_ms": ms(percentile(latency, 50)),
         "latency_p99_ms": ms(percentile(latency, 99)),
+        # The scheduler's own engine timing (deepseek_scheduler_engine_step_seconds), median over rounds.
+        "engine_decode_step_ms": engine_median("decode_step_ms", 2),
+        "engine_prefill_ms": engine_median("prefill_ms", 2),
+        "engine_busy": engine_median("busy", 3),
     }
+
+
+#: The scheduler's engine-call histogram (models/generate/model.py), as Triton's metrics port serves it.
+ENGINE_SERIES = "deepseek_scheduler_engine_step_seconds_"
+
+
+def engine_totals(metrics_text: str, model: str) -> dict[str, list[float]]:
+    """phase -> [seconds, calls] of the engine calls of the scheduler serving ``model``, from Prometheus text."""
+    totals: dict[str, list[float]] = {}
+    for line in metrics_text.splitlines():
+        if not line.startswith(ENGINE_SERIES) or f'model="{model}"' not in line:
+            continue
+        series, value = line.rsplit(" ", 1)
+        kind = series.split("{", 1)[0][len(ENGINE_SERIES):]
+        if kind not in ("sum", "count") or 'phase="' not in series:
+            continue
+        phase = series.split('phase="', 1)[1].split('"', 1)[0]
+        totals.setdefault(phase, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
+    return totals
+
+
+def engine_delta(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, list[float]]:
+    """What ``after`` added to ``before`` (two reads of :func:`engine_totals`)."""
+    return {phase: [s - before.get(phase, (0.0, 0.0))[0], n - before.get(phase, (0.0, 0.0))[1]]
+            for phase, (s, n) in after.items()}
+
+
+async def scrape_engine(metrics_url: str, model: str, settle_s: float = 0.05, timeout: float = 3.0) -> dict:
+    """:func:`engine_totals` once two reads ``settle_s`` apart agree (the scheduler publishes when it goes idle)."""
+    import urllib.request
+
+    def read():
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            return engine_totals(r.read().decode(), model)
+
+    last = await asyncio.to_thread(read)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(settle_s)
+        now = await asyncio.to_thread(read)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+class EngineTime(NoMetrics):
+    """The bare loop's scheduler metrics: its engine calls summed by phase, as the served histogram's _sum and
+    _count are; the scheduler's other metrics are dropped."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}
+
+    def engine_step(self, phase, seconds):
+        total = self.totals.setdefault(phase, [0.0, 0])
+        total[0] += seconds
+        total[1] += 1
 
 
 async def closed_loop(send: Callable[[str, int, Record], Awaitable[None]], prompts: list[str], workload: Workload,
@@ -396,7 +482,8 @@ def bare_level(runner, eos_ids, prompt_ids: list[list[int]], workload: Workload,
     """The same Scheduler and runner in this process: clients resubmit from the scheduler's on_finish."""
     from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
 
-    scheduler = Scheduler(runner, eos_ids).start()
+    engine = EngineTime()
+    scheduler = Scheduler(runner, eos_ids, metrics=engine).start()
     records: list[Record] = []
     lock = threading.Lock()
     clients_left = [concurrency]
@@ -435,7 +522,7 @@ def bare_level(runner, eos_ids, prompt_ids: list[list[int]], workload: Workload,
     scheduler.stop()
     if not finished:
         records.append(Record(0, error="the bare loop did not drain in time"))
-    return Window(records, start, deadline, began)
+    return Window(records, start, deadline, began, engine.totals)
 
 
 class BareWorker:
@@ -461,7 +548,7 @@ class BareWorker:
         answer = self._send({"concurrency": concurrency, "seconds": seconds, "settle": settle})
         records = [Record(m, start=s, end=e, times=t, sizes=z, tokens=n, error=err)
                    for m, s, e, t, z, n, err in answer["records"]]
-        return Window(records, answer["start"], answer["deadline"], answer["began"])
+        return Window(records, answer["start"], answer["deadline"], answer["began"], answer.get("engine"))
 
     def greedy_lengths(self, max_tokens: int) -> list[int]:
         return self._send({"greedy_lengths": max_tokens})
@@ -496,8 +583,8 @@ def bare_worker_main() -> int:
         w = bare_level(runner, info.get("eos_token_ids", []), setup["prompt_ids"], workload, ask["concurrency"],
                        ask["seconds"], ask.get("settle", 0.0))
         records = [[r.max_tokens, r.start, r.end, r.times, r.sizes, r.tokens, r.error] for r in w.records]
-        print(json.dumps({"start": w.start, "deadline": w.deadline, "began": w.began, "records": records}),
-              flush=True)
+        print(json.dumps({"start": w.start, "deadline": w.deadline, "began": w.began, "engine": w.engine,
+                          "records": records}), flush=True)
     return 0
 
 
@@ -882,8 +969,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                     async def level(system: str, concurrency: int, seconds: float, settle: float = 0.0) -> Window:
                         if system == "bare":
                             return runners[arch].level(concurrency, seconds, settle)
-                        return await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds,
-                                                 settle)
+                        model = triton_models.get((arch, system))
+                        label = model[:-len("_stream")] if model and model.endswith("_stream") else model
+                        before = await scrape_engine(server.endpoints["metrics"], label) if model else {}
+                        w = await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds,
+                                              settle)
+                        if model:
+                            w.engine = engine_delta(before, await scrape_engine(server.endpoints["metrics"], label))
+                        return w
 
                     for system in systems:  # warm-up: sessions, caches, allocators, the batch sizes to come
                         for c in sorted({1, max(args.concurrency)}):
@@ -977,6 +1070,18 @@ def markdown_report(result: dict[str, Any]) -> str:
                      + f"{cell(r['ttft_p50_ms'], 1)} | {cell(r['ttft_p99_ms'], 1)} | {cell(r['itl_p50_ms'], 1)} | "
                      f"{cell(r['itl_p99_ms'], 1)} | {cell(r['short_p50_ms'], 1)} |")
     lines.append("")
+    timed = [r for r in result["rows"] if r.get("engine_decode_step_ms") is not None]
+    if timed:
+        bare = {(r["model"], r["concurrency"]): r for r in timed if r["system"] == "bare"}
+        lines += ["| model | system | clients | decode step | x bare | prefill | engine busy |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in timed:
+            ref = bare.get((r["model"], r["concurrency"]))
+            ratio = (f"x{r['engine_decode_step_ms'] / ref['engine_decode_step_ms']:.2f}"
+                     if ref and ref["engine_decode_step_ms"] else "-")
+            lines.append(f"| {r['model']} | {r['system']} | {r['concurrency']} | {cell(r['engine_decode_step_ms'], 2)} ms"
+                         f" | {ratio} | {cell(r['engine_prefill_ms'], 2)} ms | {cell(r['engine_busy'], 2)} |")
+        lines.append("")
     step = result.get("decode_step")
     if step:
         lines += [f"| decode step, {step['rows']} rows | context 50 | context 2,000 | x |", "|---|---|---|---|"]

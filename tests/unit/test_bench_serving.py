@@ -109,3 +109,38 @@ def test_the_cache_write_bench_runs_and_writes_its_results(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert {(r["layers"], r["tensors"]) for r in results} >= {(2, "numpy (cpu)"), (28, "torch (cpu)")}
     assert all(r["indexed_ms"] > 0 and r["row_by_row_ms"] > 0 for r in results)
+
+
+def test_the_engine_timing_of_a_round_from_the_schedulers_series(bench):
+    """The served scheduler's engine_step_seconds _sum/_count by phase, differenced over a round, give the mean step
+    times and the share of the round's wall time spent in the engine."""
+    def text(prefill, decode):
+        return "\n".join([
+            "# TYPE deepseek_scheduler_engine_step_seconds_sum counter",
+            f'deepseek_scheduler_engine_step_seconds_sum{{model="m",phase="prefill"}} {prefill[0]}',
+            f'deepseek_scheduler_engine_step_seconds_count{{model="m",phase="prefill"}} {prefill[1]}',
+            f'deepseek_scheduler_engine_step_seconds_sum{{model="m",phase="decode"}} {decode[0]}',
+            f'deepseek_scheduler_engine_step_seconds_count{{model="m",phase="decode"}} {decode[1]}',
+            'deepseek_scheduler_engine_step_seconds_bucket{le="+Inf",model="m",phase="decode"} 999',
+            f'deepseek_scheduler_engine_step_seconds_sum{{model="other",phase="decode"}} 50',
+        ])
+
+    before = bench.engine_totals(text((1.0, 10), (2.0, 100)), "m")
+    assert before == {"prefill": [1.0, 10.0], "decode": [2.0, 100.0]}
+    delta = bench.engine_delta(before, bench.engine_totals(text((1.2, 12), (2.6, 160)), "m"))
+    record = bench.Record(max_tokens=4, start=0.5, end=2.0)
+    window = bench.Window([record], start=1.0, deadline=2.0, began=0.0, engine=delta)
+    summary = window.engine_summary()
+    assert summary["prefill_ms"] == pytest.approx(100.0) and summary["decode_step_ms"] == pytest.approx(10.0)
+    assert summary["busy"] == pytest.approx(0.8 / 2.0)  # 0.2 + 0.6 s of engine over 2 s from the first client
+    assert bench.Window([record], 1.0, 2.0, engine={}).engine_summary() is None  # no scheduler (the previous path)
+    row = bench.summarize([window])
+    assert row["engine_decode_step_ms"] == pytest.approx(10.0) and row["engine_busy"] == pytest.approx(0.4)
+
+
+def test_the_bare_loops_engine_time_sums_each_phase(bench):
+    engine = bench.EngineTime()
+    for phase, seconds in (("prefill", 0.01), ("decode", 0.002), ("decode", 0.004)):
+        engine.engine_step(phase, seconds)
+    engine.gauges(0, 0, 0.0), engine.tokens(3), engine.publish()
+    assert engine.totals == {"prefill": [0.01, 1], "decode": [pytest.approx(0.006), 2]}
