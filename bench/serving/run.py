@@ -50,7 +50,7 @@ from typing import Any, Awaitable, Callable, Iterator, Optional
 
 import numpy as np
 
-from deepseek_model_repository.serving.scheduler import NoMetrics
+from deepseek_model_repository.serving.scheduler import DECODE, PREFILL, NoMetrics
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -169,7 +169,7 @@ class Window:
             return seconds / calls * 1000.0 if calls else None
 
         busy = sum(seconds for seconds, _ in self.engine.values())
-        return {"prefill_ms": mean_ms("prefill"), "decode_step_ms": mean_ms("decode"),
+        return {"prefill_ms": mean_ms(PREFILL), "decode_step_ms": mean_ms(DECODE),
                 "busy": busy / wall if wall > 0 else None}
 
     def _tokens_per_s(self, start: float, deadline: float) -> float:
@@ -804,6 +804,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON",
                         help="print the tables of a results file as Markdown, and run nothing")
     args = parser.parse_args(argv)
+    if args.settle < 0:
+        parser.error(f"--settle {args.settle}: the seconds of load before each window must be 0 or more")
     if args.markdown:
         print(markdown_report(json.loads(args.markdown.read_text())))
         return 0
@@ -876,6 +878,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if legacy_repo is None:
             served.discard("previous")
         triton_models: dict[tuple[str, str], str] = {}
+        #: The model label of the scheduler's metrics for each system that has one (the client-facing name).
+        scheduler_labels: dict[tuple[str, str], str] = {}
         if served:
             repo = work / "repository"
             ready: list[str] = []
@@ -885,13 +889,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                     write_repository(e["engine_dir"], repo, base, runtime="local")
                     if "inflight" in args.systems:
                         triton_models[(arch, "inflight")] = f"{base}_stream"
+                        scheduler_labels[(arch, "inflight")] = base
                     if "inflight-unary" in args.systems:
                         triton_models[(arch, "inflight-unary")] = base
+                        scheduler_labels[(arch, "inflight-unary")] = base
                     ready += [base, f"{base}_stream"]
                 if "inflight-paced" in served:
                     write_repository(e["engine_dir"], repo, f"{base}-paced", runtime="local",
                                      stream_interval=PACED_INTERVAL)
                     triton_models[(arch, "inflight-paced")] = f"{base}-paced_stream"
+                    scheduler_labels[(arch, "inflight-paced")] = f"{base}-paced"
                     ready += [f"{base}-paced", f"{base}-paced_stream"]
                 if "previous" in served:
                     # No preferred sizes: the previous path batches up to maxBatchSize, its best case here.
@@ -969,12 +976,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     async def level(system: str, concurrency: int, seconds: float, settle: float = 0.0) -> Window:
                         if system == "bare":
                             return runners[arch].level(concurrency, seconds, settle)
-                        model = triton_models.get((arch, system))
-                        label = model[:-len("_stream")] if model and model.endswith("_stream") else model
-                        before = await scrape_engine(server.endpoints["metrics"], label) if model else {}
+                        label = scheduler_labels.get((arch, system))
+                        before = await scrape_engine(server.endpoints["metrics"], label) if label else {}
                         w = await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds,
                                               settle)
-                        if model:
+                        if label:
                             w.engine = engine_delta(before, await scrape_engine(server.endpoints["metrics"], label))
                         return w
 

@@ -20,8 +20,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from deepseek_model_repository.client import GenerationClient, generation_inputs, text_of
-from triton_harness import (build, metrics_text, scheduler_metric, serve_engines, settled_scheduler_metric,
-                            tiny_resource)
+from triton_harness import build, scheduler_metric, serve_engines, settled_scheduler_metric, tiny_resource
 
 pytestmark = [
     pytest.mark.slow,
@@ -355,17 +354,10 @@ def test_scheduler_metrics_count_what_was_served(server):
     assert scheduler_metric(server, "time_to_first_token_seconds_count", name) >= 1
     assert np.isfinite(scheduler_metric(server, "inter_token_latency_seconds_sum", name))
     # Each engine call's time, by phase: at least this request's prefill and its decode steps.
-    steps = {}
-    for line in metrics_text(server).splitlines():
-        if line.startswith("deepseek_scheduler_engine_step_seconds_") and f'model="{name}"' in line:
-            series, value = line.rsplit(" ", 1)
-            phase = series.split('phase="', 1)[1].split('"', 1)[0]
-            kind = series.split("{", 1)[0].rsplit("_", 1)[1]
-            if kind != "bucket":
-                steps[(phase, kind)] = float(value)
-            elif 'le="+Inf"' in series:
-                steps[(phase, "inf")] = float(value)
+    steps = {(phase, kind): scheduler_metric(server, f"engine_step_seconds_{kind}", name, phase=phase)
+             for phase in ("prefill", "decode") for kind in ("count", "sum")}
     assert steps[("prefill", "count")] >= 1 and steps[("decode", "count")] >= 5
     for phase in ("prefill", "decode"):
-        assert steps[(phase, "inf")] == steps[(phase, "count")]
+        assert scheduler_metric(server, "engine_step_seconds_bucket", name, phase=phase, le="+Inf") \
+            == steps[(phase, "count")]
         assert 0 < steps[(phase, "sum")] < 60

@@ -112,9 +112,11 @@ def metrics_text(server: local.LocalServer) -> str:
         return r.read().decode()
 
 
-def scheduler_metric(server: local.LocalServer, name: str, model: str) -> float:
-    """One ``deepseek_scheduler_<name>{model="<model>"}`` sample (0 when not published yet)."""
-    prefix = f'deepseek_scheduler_{name}{{model="{model}"}} '
+def scheduler_metric(server: local.LocalServer, name: str, model: str, **labels: str) -> float:
+    """One ``deepseek_scheduler_<name>{model="<model>",...}`` sample (0 when not published yet); ``labels`` are the
+    series' other labels (``phase``, ``le``), which Triton writes in sorted order."""
+    pairs = ",".join(f'{key}="{value}"' for key, value in sorted({**labels, "model": model}.items()))
+    prefix = f"deepseek_scheduler_{name}{{{pairs}}} "
     for line in metrics_text(server).splitlines():
         if line.startswith(prefix):
             return float(line[len(prefix):])

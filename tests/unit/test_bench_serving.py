@@ -144,3 +144,9 @@ def test_the_bare_loops_engine_time_sums_each_phase(bench):
         engine.engine_step(phase, seconds)
     engine.gauges(0, 0, 0.0), engine.tokens(3), engine.publish()
     assert engine.totals == {"prefill": [0.01, 1], "decode": [pytest.approx(0.006), 2]}
+
+
+def test_a_negative_settle_is_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--settle", "-1"])
+    assert "--settle -1.0: the seconds of load before each window must be 0 or more" in capsys.readouterr().err
