@@ -155,14 +155,27 @@ class Window:
     began: Optional[float] = None
     #: The scheduler's engine calls over the whole round (settling, window and drain): phase -> [seconds, calls].
     engine: Optional[dict[str, list[float]]] = None
+    #: CPU seconds each process used over the same round, by role (:func:`cpu_by_role`).
+    cpu: Optional[dict[str, float]] = None
+
+    def wall(self) -> float:
+        """The round's wall time: from the clients' start to the last response."""
+        ends = [r.end for r in self.records if r.end is not None]
+        began = self.start if self.began is None else self.began
+        return (max(ends) - began) if ends else 0.0
+
+    def cpu_cores(self) -> Optional[dict[str, float]]:
+        """The cores each role used on average over the round (CPU seconds over wall seconds)."""
+        wall = self.wall()
+        if not self.cpu or wall <= 0:
+            return None
+        return {role: seconds / wall for role, seconds in self.cpu.items()}
 
     def engine_summary(self) -> Optional[dict[str, Optional[float]]]:
         """Mean prefill and decode-step times (ms) and the share of the round's wall time spent in the engine."""
         if not self.engine:
             return None
-        ends = [r.end for r in self.records if r.end is not None]
-        began = self.start if self.began is None else self.began
-        wall = (max(ends) - began) if ends else 0.0
+        wall = self.wall()
 
         def mean_ms(phase):
             seconds, calls = self.engine.get(phase, (0.0, 0))
@@ -210,6 +223,7 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
     per_round = [w.tokens_per_s for w in windows]
     from_idle = [w.tokens_per_s_from_idle for w in windows]
     engine = [e for e in (w.engine_summary() for w in windows) if e]
+    cores = [c for c in (w.cpu_cores() for w in windows) if c]
 
     def engine_median(key, digits):
         values = [e[key] for e in engine if e[key] is not None]
@@ -240,6 +254,9 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
         "engine_decode_step_ms": engine_median("decode_step_ms", 2),
         "engine_prefill_ms": engine_median("prefill_ms", 2),
         "engine_busy": engine_median("busy", 3),
+        # Cores each process used over the round, median over rounds (cpu_by_role).
+        "cpu_cores": {role: round(float(np.median([c[role] for c in cores if role in c])), 3)
+                      for role in sorted({r for c in cores for r in c})} or None,
     }
 
 
@@ -285,6 +302,66 @@ async def scrape_engine(metrics_url: str, model: str, settle_s: float = 0.05, ti
             break
         last = now
     return last
+
+
+#: The roles of the processes whose CPU each round counts (the served ones; the bare loop is one process).
+CPU_ROLES = ("scheduler", "relay", "other models", "tritonserver", "client")
+#: The bare loop's one process (its scheduler, engine and clients).
+BARE_ROLE = "bare loop"
+
+
+def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
+    """User and system CPU seconds of process ``pid``, all its threads (``/proc/PID/stat``), 0 for one gone."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3, utime 14, stime 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """The processes whose parent is ``pid`` (Triton's Python-backend stubs)."""
+    found = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def stub_model(pid: int, proc: Path = Path("/proc")) -> Optional[str]:
+    """The model a Python-backend stub serves: the folder of the ``<model>/<version>/model.py`` it was given."""
+    try:
+        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    script = next((a.decode() for a in argv if a.endswith(b"model.py")), None)
+    return Path(script).parent.parent.name if script else None
+
+
+def cpu_by_role(server_pid: int, scheduler_model: str, relay_model: Optional[str],
+                proc: Path = Path("/proc")) -> dict[str, float]:
+    """CPU seconds so far, by role: the scheduler model's stub, the relay's (plain requests only), every other
+    model's stubs, tritonserver itself, and this process (the load generator)."""
+    roles = {role: 0.0 for role in CPU_ROLES}
+    roles["tritonserver"] = cpu_seconds(server_pid, proc)
+    for pid in children(server_pid, proc):
+        model = stub_model(pid, proc)
+        role = ("scheduler" if model == scheduler_model else "relay" if model == relay_model else "other models")
+        roles[role] += cpu_seconds(pid, proc)
+    roles["client"] = cpu_seconds(os.getpid(), proc)
+    if relay_model is None:
+        del roles["relay"]
+    return roles
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {role: after[role] - before.get(role, 0.0) for role in after}
 
 
 class EngineTime(NoMetrics):
@@ -548,7 +625,8 @@ class BareWorker:
         answer = self._send({"concurrency": concurrency, "seconds": seconds, "settle": settle})
         records = [Record(m, start=s, end=e, times=t, sizes=z, tokens=n, error=err)
                    for m, s, e, t, z, n, err in answer["records"]]
-        return Window(records, answer["start"], answer["deadline"], answer["began"], answer.get("engine"))
+        return Window(records, answer["start"], answer["deadline"], answer["began"], answer.get("engine"),
+                      answer.get("cpu"))
 
     def greedy_lengths(self, max_tokens: int) -> list[int]:
         return self._send({"greedy_lengths": max_tokens})
@@ -580,11 +658,13 @@ def bare_worker_main() -> int:
             print(json.dumps(greedy_lengths(runner, info.get("eos_token_ids", []), setup["prompt_ids"],
                                             ask["greedy_lengths"])), flush=True)
             continue
+        cpu_before = cpu_seconds(os.getpid())
         w = bare_level(runner, info.get("eos_token_ids", []), setup["prompt_ids"], workload, ask["concurrency"],
                        ask["seconds"], ask.get("settle", 0.0))
+        cpu = {BARE_ROLE: cpu_seconds(os.getpid()) - cpu_before}
         records = [[r.max_tokens, r.start, r.end, r.times, r.sizes, r.tokens, r.error] for r in w.records]
         print(json.dumps({"start": w.start, "deadline": w.deadline, "began": w.began, "engine": w.engine,
-                          "records": records}), flush=True)
+                          "cpu": cpu, "records": records}), flush=True)
     return 0
 
 
@@ -880,6 +960,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         triton_models: dict[tuple[str, str], str] = {}
         #: The model label of the scheduler's metrics for each system that has one (the client-facing name).
         scheduler_labels: dict[tuple[str, str], str] = {}
+        #: The model whose process runs the engine, for each system (where it is not the one the clients call).
+        scheduler_models: dict[tuple[str, str], str] = {}
         if served:
             repo = work / "repository"
             ready: list[str] = []
@@ -893,6 +975,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if "inflight-unary" in args.systems:
                         triton_models[(arch, "inflight-unary")] = base
                         scheduler_labels[(arch, "inflight-unary")] = base
+                        scheduler_models[(arch, "inflight-unary")] = f"{base}_stream"
                     ready += [base, f"{base}_stream"]
                 if "inflight-paced" in served:
                     write_repository(e["engine_dir"], repo, f"{base}-paced", runtime="local",
@@ -905,6 +988,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     legacy_repo.write_repository(e["legacy_dir"], repo, f"{base}-previous", runtime="local",
                                                  max_queue_delay_us=2000)
                     triton_models[(arch, "previous")] = f"{base}-previous_stream"
+                    scheduler_models[(arch, "previous")] = f"{base}-previous_engine"
                     ready += [f"{base}-previous", f"{base}-previous_stream", f"{base}-previous_engine"]
             server_name = f"bench-serving-{os.getpid()}"
             log(f"starting Triton with {len(ready)} models")
@@ -978,8 +1062,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                             return runners[arch].level(concurrency, seconds, settle)
                         label = scheduler_labels.get((arch, system))
                         before = await scrape_engine(server.endpoints["metrics"], label) if label else {}
+                        model = triton_models[(arch, system)]
+                        roles = (server.pid, scheduler_models.get((arch, system), model),
+                                 model if system == "inflight-unary" else None)
+                        cpu_before = cpu_by_role(*roles)
                         w = await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds,
                                               settle)
+                        w.cpu = cpu_delta(cpu_before, cpu_by_role(*roles))
                         if label:
                             w.engine = engine_delta(before, await scrape_engine(server.endpoints["metrics"], label))
                         return w
@@ -1087,6 +1176,18 @@ def markdown_report(result: dict[str, Any]) -> str:
                      if ref and ref["engine_decode_step_ms"] else "-")
             lines.append(f"| {r['model']} | {r['system']} | {r['concurrency']} | {cell(r['engine_decode_step_ms'], 2)} ms"
                          f" | {ratio} | {cell(r['engine_prefill_ms'], 2)} ms | {cell(r['engine_busy'], 2)} |")
+        lines.append("")
+    used = [r for r in result["rows"] if r.get("cpu_cores")]
+    if used:
+        roles = [role for role in (BARE_ROLE, *CPU_ROLES) if any(role in r["cpu_cores"] for r in used)]
+        lines += ["| model | system | clients | " + " | ".join(roles) + " | all | CPU ms per 1k tokens |",
+                  "|---|---|---" + "|---" * (len(roles) + 2) + "|"]
+        for r in used:
+            total = sum(r["cpu_cores"].values())
+            per_k = total / r["tokens_per_s"] * 1e6 if r.get("tokens_per_s") else None
+            lines.append(f"| {r['model']} | {r['system']} | {r['concurrency']} | "
+                         + " | ".join(cell(r["cpu_cores"].get(role), 2) for role in roles)
+                         + f" | {cell(total, 2)} | {cell(per_k)} |")
         lines.append("")
     step = result.get("decode_step")
     if step:

@@ -150,3 +150,52 @@ def test_a_negative_settle_is_refused(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--settle", "-1"])
     assert "--settle -1.0: the seconds of load before each window must be 0 or more" in capsys.readouterr().err
+
+
+def test_each_rounds_cpu_is_counted_by_the_role_of_each_process(bench, tmp_path):
+    """Real processes: a child of this one that spins, started as a Python-backend stub of model ``sched`` is (its
+    script ``<model>/<version>/model.py``), is counted as the scheduler; an idle one of another model is not."""
+    import os
+    import subprocess
+    import time
+
+    def stub(model, code):
+        script = tmp_path / model / "1" / "model.py"
+        script.parent.mkdir(parents=True)
+        script.write_text(code)
+        return subprocess.Popen([sys.executable, str(script)])
+
+    busy = stub("sched", "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+                         "time.sleep(30)\n")
+    idle = stub("relay", "import time\ntime.sleep(30)\n")
+    try:
+        deadline = time.monotonic() + 10
+        while {bench.stub_model(busy.pid), bench.stub_model(idle.pid)} != {"sched", "relay"}:  # until both exec'd
+            assert time.monotonic() < deadline, "the stubs never started"
+            time.sleep(0.01)
+        assert bench.stub_model(busy.pid) == "sched" and bench.stub_model(idle.pid) == "relay"
+        assert {busy.pid, idle.pid} <= set(bench.children(os.getpid()))
+        before = bench.cpu_by_role(os.getpid(), "sched", "relay")
+        time.sleep(1.5)
+        delta = bench.cpu_delta(before, bench.cpu_by_role(os.getpid(), "sched", "relay"))
+        assert set(delta) == set(bench.CPU_ROLES)
+        assert 0.3 < delta["scheduler"] < 1.2, delta  # the spin's 0.6 s (less what ran before the first read)
+        assert delta["relay"] < 0.1 and delta["other models"] == 0.0
+        assert "relay" not in bench.cpu_by_role(os.getpid(), "sched", None)  # streams: no relay
+    finally:
+        for p in (busy, idle):
+            p.kill()
+            p.wait()
+    assert bench.cpu_seconds(busy.pid) == 0.0  # a process gone counts nothing
+
+
+def test_cores_by_role_are_cpu_seconds_over_the_rounds_wall_time(bench):
+    records = [bench.Record(max_tokens=4, start=0.5, end=2.0)]
+    window = bench.Window(records, start=1.0, deadline=2.0, began=0.0,
+                          cpu={"scheduler": 3.0, "client": 0.5})
+    assert window.cpu_cores() == {"scheduler": pytest.approx(1.5), "client": pytest.approx(0.25)}
+    other = bench.Window(records, start=1.0, deadline=2.0, began=0.0, cpu={"scheduler": 2.0, "client": 0.5})
+    third = bench.Window(records, start=1.0, deadline=2.0, began=0.0, cpu={"scheduler": 3.4, "client": 0.1})
+    row = bench.summarize([window, other, third])
+    assert row["cpu_cores"] == {"client": 0.25, "scheduler": 1.5}  # medians over rounds
+    assert bench.summarize([bench.Window(records, 1.0, 2.0)])["cpu_cores"] is None
