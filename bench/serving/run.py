@@ -308,6 +308,8 @@ async def scrape_engine(metrics_url: str, model: str, settle_s: float = 0.05, ti
 CPU_ROLES = ("scheduler", "relay", "other models", "tritonserver", "client")
 #: The bare loop's one process (its scheduler, engine and clients).
 BARE_ROLE = "bare loop"
+#: ``transformers serve``'s one process.
+TRANSFORMERS_ROLE = "transformers serve"
 
 
 def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
@@ -1057,18 +1059,23 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for arch, e in engines.items():
                     systems = [s for s in SYSTEMS if (arch, s) in senders or (s == "bare" and s in args.systems)]
 
+                    def cpu_now(system: str) -> dict[str, float]:
+                        if system == "transformers":
+                            return {TRANSFORMERS_ROLE: cpu_seconds(tservers[arch].process.pid),
+                                    "client": cpu_seconds(os.getpid())}
+                        model = triton_models[(arch, system)]
+                        return cpu_by_role(server.pid, scheduler_models.get((arch, system), model),
+                                           model if system == "inflight-unary" else None)
+
                     async def level(system: str, concurrency: int, seconds: float, settle: float = 0.0) -> Window:
                         if system == "bare":
                             return runners[arch].level(concurrency, seconds, settle)
                         label = scheduler_labels.get((arch, system))
                         before = await scrape_engine(server.endpoints["metrics"], label) if label else {}
-                        model = triton_models[(arch, system)]
-                        roles = (server.pid, scheduler_models.get((arch, system), model),
-                                 model if system == "inflight-unary" else None)
-                        cpu_before = cpu_by_role(*roles)
+                        cpu_before = cpu_now(system)
                         w = await closed_loop(senders[(arch, system)], prompts, workload, concurrency, seconds,
                                               settle)
-                        w.cpu = cpu_delta(cpu_before, cpu_by_role(*roles))
+                        w.cpu = cpu_delta(cpu_before, cpu_now(system))
                         if label:
                             w.engine = engine_delta(before, await scrape_engine(server.endpoints["metrics"], label))
                         return w
@@ -1179,7 +1186,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines.append("")
     used = [r for r in result["rows"] if r.get("cpu_cores")]
     if used:
-        roles = [role for role in (BARE_ROLE, *CPU_ROLES) if any(role in r["cpu_cores"] for r in used)]
+        roles = [role for role in (BARE_ROLE, TRANSFORMERS_ROLE, *CPU_ROLES) if any(role in r["cpu_cores"] for r in used)]
         lines += ["| model | system | clients | " + " | ".join(roles) + " | all | CPU ms per 1k tokens |",
                   "|---|---|---" + "|---" * (len(roles) + 2) + "|"]
         for r in used:
