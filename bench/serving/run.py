@@ -312,28 +312,25 @@ BARE_ROLE = "bare loop"
 TRANSFORMERS_ROLE = "transformers serve"
 
 
-def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
-    """User and system CPU seconds of process ``pid``, all its threads (``/proc/PID/stat``), 0 for one gone."""
+def stat_fields(pid: int, proc: Path = Path("/proc")) -> Optional[list[str]]:
+    """``/proc/PID/stat`` from its third field on (after "pid (comm) "), or None for a process gone."""
     try:
         stat = (proc / str(pid) / "stat").read_text()
     except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state is field 3, utime 14, stime 15
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
+    """User and system CPU seconds of process ``pid``, all its threads, 0 for one gone."""
+    fields = stat_fields(pid, proc)  # state is field 3, ppid 4, utime 14, stime 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
     """The processes whose parent is ``pid`` (Triton's Python-backend stubs)."""
-    found = []
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    return [int(entry.name) for entry in proc.iterdir()
+            if entry.name.isdigit() and (fields := stat_fields(int(entry.name), proc)) and int(fields[1]) == pid]
 
 
 def stub_model(pid: int, proc: Path = Path("/proc")) -> Optional[str]:
