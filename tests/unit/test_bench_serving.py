@@ -199,3 +199,48 @@ def test_cores_by_role_are_cpu_seconds_over_the_rounds_wall_time(bench):
     row = bench.summarize([window, other, third])
     assert row["cpu_cores"] == {"client": 0.25, "scheduler": 1.5}  # medians over rounds
     assert bench.summarize([bench.Window(records, 1.0, 2.0)])["cpu_cores"] is None
+
+
+def _row(system, tokens_per_s, cpu_cores=None, decode_ms=None):
+    return {"model": "qwen2", "system": system, "concurrency": 32, "tokens_per_s": tokens_per_s,
+            "ttft_p50_ms": 12.0, "ttft_p99_ms": 40.0, "itl_p50_ms": None, "itl_p99_ms": None, "short_p50_ms": 73.5,
+            "cpu_cores": cpu_cores, "engine_decode_step_ms": decode_ms, "engine_prefill_ms": 3.0,
+            "engine_busy": 0.8}
+
+
+def test_the_markdown_report_puts_each_process_and_the_cpu_per_token_in_its_tables(bench):
+    """The README's tables: the engine timing against the bare loop's, each role's cores with the CPU per 1k tokens
+    (all roles' cores over tokens/s), the decode-step table and the targets."""
+    result = {
+        "rows": [_row("bare", 5000.0, {bench.BARE_ROLE: 1.9}, decode_ms=4.0),
+                 _row("inflight-unary", 4000.0, {"scheduler": 1.6, "tritonserver": 0.2, "client": 0.2},
+                      decode_ms=5.0)],
+        "decode_step": {"rows": 16, "qwen2": {"inflight_runner_ms": {"50": 4.0, "2000": 4.4}}},
+        "targets": [{"target": "tokens/s vs bare", "model": "qwen2", "concurrency": 32, "value": 0.8, "pass": False}],
+    }
+    text = bench.markdown_report(result)
+    lines = text.splitlines()
+    assert "| qwen2 | inflight-unary | 32 | 4,000 | 12.0 | 40.0 | - | - | 73.5 |" in lines
+    assert "| qwen2 | inflight-unary | 32 | 5.00 ms | x1.25 | 3.00 ms | 0.80 |" in lines
+    header = next(line for line in lines if "CPU ms per 1k tokens" in line)
+    # Only the roles some row measured have a column (no relay here), and a row's roles it has not are "-".
+    assert header == ("| model | system | clients | bare loop | scheduler | tritonserver | client"
+                      " | all | CPU ms per 1k tokens |")
+    # 2.0 cores over 4,000 tokens/s is 0.5 ms a token: 500 ms per 1k tokens.
+    assert "| qwen2 | inflight-unary | 32 | - | 1.60 | 0.20 | 0.20 | 2.00 | 500 |" in lines
+    assert "| qwen2 | bare | 32 | 1.90 | - | - | - | 1.90 | 380 |" in lines
+    assert "| qwen2 in-flight runner | 4.00 ms | 4.40 ms | x1.10 |" in lines
+    assert "| tokens/s vs bare | qwen2 | 32 | 0.80 | **fail** |" in lines
+
+
+def test_the_markdown_report_reads_the_committed_results(bench):
+    """The results file the README quotes still renders: every measured row is in the first table."""
+    import json
+
+    results = RUN.parents[1] / "results" / "serving.json"
+    if not results.exists():
+        pytest.skip(f"{results} is written by `make bench`")
+    result = json.loads(results.read_text())
+    text = bench.markdown_report(result)
+    for r in result["rows"]:
+        assert f"| {r['model']} | {r['system']} | {r['concurrency']} |" in text
