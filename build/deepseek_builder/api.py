@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from deepseek_contract.engine import ENGINE_FORMAT_VERSION, EngineInputs, default_toolchain, engine_key
+from deepseek_contract.engine import EngineInputs, default_toolchain, engine_key, recipe
 from deepseek_contract.layout import BUILD_REPORT, ENGINE_FILES, TOKENIZER_DIR
 from deepseek_contract.model_info import MODEL_INFO_FORMAT, ModelInfo
 from deepseek_contract.versions import TENSORRT_VERSION, TRITON_RELEASE
@@ -102,7 +102,7 @@ def tool_versions() -> dict[str, Optional[str]]:
 def real_toolchain(inputs: EngineInputs, gpu: Optional[dict]) -> tuple[tuple[str, str], ...]:
     """The versions that shape the engine's bytes (the content key's toolchain)."""
     v = tool_versions()
-    tools = [("engine-format", str(ENGINE_FORMAT_VERSION)), ("torch", v["torch"] or "?"),
+    tools = [*recipe(inputs.backend, inputs.precision), ("torch", v["torch"] or "?"),
              ("transformers", v["transformers"] or "?"), ("onnx", v["onnx"] or "?")]
     if inputs.backend == "onnxruntime":
         tools.append(("onnxruntime", v["onnxruntime"] or "?"))
@@ -138,7 +138,7 @@ def build(request: BuildRequest, log: Optional[Callable[[str], None]] = None) ->
 def _build(request: BuildRequest, progress: Progress) -> BuildResult:
     inputs = request.inputs
     validate(inputs)
-    spec_key = engine_key(replace(inputs, toolchain=default_toolchain(inputs.backend)))
+    spec_key = engine_key(replace(inputs, toolchain=default_toolchain(inputs.backend, inputs.precision)))
     cache = EngineCache(request.cache_dir)
     hashes = sources.FileHashCache(cache.root / "file-hashes.json")
     with progress.stage("resolve", inputs.source):
@@ -397,7 +397,6 @@ def default_request(**kwargs) -> BuildRequest:
     output = kwargs.pop("output_dir", None)
     model_name = kwargs.pop("model_name", "deepseek")
     runtime = kwargs.pop("runtime", "triton")
-    backend = kwargs["backend"]
-    inputs = EngineInputs(toolchain=default_toolchain(backend), **kwargs)
+    inputs = EngineInputs(toolchain=default_toolchain(kwargs["backend"], kwargs["precision"]), **kwargs)
     return BuildRequest(inputs=inputs, cache_dir=cache_dir, output_dir=Path(output) if output else None,
                         model_name=model_name, runtime=runtime)

@@ -23,7 +23,7 @@ def inputs_from_spec(spec) -> EngineInputs:
         adapter_source=adapter.source if adapter else None,
         adapter_revision=adapter.revision if adapter else None,
         gpu_type=gpu_type_for(spec.serving.gpus_per_replica, spec.serving.node_selector),
-        toolchain=default_toolchain(spec.engine.backend),
+        toolchain=default_toolchain(spec.engine.backend, spec.engine.precision),
     )
 
 

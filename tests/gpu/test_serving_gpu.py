@@ -116,7 +116,7 @@ def _engine(ws: Path, source: Path, backend: str, precision: str) -> Path:
     inputs = EngineInputs(source=f"file://{source}", revision=None, task="text-generation", backend=backend,
                           precision=precision, max_batch_size=SLOTS, max_sequence_length=CAPACITY,
                           gpu_type="any-gpu" if backend == "tensorrt" else "cpu",
-                          toolchain=default_toolchain(backend))
+                          toolchain=default_toolchain(backend, precision))
     return Path(builder.build(builder.BuildRequest(inputs=inputs, cache_dir=ws / "cache")).engine_dir)
 
 

@@ -30,8 +30,33 @@ def test_cli_spec_key_is_the_operators_key(tmp_path):
                               cache_dir=str(tmp_path))
     want = EngineInputs(source="hf://deepseek-ai/DeepSeek-V3", revision="abc", task="text-generation",
                         backend="tensorrt", precision="fp16", max_batch_size=8, max_sequence_length=4096,
-                        gpu_type="NVIDIA-H100-80GB-HBM3", toolchain=default_toolchain("tensorrt"))
+                        gpu_type="NVIDIA-H100-80GB-HBM3", toolchain=default_toolchain("tensorrt", "fp16"))
     assert engine_key(request.inputs) == engine_key(want)
+
+
+def test_the_int8_recipe_keys_int8_onnxruntime_engines_only(tmp_path, monkeypatch):
+    """A change to how ONNX Runtime int8 engines are quantized rebuilds those, and only those; the builder's spec key
+    stays the operator's (which knows the precision from the spec alone)."""
+    import deepseek_contract.engine as contract
+    from deepseek_builder.api import default_request, real_toolchain
+
+    def key(precision):
+        request = default_request(source="file:///m", revision=None, task="text-generation", backend="onnxruntime",
+                                  precision=precision, max_batch_size=4, max_sequence_length=64, adapter_source=None,
+                                  adapter_revision=None, gpu_type="cpu", cache_dir=str(tmp_path))
+        return engine_key(request.inputs)
+
+    assert ("ort-int8-recipe", str(contract.ORT_INT8_RECIPE_VERSION)) in default_toolchain("onnxruntime", "int8")
+    assert not any(name == "ort-int8-recipe" for name, _ in default_toolchain("onnxruntime", "fp32"))
+    assert not any(name == "ort-int8-recipe" for name, _ in default_toolchain("tensorrt", "fp16"))
+    int8 = EngineInputs(source="file:///m", revision=None, task="text-generation", backend="onnxruntime",
+                        precision="int8", max_batch_size=4, max_sequence_length=64)
+    assert dict(real_toolchain(int8, None))["ort-int8-recipe"] == str(contract.ORT_INT8_RECIPE_VERSION)
+    before = {p: key(p) for p in ("fp32", "fp16", "int8")}
+    monkeypatch.setattr(contract, "ORT_INT8_RECIPE_VERSION", contract.ORT_INT8_RECIPE_VERSION + 1)
+    after = {p: key(p) for p in ("fp32", "fp16", "int8")}
+    assert after["fp32"] == before["fp32"] and after["fp16"] == before["fp16"]
+    assert after["int8"] != before["int8"]
 
 
 def test_default_cache_dir_prefers_flag_then_environment(monkeypatch, tmp_path):
