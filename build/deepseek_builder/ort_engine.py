@@ -57,7 +57,7 @@ def build_ort_engine(exported: Path, out_file: Path, precision: str, float_outpu
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its "consider pre-processing" advice is for convolutional models
-    try:
+    try:  # a change to these arguments bumps deepseek_contract.engine.ORT_INT8_RECIPE_VERSION
         quantize_dynamic(str(exported), str(out_file), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=large,
                          nodes_to_exclude=_batched_weight_matmuls(graph))

@@ -27,10 +27,9 @@ from .versions import TENSORRT_VERSION
 #: every key, so engines of an older format are rebuilt, never misread.
 ENGINE_FORMAT_VERSION = 2
 
-#: Bumped when how an ONNX Runtime ``int8`` engine is quantized changes: part of the key of those engines only, so
-#: they are rebuilt while engines of the other precisions keep their keys.  1: 8-bit per-channel weights.  2: 7-bit
-#: weights (``reduce_range``): on x86 CPUs without VNNI (AVX2 only) ONNX Runtime's u8 x s8 products saturate with
-#: 8-bit weights, which put the tiny models' logits 0.78 (relative) from PyTorch's, against 0.05 to 0.08 with 7.
+#: Bumped when how an ONNX Runtime ``int8`` engine is quantized changes (``deepseek_builder.ort_engine``): part of
+#: the key of those engines only, so they are rebuilt while engines of the other precisions keep their keys.
+#: 1: 8-bit per-channel weights.  2: 7-bit weights (``reduce_range``; why and what it measured: build/README.md).
 ORT_INT8_RECIPE_VERSION = 2
 
 KEY_LENGTH = 20  # hex chars: 80 bits, far beyond any cache's size, short enough for labels and paths
