@@ -5,6 +5,9 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_PROMPT ?= The capital of France is
+# make test runs the suite on this many workers (pytest-xdist), each taking whole test files so a file's module
+# fixtures (a built engine, a running Triton) stay in one process; up to 4, as the suite's servers are CPU-heavy.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: setup demo test test-fast bench lint clean
 
@@ -18,7 +21,7 @@ demo: setup
 	$(BIN)/deepseek-operator local down
 
 test: setup
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --numprocesses $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -ra tests/unit
