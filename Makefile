@@ -5,9 +5,11 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_PROMPT ?= The capital of France is
-# make test runs the suite on this many workers (pytest-xdist), each taking whole test files so a file's module
-# fixtures (a built engine, a running Triton) stay in one process; up to 4, as the suite's servers are CPU-heavy.
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+# make test runs the suite on this many pytest-xdist workers, each taking whole test files so a file's module
+# fixtures (a built engine, a running Triton) stay in one process: the CPUs this machine lets us use (its affinity,
+# capped by a container's CPU quota, as the engines count them), at most 4, since the suite's servers are CPU-heavy.
+# 0 runs the suite in pytest's own process. Expanded when the recipe runs, after setup has made the venv.
+TEST_WORKERS ?= $(shell $(BIN)/python -c "from deepseek_model_repository.serving.runners import available_cpus; print(min(4, available_cpus()[0]))")
 
 .PHONY: setup demo test test-fast bench lint clean
 
