@@ -7,7 +7,9 @@ measurement has its baseline in the same run:
 
 * **decode step**, 16 sequences at about 50 and about 2,000 tokens of context:
   ``in place`` is ``TorchRunner.forward`` and the greedy argmax (the cache stays on the device; the
-  step writes its new positions); ``+ host round trip`` is the same step plus what the previous
+  step writes its new positions), and ``of which queueing`` the time until ``forward`` returns, its
+  work queued on the device (where the two are close, the host's kernel launches set the pace, not
+  the GPU); ``+ host round trip`` is the same step plus what the previous
   run-to-completion loop did to the cache on every token (its engine returned the whole cache, which
   crossed to the host through the Python backend's shared memory and came back); ``transformers`` is
   the model's own decode step over its ``DynamicCache`` (SDPA attention, the cache grown by concatenation).
@@ -82,16 +84,18 @@ def prompt_ids(workload: Workload, vocab: int) -> list[list[int]]:
             for p in workload.prompts()]
 
 
-def timed(fn: Callable[[], Any], sync: Callable[[], None], repeats: int) -> float:
-    """Median ms of ``fn`` over ``repeats`` calls after two warm-ups, synchronised with the device."""
+def timed(fn: Callable[[], Any], sync: Callable[[], None], repeats: int, *, until_return: bool = False) -> float:
+    """Median ms of ``fn`` over ``repeats`` calls after two warm-ups, synchronised with the device; with
+    ``until_return``, the time until ``fn`` returns (the host's share: what it takes to queue the device's work)."""
     samples = []
     for i in range(repeats + 2):
         sync()
         began = time.perf_counter()
         fn()
+        returned = time.perf_counter()
         sync()
         if i >= 2:
-            samples.append(time.perf_counter() - began)
+            samples.append((returned if until_return else time.perf_counter()) - began)
     return round(float(np.median(samples)) * 1000.0, 2)
 
 
@@ -101,12 +105,15 @@ def step_times(model, runner, device: str, repeats: int) -> dict[str, Any]:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     ids = np.full((STEP_ROWS, 1), 100, dtype=np.int64)
     mask = np.ones((STEP_ROWS, 1), dtype=np.int64)
-    out: dict[str, Any] = {"rows": STEP_ROWS, "in_place_ms": {}, "host_round_trip_ms": {}, "transformers_ms": {},
-                           "cache_bytes_round_trip": {}}
+    out: dict[str, Any] = {"rows": STEP_ROWS, "in_place_ms": {}, "in_place_queued_ms": {}, "host_round_trip_ms": {},
+                           "transformers_ms": {}, "cache_bytes_round_trip": {}}
     for ctx in CONTEXTS:
-        def in_place():
+        def queue():
             runner.cache.lengths[:STEP_ROWS] = ctx
-            runner.forward(0, ids, mask).argmax()
+            return runner.forward(0, ids, mask)
+
+        def in_place():
+            queue().argmax()
 
         def round_trip():
             in_place()
@@ -114,6 +121,7 @@ def step_times(model, runner, device: str, repeats: int) -> dict[str, Any]:
                 view[:, :, :ctx + 1].to("cpu").to(device)
 
         out["in_place_ms"][str(ctx)] = timed(in_place, sync, repeats)
+        out["in_place_queued_ms"][str(ctx)] = timed(queue, sync, repeats, until_return=True)
         out["host_round_trip_ms"][str(ctx)] = timed(round_trip, sync, repeats)
         out["cache_bytes_round_trip"][str(ctx)] = int(
             sum(v[:, :, :ctx + 1].numel() * v.element_size() for v in runner.cache.rows(0, STEP_ROWS)))
@@ -231,7 +239,8 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"\n{shape} ({r['parameters'] / 1e9:.1f}B, {r['dtype']}, cache {r['cache_bytes'] / 2**30:.2f} GiB on "
               f"{r['cache_device']}, allocated once: {r['cache_allocated_once']})")
         print(f"  decode step, {s['rows']} rows     " + "  ".join(f"{c:>6} ctx" for c in CONTEXTS))
-        for key, label in (("in_place_ms", "in place"), ("host_round_trip_ms", "+ host round trip"),
+        for key, label in (("in_place_ms", "in place"), ("in_place_queued_ms", "  of which queueing"),
+                           ("host_round_trip_ms", "+ host round trip"),
                            ("transformers_ms", "transformers")):
             print(f"  {label:<22} " + "  ".join(f"{s[key].get(str(c), float('nan')):>7.2f} ms" for c in CONTEXTS))
         print(f"  {'clients':>7} {'in flight tok/s':>16} {'run to completion':>18} {'ratio':>6} "

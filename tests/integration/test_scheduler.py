@@ -183,6 +183,44 @@ def test_kv_cache_write_stores_each_rows_new_positions_after_its_own(tensors):
         np.testing.assert_array_equal(as_array(got), expected)
 
 
+
+@pytest.mark.parametrize("tensors", ["numpy", "torch"])
+def test_kv_cache_write_index_taken_before_the_step_gives_the_same_cache(tensors):
+    """A runner takes the write index before the engine runs (on a GPU, while the device is idle): the same
+    positions as an index taken at the write."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    dtype = np.float32 if tensors == "numpy" else torch.float32
+    early, late = (KvCache([LayerShape(2, 4, 1, 3)] * 2, slots=4, capacity=8, dtype=dtype,
+                           torch_tensors=tensors == "torch") for _ in range(2))
+    for cache in (early, late):
+        cache.lengths[:] = [1, 0, 2, 3]
+    counts = [3, 1, 2]
+    new = [rng.standard_normal((3, t.shape[1], 3, t.shape[3])).astype(np.float32)
+           for layer in early.layers for t in layer]
+    new = new if tensors == "numpy" else [torch.from_numpy(a) for a in new]
+    index = early.write_index(1, counts)
+    assert tuple(index.shape) == (4, sum(counts))
+    early.write(1, counts, new, index)
+    late.write(1, counts, new)
+    assert early.lengths.tolist() == late.lengths.tolist() == [1, 3, 3, 5]
+    for a, b in zip(early.rows(0, 4), late.rows(0, 4)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_step_inputs_reach_the_device_as_views_of_one_copy():
+    from deepseek_model_repository.serving.runners import feeds_on_device
+
+    feeds = {"input_ids": np.arange(6, dtype=np.int64).reshape(2, 3), "position_ids": np.ones((2, 3), np.int64),
+             "token_mask": np.array([[1, 1, 0], [1, 0, 0]], np.int64), "cache_lengths": np.array([4, 7], np.int64)}
+    got = feeds_on_device(feeds, "cpu")
+    assert list(got) == list(feeds)
+    assert len({t.untyped_storage().data_ptr() for t in got.values()}) == 1, "one buffer, one copy"
+    for name, array in feeds.items():
+        assert tuple(got[name].shape) == array.shape
+        np.testing.assert_array_equal(got[name].numpy(), array)
+
 def test_step_logits_give_the_same_tokens_from_numpy_and_from_torch():
     import torch
 

@@ -132,20 +132,30 @@ class KvCache:
         """The flat [key0, value0, key1, ...] views of slots ``[start, stop)`` (contiguous, no copy)."""
         return [t[start:stop] for layer in self.layers for t in layer]
 
-    def write(self, start: int, counts: Sequence[int], new: Sequence[Any]) -> None:
-        """Store each row's ``counts[r]`` new positions (``new`` flat like :meth:`rows`, [B, H, T, D]) in place.
+    def write_index(self, start: int, counts: Sequence[int]) -> Any:
+        """Where a step's new positions go: rows of ``new``, offsets in them, target slots and positions, [4, N].
 
-        One indexed assignment per tensor, whatever the rows (on a GPU one kernel, not one per row)."""
+        On a GPU the index crosses to the device in one copy. A runner takes it before the engine runs, while the
+        device is idle: a copy from host memory waits for the device's queued work, so taken after the step was
+        queued it would hold the host back until the step ends."""
         counts = np.asarray(counts, dtype=np.int64)
         rows = np.repeat(np.arange(counts.size), counts)  # the row of each new position
         offsets = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)  # its index among the row's
         positions = self.lengths[start:start + counts.size][rows] + offsets
-        targets = rows + start
+        index = np.stack([rows, offsets, rows + start, positions])
         if self.layers and not isinstance(self.layers[0][0], np.ndarray):
             import torch
 
-            rows, offsets, targets, positions = (torch.from_numpy(a).to(self.layers[0][0].device)
-                                                 for a in (rows, offsets, targets, positions))
+            return torch.from_numpy(index).to(self.layers[0][0].device)
+        return index
+
+    def write(self, start: int, counts: Sequence[int], new: Sequence[Any], index: Any = None) -> None:
+        """Store each row's ``counts[r]`` new positions (``new`` flat like :meth:`rows`, [B, H, T, D]) in place.
+
+        One indexed assignment per tensor, whatever the rows (on a GPU one kernel, not one per row).
+        ``index`` is :meth:`write_index`'s for these ``start`` and ``counts``, where the caller took it earlier."""
+        counts = np.asarray(counts, dtype=np.int64)
+        rows, offsets, targets, positions = self.write_index(start, counts) if index is None else index
         for i, layer in enumerate(self.layers):
             for j, tensor in enumerate(layer):
                 tensor[targets, :, positions] = new[2 * i + j][rows, :, offsets]
@@ -196,6 +206,22 @@ class StepLogits:
         return self.data.float().cpu().numpy()
 
 
+def feeds_on_device(feeds: dict[str, np.ndarray], device: str) -> dict[str, Any]:
+    """The step's int64 inputs as torch tensors on ``device``, in one copy from the host (a copy from host memory
+    waits for the device's queued work, and one is enough)."""
+    import torch
+
+    names = list(feeds)
+    flat = torch.from_numpy(np.concatenate([np.ascontiguousarray(feeds[n], dtype=np.int64).ravel() for n in names]))
+    flat = flat.to(device)
+    out, at = {}, 0
+    for n in names:
+        size = int(feeds[n].size)
+        out[n] = flat[at:at + size].view(feeds[n].shape)
+        at += size
+    return out
+
+
 class Runner:
     """One engine and its cache.  Subclasses implement :meth:`_run`."""
 
@@ -222,8 +248,9 @@ class Runner:
             "token_mask": np.ascontiguousarray(token_mask, dtype=np.int64),
             "cache_lengths": lengths,
         }
+        index = self.cache.write_index(start, counts)
         logits, new = self._run(feeds, start, stop)
-        self.cache.write(start, counts, new)
+        self.cache.write(start, counts, new, index)
         return StepLogits(logits)
 
     def _run(self, feeds: dict[str, np.ndarray], start: int, stop: int) -> tuple[Any, list[Any]]:
@@ -292,10 +319,8 @@ class OrtRunner(Runner):
             self.session.run_with_iobinding(binding)
             return logits, new
         torch = self.torch
-        keep = []
-        for name, value in feeds.items():
-            tensor = torch.from_numpy(value).to(self.device)
-            keep.append(tensor)
+        keep = feeds_on_device(feeds, self.device)
+        for name, tensor in keep.items():
             self._bind(binding.bind_input, name, tensor)
         for name, view in zip(past, rows):
             self._bind(binding.bind_input, name, view)
@@ -344,11 +369,9 @@ class TensorRTRunner(Runner):
 
     def _run(self, feeds, start, stop):
         torch = self.torch
-        keep = []
         with torch.cuda.stream(self.stream):
-            for name, value in feeds.items():
-                tensor = torch.from_numpy(value).to(self.device, non_blocking=False)
-                keep.append(tensor)
+            keep = feeds_on_device(feeds, self.device)  # held until the engine has run
+            for name, tensor in keep.items():
                 self._bind_input(name, tensor)
             rows = self.cache.rows(start, stop)
             for name, view in zip(engine_io.past_names(self.num_layers), rows):
@@ -402,7 +425,8 @@ class TorchRunner(Runner):
 
         window = int(min(self.cache.capacity, _round_up(int(feeds["cache_lengths"].max()) + 1, 64)))
         views = [view[:, :, :window] for view in self.cache.rows(start, stop)]
-        tensors = [torch.from_numpy(feeds[n]).to(self.device) for n in engine_io.STEP_INPUTS]
+        on_device = feeds_on_device(feeds, self.device)
+        tensors = [on_device[n] for n in engine_io.STEP_INPUTS]
         with torch.no_grad(), split_cache_attention_of(self.model):
             outputs = self.step_module(*tensors, *views)
         return outputs[0], list(outputs[1:])

@@ -38,6 +38,9 @@ class StepCache:
         self.past = past
         self.cache_lengths = cache_lengths
         self.present: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(past)
+        #: The cached positions' additive mask: made by the first layer, shared by the others (every layer's cache
+        #: rows have the same capacity).
+        self.past_mask: Optional[torch.Tensor] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.present[layer_idx] = (key_states, value_states)
@@ -51,12 +54,15 @@ class StepCache:
 
 
 def _masks(cache: "StepCache", attention_mask, capacity: int, dtype, device):
-    """Additive masks: cached positions past each row's length [B, 1, 1, C], and the new tokens' [B, 1, 1, T, T]."""
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    slots = torch.arange(capacity, device=device)
-    past = torch.where(slots[None, :] < cache.cache_lengths[:, None], zero, blocked)[:, None, None, :]
-    return past, attention_mask[:, :, None, :, :].to(dtype)
+    """Additive masks: cached positions past each row's length [B, 1, 1, C], and the new tokens' [B, 1, 1, T, T].
+
+    Made once per step and shared by the layers, from kernels alone: a tensor made from a host value would be a
+    copy that waits for the device's queued work, once per layer."""
+    if cache.past_mask is None or cache.past_mask.dtype != dtype:
+        hidden = torch.arange(capacity, device=device)[None, :] >= cache.cache_lengths[:, None]  # [B, C]
+        past = torch.zeros_like(hidden, dtype=dtype).masked_fill(hidden, torch.finfo(dtype).min)
+        cache.past_mask = past[:, None, None, :]
+    return cache.past_mask, attention_mask[:, :, None, :, :].to(dtype)
 
 
 def split_cache_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -142,9 +148,7 @@ def new_token_mask(token_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     causal = pos[None, :] <= pos[:, None]
     itself = pos[None, :] == pos[:, None]
     allowed = causal[None, None] & ((token_mask[:, None, None, :] > 0) | itself[None, None])
-    zero = torch.zeros((), dtype=dtype, device=token_mask.device)
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=token_mask.device)
-    return torch.where(allowed, zero, blocked)
+    return torch.zeros_like(allowed, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @contextlib.contextmanager
