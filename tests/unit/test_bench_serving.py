@@ -111,6 +111,44 @@ def test_the_cache_write_bench_runs_and_writes_its_results(tmp_path):
     assert all(r["indexed_ms"] > 0 and r["row_by_row_ms"] > 0 for r in results)
 
 
+
+def test_the_gpu_bench_checks_itself_on_the_cpu_and_writes_its_results(tmp_path):
+    """bench/serving/gpu.py on the tiny Qwen2 in fp32 on the CPU (what ``--device cpu`` is for): every measurement is
+    there, the cache stayed where it was allocated, and both systems made tokens."""
+    import json
+    import subprocess
+
+    out = tmp_path / "serving_gpu.json"
+    done = subprocess.run([sys.executable, str(RUN.parent / "gpu.py"), "--device", "cpu", "--dtype", "float32",
+                           "--shapes", "tiny-qwen2", "--concurrency", "2", "--seconds", "0.5", "--warmup", "0.2",
+                           "--step-repeats", "1", "--work", str(tmp_path / "work"), "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shape = json.loads(out.read_text())["shapes"]["tiny-qwen2"]
+    assert shape["cache_allocated_once"] and shape["cache_device"] == "cpu"
+    for key in ("in_place_ms", "in_place_queued_ms", "host_round_trip_ms", "transformers_ms"):
+        assert set(shape["step"][key]) == {"50", "2000"} and min(shape["step"][key].values()) > 0
+    assert shape["step"]["cache_bytes_round_trip"]["2000"] > shape["step"]["cache_bytes_round_trip"]["50"]
+    level = shape["load"]["2"]
+    assert level["in_flight"]["tokens_per_s"] > 0 and level["in_flight"]["errors"] == 0
+    assert level["run_to_completion"]["tokens_per_s"] > 0 and level["run_to_completion"]["requests"] >= 2
+    assert "tiny-qwen2" in done.stdout and "run to completion" in done.stdout
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda(), reason="a CUDA GPU is visible: the bench would run on it")
+def test_the_gpu_bench_without_a_gpu_says_how_to_check_it_instead(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(RUN.parent / "gpu.py"), "--output", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--device cpu" in done.stderr and not (tmp_path / "x.json").exists()
+
 def test_the_engine_timing_of_a_round_from_the_schedulers_series(bench):
     """The served scheduler's engine_step_seconds _sum/_count by phase, differenced over a round, give the mean step
     times and the share of the round's wall time spent in the engine."""
