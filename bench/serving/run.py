@@ -1097,7 +1097,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for close in closers:
                     await close()
 
-        asyncio.run(run_all())
+        try:
+            asyncio.run(run_all())
+        except Exception:
+            if served:  # what the server says, before its folder goes with this block
+                log("the run failed; Triton's log ends:\n  " + "\n  ".join(
+                    Path(server.log).read_text(errors="replace").splitlines()[-40:]))
+                with contextlib.suppress(Exception):
+                    import urllib.request
+
+                    with urllib.request.urlopen(server.endpoints["metrics"], timeout=10) as r:
+                        log("the scheduler's series then:\n  " + "\n  ".join(
+                            line for line in r.read().decode().splitlines()
+                            if line.startswith("deepseek_scheduler_") and "_bucket" not in line))
+            raise
         if served and any(r["errors"] and r["system"] != "transformers" for r in rows):
             # Said now: the server's folder, its log with it, goes when this block ends.
             tail = Path(server.log).read_text(errors="replace").splitlines()[-15:]
