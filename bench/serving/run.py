@@ -1101,8 +1101,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             asyncio.run(run_all())
         except Exception:
             if served:  # what the server says, before its folder goes with this block
+                # The threads of this project's text-generation models, printed to the log (serving/triton.py); the
+                # previous path's models have no such handler, and the signal would end them.
+                current = {m for models in (triton_models, scheduler_models) for (_, system), m in models.items()
+                           if system != "previous"}
+                for pid in children(server.pid):
+                    if stub_model(pid) in current:
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGUSR1)
+                time.sleep(1.0)
                 log("the run failed; Triton's log ends:\n  " + "\n  ".join(
-                    Path(server.log).read_text(errors="replace").splitlines()[-40:]))
+                    Path(server.log).read_text(errors="replace").splitlines()[-400:]))
                 with contextlib.suppress(Exception):
                     import urllib.request
 

@@ -361,3 +361,53 @@ def test_scheduler_metrics_count_what_was_served(server):
         assert scheduler_metric(server, "engine_step_seconds_bucket", name, phase=phase, le="+Inf") \
             == steps[(phase, "count")]
         assert 0 < steps[(phase, "sum")] < 60
+
+
+def _stubs(server) -> dict[str, int]:
+    """Each Python-backend stub of the server, by the model whose model.py it runs."""
+    from pathlib import Path as _Path
+
+    stubs = {}
+    for entry in _Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        script = next((a.decode() for a in argv if a.endswith(b"model.py")), None)
+        if parent == server.pid and script:
+            stubs[_Path(script).parent.parent.name] = int(entry.name)
+    return stubs
+
+
+def test_a_text_generation_model_prints_its_threads_to_the_log_on_sigusr1_and_keeps_serving(server):
+    """What a stuck request waits on: ``kill -USR1`` a scheduler's or a relay's stub (serving/triton.py)."""
+    import os
+    import signal
+    from pathlib import Path as _Path
+
+    name = model_name("qwen2")
+    stubs = _stubs(server)
+    assert {name, f"{name}_stream"} <= set(stubs), stubs
+    log = _Path(server.log)
+    # The scheduler's loop in the scheduler model; the relay's client watcher in the relay (its model.py).
+    for model, marker in ((f"{name}_stream", "scheduler.py"), (name, f"{name}/1/model.py")):
+        before = log.stat().st_size
+        os.kill(stubs[model], signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        dumped = ""
+        while marker not in dumped and time.monotonic() < deadline:
+            time.sleep(0.05)
+            with log.open("rb") as fh:
+                fh.seek(before)
+                dumped = fh.read().decode(errors="replace")
+        assert "most recent call first" in dumped and marker in dumped, dumped[-2000:]
+    client = GenerationClient(server.endpoints["grpc"], name)
+    try:
+        assert client.generate("the of", max_tokens=4)
+    finally:
+        client.close()
+    assert _stubs(server)[f"{name}_stream"] == stubs[f"{name}_stream"], "the stub went on running"

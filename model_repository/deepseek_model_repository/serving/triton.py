@@ -1,8 +1,13 @@
 """What the text-generation Python models share inside Triton (imported only there: it needs the stub's utils)."""
 
+import faulthandler
 import json
+import signal
 
 import triton_python_backend_utils as pb_utils
+
+#: The signal that makes a text-generation model's process print every thread's stack to Triton's log.
+DUMP_SIGNAL = signal.SIGUSR1
 
 
 def error_response(message, invalid=True):
@@ -23,3 +28,10 @@ def model_parameters(args):
     """(model config, its string parameters) from ``initialize``'s args."""
     config = json.loads(args["model_config"])
     return config, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def dump_threads_on_signal():
+    """``kill -USR1 <the model's stub process>`` prints the stack of each of its threads to Triton's log (the stubs
+    write there), without stopping it: what a stuck request waits on. Stubs are the processes named
+    ``triton_python_backend_stub``, one per model instance, whose arguments name the model's ``model.py``."""
+    faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)

@@ -23,7 +23,8 @@ from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StreamedText
-from deepseek_model_repository.serving.triton import client_gone, error_response, model_parameters
+from deepseek_model_repository.serving.triton import (client_gone, dump_threads_on_signal, error_response,
+                                                      model_parameters)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import DECODE, PREFILL, Scheduler, Sequence
 
@@ -138,6 +139,7 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Open the engine and its cache where it runs, and start the scheduler's thread."""
+        dump_threads_on_signal()
         config, params = model_parameters(args)
         engine_dir = params["engine_dir"]
         with open(os.path.join(engine_dir, "model-info.json"), encoding="utf-8") as fh:

@@ -21,7 +21,8 @@ import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
-from deepseek_model_repository.serving.triton import client_gone, error_response, model_parameters
+from deepseek_model_repository.serving.triton import (client_gone, dump_threads_on_signal, error_response,
+                                                      model_parameters)
 
 log = logging.getLogger("deepseek_model_repository.relay")
 
@@ -45,6 +46,7 @@ class TritonPythonModel:
 
     def initialize(self, args):
         """Note the scheduler model; the relay threads wait on it, so there are as many as requests can queue."""
+        dump_threads_on_signal()
         config, params = model_parameters(args)
         self.model_name = config["name"]
         self.target = params["scheduler_model"]
