@@ -50,6 +50,7 @@ from typing import Any, Awaitable, Callable, Iterator, Optional
 
 import numpy as np
 
+from deepseek_model_repository.serving.processes import children, stat_fields, stub_model
 from deepseek_model_repository.serving.scheduler import DECODE, PREFILL, NoMetrics
 
 HERE = Path(__file__).resolve().parent
@@ -312,35 +313,10 @@ BARE_ROLE = "bare loop"
 TRANSFORMERS_ROLE = "transformers serve"
 
 
-def stat_fields(pid: int, proc: Path = Path("/proc")) -> Optional[list[str]]:
-    """``/proc/PID/stat`` from its third field on (after "pid (comm) "), or None for a process gone."""
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2:].split()
-
-
 def cpu_seconds(pid: int, proc: Path = Path("/proc")) -> float:
     """User and system CPU seconds of process ``pid``, all its threads, 0 for one gone."""
     fields = stat_fields(pid, proc)  # state is field 3, ppid 4, utime 14, stime 15
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
-
-
-def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
-    """The processes whose parent is ``pid`` (Triton's Python-backend stubs)."""
-    return [int(entry.name) for entry in proc.iterdir()
-            if entry.name.isdigit() and (fields := stat_fields(int(entry.name), proc)) and int(fields[1]) == pid]
-
-
-def stub_model(pid: int, proc: Path = Path("/proc")) -> Optional[str]:
-    """The model a Python-backend stub serves: the folder of the ``<model>/<version>/model.py`` it was given."""
-    try:
-        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    script = next((a.decode() for a in argv if a.endswith(b"model.py")), None)
-    return Path(script).parent.parent.name if script else None
 
 
 def cpu_by_role(server_pid: int, scheduler_model: str, relay_model: Optional[str],

@@ -365,23 +365,9 @@ def test_scheduler_metrics_count_what_was_served(server):
 
 def _stubs(server) -> dict[str, int]:
     """Each Python-backend stub of the server, by the model whose model.py it runs."""
-    from pathlib import Path as _Path
+    from deepseek_model_repository.serving.processes import children, stub_model
 
-    stubs = {}
-    for entry in _Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        script = next((a.decode() for a in argv if a.endswith(b"model.py")), None)
-        if parent == server.pid and script:
-            stubs[_Path(script).parent.parent.name] = int(entry.name)
-    return stubs
-
+    return {model: pid for pid in children(server.pid) if (model := stub_model(pid))}
 
 def test_a_text_generation_model_prints_its_threads_to_the_log_on_sigusr1_and_keeps_serving(server):
     """What a stuck request waits on: ``kill -USR1`` a scheduler's or a relay's stub (serving/triton.py)."""

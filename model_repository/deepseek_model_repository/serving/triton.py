@@ -33,5 +33,6 @@ def model_parameters(args):
 def dump_threads_on_signal():
     """``kill -USR1 <the model's stub process>`` prints the stack of each of its threads to Triton's log (the stubs
     write there), without stopping it: what a stuck request waits on. Stubs are the processes named
-    ``triton_python_backend_stub``, one per model instance, whose arguments name the model's ``model.py``."""
+    ``triton_python_backend_stub``, one per model instance, whose arguments name the model's ``model.py``
+    (``serving.processes`` finds them)."""
     faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)

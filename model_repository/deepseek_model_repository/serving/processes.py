@@ -1,0 +1,38 @@
+"""Triton's processes as /proc shows them: which Python-backend stub serves which model.
+
+Each model instance of the Python backend runs in a stub process, a child of tritonserver, started with the
+model's ``<model>/<version>/model.py``. The serving bench counts each one's CPU by the model it serves, and a
+stub of a text-generation model prints its threads when signalled (``serving.triton.dump_threads_on_signal``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+PROC = Path("/proc")
+
+
+def stat_fields(pid: int, proc: Path = PROC) -> Optional[list[str]]:
+    """``/proc/PID/stat`` from its third field on (after "pid (comm) "), or None for a process gone."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def children(pid: int, proc: Path = PROC) -> list[int]:
+    """The processes whose parent is ``pid`` (Triton's Python-backend stubs)."""
+    return [int(entry.name) for entry in proc.iterdir()
+            if entry.name.isdigit() and (fields := stat_fields(int(entry.name), proc)) and int(fields[1]) == pid]
+
+
+def stub_model(pid: int, proc: Path = PROC) -> Optional[str]:
+    """The model a Python-backend stub serves: the folder of the ``<model>/<version>/model.py`` it was given."""
+    try:
+        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    script = next((a.decode() for a in argv if a.endswith(b"model.py")), None)
+    return Path(script).parent.parent.name if script else None
