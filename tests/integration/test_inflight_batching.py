@@ -8,7 +8,10 @@ Every greedy completion must equal transformers' greedy decoding of that prompt 
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
+import json
 import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -176,6 +179,29 @@ def test_a_stream_whose_client_goes_away_frees_its_slot(server):
     assert scheduler_metric(server, "sequences_running", name) == 0, (
         f"still running after {generated:.0f} tokens; the server's log ends:\n{Path(server.log).read_text()[-3000:]}")
     assert generated < 250, f"the stream ran to its end ({generated:.0f} tokens) after its client went away"
+    assert settled_scheduler_metric(server, "kv_cache_utilization", name) == 0
+
+
+def test_an_http_stream_whose_client_disconnects_frees_its_slot(server):
+    """Triton's HTTP frontend notices a closed connection when it next writes to it, so a ``generate_stream``
+    client that disconnects frees its slot at its next piece of text."""
+    name = "tiny-llama"
+    tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+    body = json.dumps({"text_input": "the of and", "max_tokens": 250, "stream": True}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+    connection.request("POST", f"/v2/models/{name}_stream/generate_stream", body,
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data:")
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    deadline = time.monotonic() + 20
+    while scheduler_metric(server, "sequences_running", name) > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
+    assert scheduler_metric(server, "sequences_running", name) == 0
+    assert generated < 250, f"the stream ran to its end ({generated:.0f} tokens) after its client disconnected"
     assert settled_scheduler_metric(server, "kv_cache_utilization", name) == 0
 
 
