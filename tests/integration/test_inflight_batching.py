@@ -227,6 +227,61 @@ def test_a_plain_request_whose_client_goes_away_frees_its_slot(server):
     assert generated < whole, f"the request ran to its end ({generated:.0f} tokens) after its client went away"
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc", "grpc-stream"])
+def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(server, protocol):
+    """tritonclient's ``timeout`` (microseconds, sent to the server) bounds a generation: an HTTP client that
+    disconnects is never noticed, so this is what frees its slot."""
+    name = "tiny-llama"
+    timeout_us, max_tokens = 80_000, 250
+    tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+    began = time.monotonic()
+    if protocol == "http":
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer(name, generation_inputs(httpclient, "the of and", max_tokens=max_tokens), timeout=timeout_us)
+        message = str(raised.value)
+        assert raised.value.status() == "503"
+    elif protocol == "grpc":
+        client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer(name, generation_inputs(grpcclient, "the of and", max_tokens=max_tokens), timeout=timeout_us)
+        message = str(raised.value)
+        assert raised.value.status() == "StatusCode.UNAVAILABLE"
+    else:
+        client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+        errors, done = [], threading.Event()
+
+        def callback(result, error):
+            if error is not None:
+                errors.append(error)
+                done.set()
+
+        client.start_stream(callback=callback)
+        client.async_stream_infer(f"{name}_stream", generation_inputs(grpcclient, "the of and", max_tokens=max_tokens,
+                                                                       stream=True), timeout=timeout_us)
+        assert done.wait(20), "no error came from a stream whose timeout passed"
+        client.stop_stream()
+        message = str(errors[0])
+    elapsed = time.monotonic() - began
+    client.close()
+    generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
+    assert "the request's timeout of 80 ms passed after" in message and f"of its {max_tokens} tokens" in message
+    assert generated < max_tokens and elapsed < 5
+    assert scheduler_metric(server, "sequences_running", name) == 0
+
+
+def test_the_readmes_client_example_runs(server, capsys):
+    """The README's Python client example, pointed at this server's ports and a served model."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'http.infer("deepseek-tiny"' in example and "127.0.0.1:8001" in example
+    example = (example.replace("127.0.0.1:8000", f"127.0.0.1:{server.http_port}")
+               .replace("127.0.0.1:8001", server.endpoints["grpc"]).replace('"deepseek-tiny', '"tiny-qwen2'))
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) >= 2 and all(line.strip() for line in printed[:2])
+
+
 def test_a_burst_of_short_plain_requests_is_answered_and_the_server_stays_up(server):
     """Plain requests end while the relay's watcher asks their clients whether they went away; a sender asked after
     its final response crashes Triton, so the watcher and the final response must take turns."""
@@ -256,10 +311,19 @@ def test_a_burst_of_short_plain_requests_is_answered_and_the_server_stays_up(ser
 
 
 def test_a_prompt_too_long_for_the_context_is_refused_by_name(server):
+    """Refused by the scheduler model behind the relay, and still a bad request (HTTP 400, gRPC INVALID_ARGUMENT)."""
     client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
     try:
-        with pytest.raises(InferenceServerException, match="maxSequenceLength is 256"):
+        with pytest.raises(InferenceServerException, match="maxSequenceLength is 256") as raised:
             client.infer("tiny-qwen2", generation_inputs(httpclient, "word " * 300, max_tokens=4))
+        assert raised.value.status() == "400"
+    finally:
+        client.close()
+    client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+    try:
+        with pytest.raises(InferenceServerException, match="maxSequenceLength is 256") as raised:
+            client.infer("tiny-qwen2", generation_inputs(grpcclient, "word " * 300, max_tokens=4))
+        assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     finally:
         client.close()
 

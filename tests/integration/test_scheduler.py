@@ -305,6 +305,45 @@ def test_a_cancelled_sequence_leaves_and_the_others_go_on(cache_dir):
     assert other == {"tokens": greedy(model, [8, 9], 12), "error": None}
 
 
+def test_a_request_whose_timeout_passes_is_answered_with_an_error_running_or_queued_and_the_next_one_runs(cache_dir):
+    """Triton's per-request timeout bounds a sequence: a running one ends at the next step with an error naming its
+    tokens, a queued one leaves the queue at once with an error naming the busy slots; the slot goes to the next."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 1, CAPACITY)
+    scheduler = Scheduler(runner, eos_ids=[1], client_poll_s=0.005).start()
+    ended: dict = {}
+
+    def finish(name):
+        return lambda seq, error: ended.update({name: (time.monotonic(), len(seq.generated), error)})
+
+    # The running one takes 10 ms a token (a slow engine), so its 60 tokens would take 600 ms.
+    running = Sequence([5, 6, 7], Sampling(max_tokens=60), on_token=lambda s, t: time.sleep(0.01),
+                       on_finish=finish("running"), timeout_s=0.15)
+    queued = Sequence([8, 9], Sampling(max_tokens=5), on_finish=finish("queued"), timeout_s=0.05)
+    after = Sequence([8, 9], Sampling(max_tokens=12), on_finish=finish("after"))
+    try:
+        began = time.monotonic()
+        for seq in (running, queued, after):
+            scheduler.submit(seq)
+        deadline = time.monotonic() + 60
+        while len(ended) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        scheduler.stop()
+    at, tokens, error = ended["queued"]
+    assert tokens == 0 and queued.expired and "timeout of 50 ms passed while it waited" in error
+    assert "1 KV-cache slots, all busy" in error and at - began < 0.15
+    at, tokens, error = ended["running"]
+    assert running.expired and 0 < tokens < 60 and f"after {tokens} of its 60 tokens" in error
+    assert 0.15 <= at - began < 0.5
+    assert ended["after"][2] is None and list(after.generated) == greedy(model, [8, 9], 12)
+
+
+def test_a_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="timeout must be positive"):
+        Sequence([5], Sampling(max_tokens=1), timeout_s=0)
+
+
 def test_a_sequence_whose_client_went_away_is_answered_only_when_it_asks_to_be(cache_dir):
     """A relayed request's sequence still gets its final response (the relay waits for it); any other gets none."""
     model = hf_model(tiny_model(cache_dir, "qwen2"))

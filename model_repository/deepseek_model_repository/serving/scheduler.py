@@ -15,7 +15,9 @@ Asking a client whether it went away and updating a metric are round trips to Tr
 when the scheduler runs there, so neither happens on the decode loop per token: a watcher thread
 asks each queued and running sequence's client every :data:`CLIENT_POLL_S` seconds and marks the
 sequence, which the loop drops at its next step; the metrics are counted here and published in
-batches (:mod:`.metrics`).
+batches (:mod:`.metrics`).  The same watcher ends sequences whose request's timeout passed
+(``Sequence.timeout_s``, Triton's per-request timeout): a running one at the loop's next step,
+a queued one at once, with an error that says so.
 """
 
 from __future__ import annotations
@@ -75,10 +77,27 @@ class Sequence:
     poll_error: Optional[Exception] = None
     #: Held while the watcher polls, and while ``finished`` is set: no poll after the final response.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Seconds from ``arrived`` the request may take (Triton's per-request timeout); None: no limit.
+    timeout_s: Optional[float] = None
+    #: Set by the watcher: ``timeout_s`` passed; the sequence ends with :meth:`timeout_error`.
+    expired: bool = False
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.sampling.seed)
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"a request's timeout must be positive, got {self.timeout_s} s")
+
+    def past_deadline(self, now: float) -> bool:
+        return self.timeout_s is not None and now - self.arrived >= self.timeout_s
+
+    def timeout_error(self, slots: int) -> str:
+        limit = f"the request's timeout of {self.timeout_s * 1000:.0f} ms passed"
+        if self.slot < 0:
+            return (f"{limit} while it waited for one of the {slots} KV-cache slots, all busy: send a longer timeout, "
+                    "or serve more replicas")
+        return (f"{limit} after {len(self.generated)} of its {self.sampling.max_tokens} tokens: send a longer "
+                "timeout or a lower max_tokens")
 
 
 class Metrics(Protocol):
@@ -223,12 +242,24 @@ class Scheduler:
             self._finish(seq, "the server is shutting down")
 
     def _watch(self) -> None:
-        """Ask each queued and running sequence's client whether it went away; mark the sequence for the loop."""
+        """Ask each queued and running sequence's client whether it went away; mark the sequence for the loop.
+
+        Queued sequences whose timeout passed leave the queue here and are answered at once; running ones are
+        marked, and the loop ends them at its next step."""
         while not self._stopped.wait(self.client_poll_s):
+            now = time.monotonic()
             with self._cond:
+                expired = [seq for seq in self.waiting if seq.past_deadline(now)]
+                for seq in expired:
+                    self.waiting.remove(seq)
                 # The loop changes ``running`` outside the lock, but a list copy is atomic under the GIL.
                 seqs = list(self.waiting) + list(self.running)
+            for seq in expired:
+                seq.expired = True
+                self._finish(seq, seq.timeout_error(self.cache.slots))
             for seq in seqs:
+                if not seq.expired and seq.past_deadline(now):
+                    seq.expired = True
                 with seq.lock:
                     if seq.finished or seq.gone or seq.poll_error is not None:
                         continue
@@ -254,18 +285,21 @@ class Scheduler:
         """Move waiting sequences into free slots and prefill them together."""
         free = self.cache.slots - len(self.running)
         admitted: list[Sequence] = []
+        left: list[Sequence] = []  # ended while they waited: answered below, outside the queue's lock
         budget = self.max_prefill_tokens
         with self._cond:
             while self.waiting and len(admitted) < free:
                 seq = self.waiting[0]
-                if self._dropped(seq, answer=True):
-                    self.waiting.popleft()
+                if seq.gone or seq.expired or seq.poll_error is not None:
+                    left.append(self.waiting.popleft())
                     continue
                 if admitted and len(seq.prompt_ids) > budget:
                     break
                 self.waiting.popleft()
                 budget -= len(seq.prompt_ids)
                 admitted.append(seq)
+        for seq in left:
+            self._dropped(seq, answer=True)
         if not admitted:
             return
         start = len(self.running)
@@ -342,13 +376,17 @@ class Scheduler:
                 log.warning("the final response of a sequence could not be sent", exc_info=True)
 
     def _dropped(self, seq: Sequence, answer: bool = False) -> bool:
-        """Has the watcher found the client of ``seq`` gone (or failed to ask)?  Then ``seq`` is finished.
+        """Has the watcher found the client of ``seq`` gone (or failed to ask), or its timeout passed?  Then ``seq``
+        is finished.
 
         ``answer``: still send the final response to a client that went away (a sequence that never ran); a
         sequence with ``answer_when_gone`` always gets it.
         """
         if seq.poll_error is not None:
             self._finish(seq, f"generation failed: the scheduler could not check its client ({seq.poll_error})")
+            return True
+        if seq.expired and not seq.gone:
+            self._finish(seq, seq.timeout_error(self.cache.slots))
             return True
         if seq.gone:
             self._finish(seq, None, notify=answer or seq.answer_when_gone)

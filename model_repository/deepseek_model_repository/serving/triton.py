@@ -1,7 +1,8 @@
-"""What the text-generation Python models share inside Triton (imported only there: it needs the stub's utils)."""
+"""What the Python models share inside Triton (imported only there: it needs the stub's utils)."""
 
 import faulthandler
 import json
+import re
 import signal
 
 import triton_python_backend_utils as pb_utils
@@ -10,11 +11,35 @@ import triton_python_backend_utils as pb_utils
 DUMP_SIGNAL = signal.SIGUSR1
 
 
-def error_response(message, invalid=True):
-    """An error response; a bad request is INVALID_ARG (HTTP 400), anything else INTERNAL."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
-    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+#: The error codes these models answer with (``pb_utils.TritonError``'s names): a bad request (HTTP 400, gRPC
+#: INVALID_ARGUMENT), a request whose own timeout passed (as Triton answers one whose timeout passed in its queue),
+#: and anything else.
+BAD_REQUEST, TIMED_OUT, FAILED = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
+CODES = (BAD_REQUEST, TIMED_OUT, FAILED)
+#: A relayed request's error goes back to the relay as "[CODE] message": Triton 2.51 hands a BLS caller an error's
+#: message without its code, and the relay answers its client with that code (:func:`relayed_error`).
+_RELAYED = re.compile(r"\[(" + "|".join(CODES) + r")\] ")
+
+
+def error_response(message, code=BAD_REQUEST, relayed=False):
+    """An error response with ``code`` (one of :data:`CODES`); ``relayed``: for the relay, the code in the message."""
+    if relayed:
+        message = f"[{code}] {message}"
+    value = getattr(pb_utils.TritonError, code, None)
+    error = pb_utils.TritonError(message) if value is None else pb_utils.TritonError(message, value)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def relayed_error(message):
+    """(code, message) of an error the scheduler model answered a relayed request with (FAILED if it names none)."""
+    found = _RELAYED.match(message)
+    return (found.group(1), message[found.end():]) if found else (FAILED, message)
+
+
+def request_timeout_s(request):
+    """The request's own timeout in seconds (tritonclient's ``timeout``, in microseconds on the wire), or None."""
+    micros = request.timeout() if hasattr(request, "timeout") else 0
+    return micros / 1e6 if micros else None
 
 
 def client_gone(sender):

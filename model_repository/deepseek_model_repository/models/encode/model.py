@@ -12,16 +12,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
+from deepseek_model_repository.serving.triton import FAILED, error_response
+
 
 class RequestError(Exception):
     """A bad request: answered with this message, the rest of the batch goes on."""
-
-
-def error_response(message, invalid=True):
-    """An error response; a bad request is INVALID_ARG (HTTP 400), anything else INTERNAL."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
-    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 class TritonPythonModel:
@@ -119,7 +114,7 @@ class TritonPythonModel:
                     start += len(ids_list)
             except Exception as exc:  # noqa: BLE001
                 for index in parsed:
-                    responses[index] = error_response(f"inference failed: {exc}", invalid=False)
+                    responses[index] = error_response(f"inference failed: {exc}", FAILED)
         return responses
 
     def finalize(self):

@@ -8,6 +8,8 @@ response sender.  A request with ``stream`` true gets one response per piece of 
 request gets its whole completion in one final response.  The client-facing ``NAME`` model relays
 its requests here, so plain requests and streams share one scheduler, one engine and one cache; when a relayed
 request's client goes away the relay says so in a request of its own, and its sequences are dropped.
+A request's own timeout (tritonclient's ``timeout``) bounds its generation: when it passes, the request is
+answered with an UNAVAILABLE error that says so, and its slot is freed.
 
 The scheduler publishes its metrics through the Python backend's custom-metrics API on Triton's
 metrics port (see ``SchedulerMetrics``).
@@ -23,8 +25,8 @@ from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StreamedText
-from deepseek_model_repository.serving.triton import (client_gone, dump_threads_on_signal, error_response,
-                                                      model_parameters)
+from deepseek_model_repository.serving.triton import (FAILED, TIMED_OUT, client_gone, dump_threads_on_signal,
+                                                      error_response, model_parameters, request_timeout_s)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import DECODE, PREFILL, Scheduler, Sequence
 
@@ -166,30 +168,33 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """Check, tokenize and queue each request; the scheduler answers them later."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
             sender = request.get_response_sender()
+            params = limits.request_parameters(request)
+            relayed = limits.RELAY_ID in params
             try:
-                params = limits.request_parameters(request)
                 if limits.CANCEL_RELAYED in params:
                     self._cancel_relayed(str(params[limits.CANCEL_RELAYED]))
-                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    sender.send(flags=final)
                     continue
                 parsed = limits.parse_generation_request(request, self.limits, self.tokenizer,
                                                          self.default_max_tokens, pb_utils, self.model_name)
             except limits.RequestError as exc:
-                sender.send(error_response(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(error_response(str(exc), relayed=relayed), flags=final)
                 continue
             except Exception as exc:  # noqa: BLE001 - any failure answers this request only
-                sender.send(error_response(f"bad request: {exc}"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(error_response(f"bad request: {exc}", relayed=relayed), flags=final)
                 continue
+            timeout_s = request_timeout_s(request)
             if parsed.stream:
-                self.scheduler.submit(self._stream(parsed.prompts[0], sender))
+                self.scheduler.submit(self._stream(parsed.prompts[0], sender, timeout_s))
             else:
-                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID)):
+                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID), timeout_s):
                     self.scheduler.submit(seq)
         return None
 
-    def _stream(self, prompt, sender):
+    def _stream(self, prompt, sender, timeout_s=None):
         """A streamed sequence: a response per piece of text (every ``stream_interval`` tokens), then a final one."""
         text = StreamedText(self.tokenizer, self.stream_interval)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -201,21 +206,21 @@ class TritonPythonModel:
 
         def on_finish(seq, error):
             if error:
-                sender.send(error_response(error, invalid=False), flags=final)
+                sender.send(error_response(error, TIMED_OUT if seq.expired else FAILED), flags=final)
                 return
             sender.send(text_response([text.rest(seq.generated)]), flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
-                        cancelled=client_gone(sender))
+                        cancelled=client_gone(sender), timeout_s=timeout_s)
 
-    def _whole(self, prompts, sender, relay_id=None):
+    def _whole(self, prompts, sender, relay_id=None, timeout_s=None):
         """The sequences of a request answered in one response, sent when the last of them ends.
 
         A relayed request (``relay_id``) is told apart from its client by the relay: the relay's request is never
         cancelled, so its sequences are dropped when the relay names it in a cancel (and still answered, since the
         relay waits for the answer)."""
         texts = [None] * len(prompts)
-        errors = []
+        errors = []  # (message, whether the request's timeout passed)
         pending = [len(prompts)]
         cancelled, answer_when_gone = client_gone(sender), False
         if relay_id is not None:
@@ -227,20 +232,25 @@ class TritonPythonModel:
         def finisher(row):
             def on_finish(seq, error):
                 if error:
-                    errors.append(error)
+                    errors.append((error, seq.expired))
                 texts[row] = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
                 pending[0] -= 1
                 if pending[0] == 0:
                     if relay_id is not None:
                         with self._relayed_lock:
                             self._relayed.pop(str(relay_id), None)
-                    response = error_response(errors[0], invalid=False) if errors else text_response(texts)
+                    if errors:
+                        message, expired = errors[0]
+                        response = error_response(message, TIMED_OUT if expired else FAILED,
+                                                  relayed=relay_id is not None)
+                    else:
+                        response = text_response(texts)
                     sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
             return on_finish
 
         return [Sequence(p.prompt_ids, p.sampling, on_finish=finisher(row), cancelled=cancelled,
-                         answer_when_gone=answer_when_gone)
+                         answer_when_gone=answer_when_gone, timeout_s=timeout_s)
                 for row, p in enumerate(prompts)]
 
     def _cancel_relayed(self, relay_id):

@@ -21,8 +21,8 @@ import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
-from deepseek_model_repository.serving.triton import (client_gone, dump_threads_on_signal, error_response,
-                                                      model_parameters)
+from deepseek_model_repository.serving.triton import (FAILED, client_gone, dump_threads_on_signal, error_response,
+                                                      model_parameters, relayed_error)
 
 log = logging.getLogger("deepseek_model_repository.relay")
 
@@ -78,10 +78,12 @@ class TritonPythonModel:
             except limits.RequestError as exc:
                 sender.send(error_response(str(exc)), flags=final)
                 continue
-            self.pool.submit(self._relay, inputs, sender)
+            timeout = request.timeout() if hasattr(request, "timeout") else 0
+            self.pool.submit(self._relay, inputs, sender, timeout)
         return None
 
-    def _relay(self, inputs, sender):
+    def _relay(self, inputs, sender, timeout=0):
+        """Pass the request on (with its own timeout, in microseconds), and its answer or error back."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         answer = None
         relay_id = uuid.uuid4().hex
@@ -91,23 +93,21 @@ class TritonPythonModel:
         try:
             request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
                                                 requested_output_names=["text_output"],
-                                                parameters={limits.RELAY_ID: relay_id})
+                                                parameters={limits.RELAY_ID: relay_id}, timeout=timeout)
             for response in request.exec(decoupled=True):
                 if response.has_error():
-                    error = response.error()
-                    code = error.code() if hasattr(error, "code") else None
-                    invalid = code is not None and code == getattr(pb_utils.TritonError, "INVALID_ARG", -1)
-                    answer = error_response(error.message(), invalid=invalid)
+                    code, message = relayed_error(response.error().message())
+                    answer = error_response(message, code)
                 elif response.output_tensors():
                     answer = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
         except Exception as exc:  # noqa: BLE001 - answer the client whatever happened
-            answer = error_response(f"generation failed: {exc}", invalid=False)
+            answer = error_response(f"generation failed: {exc}", FAILED)
         finally:
             with self.lock:
                 self.inflight.pop(relay_id, None)
         with relayed.lock:
             relayed.answered = True
-        sender.send(answer or error_response("the scheduler gave no answer", invalid=False), flags=final)
+        sender.send(answer or error_response("the scheduler gave no answer", FAILED), flags=final)
 
     def _watch(self):
         """Every ``CLIENT_POLL_S``: tell the scheduler model about each relayed request whose client went away."""
