@@ -187,6 +187,7 @@ def test_an_http_stream_whose_client_disconnects_frees_its_slot(server):
     client that disconnects frees its slot at its next piece of text."""
     name = "tiny-llama"
     tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+    cancelled = scheduler_metric(server, "sequences_ended_total", name, outcome="cancelled")
     body = json.dumps({"text_input": "the of and", "max_tokens": 250, "stream": True}).encode()
     connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
     connection.request("POST", f"/v2/models/{name}_stream/generate_stream", body,
@@ -202,6 +203,7 @@ def test_an_http_stream_whose_client_disconnects_frees_its_slot(server):
     generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
     assert scheduler_metric(server, "sequences_running", name) == 0
     assert generated < 250, f"the stream ran to its end ({generated:.0f} tokens) after its client disconnected"
+    assert scheduler_metric(server, "sequences_ended_total", name, outcome="cancelled") == cancelled + 1
     assert settled_scheduler_metric(server, "kv_cache_utilization", name) == 0
 
 
@@ -234,6 +236,7 @@ def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(ser
     name = "tiny-llama"
     timeout_us, max_tokens = 80_000, 250
     tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+    timed_out = scheduler_metric(server, "sequences_ended_total", name, outcome="timed_out")
     began = time.monotonic()
     if protocol == "http":
         client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
@@ -268,6 +271,7 @@ def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(ser
     assert "the request's timeout of 80 ms passed after" in message and f"of its {max_tokens} tokens" in message
     assert generated < max_tokens and elapsed < 5
     assert scheduler_metric(server, "sequences_running", name) == 0
+    assert scheduler_metric(server, "sequences_ended_total", name, outcome="timed_out") == timed_out + 1
 
 
 def test_the_readmes_client_example_runs(server, capsys):
@@ -434,6 +438,11 @@ def test_the_relays_own_parameters_are_refused_from_a_client(server):
 def test_scheduler_metrics_count_what_was_served(server):
     name = model_name("deepseek_v3")
     tokens = settled_scheduler_metric(server, "generated_tokens_total", name)
+
+    def ended():
+        return sum(scheduler_metric(server, "sequences_ended_total", name, outcome=o) for o in ("stop", "length"))
+
+    ended_before = ended()
     client = GenerationClient(server.endpoints["grpc"], name)
     try:
         text = client.generate("the of", max_tokens=6)
@@ -441,6 +450,7 @@ def test_scheduler_metrics_count_what_was_served(server):
         client.close()
     assert text
     assert 1 <= settled_scheduler_metric(server, "generated_tokens_total", name) - tokens <= 6
+    assert ended() - ended_before == 1
     assert scheduler_metric(server, "time_to_first_token_seconds_count", name) >= 1
     assert np.isfinite(scheduler_metric(server, "inter_token_latency_seconds_sum", name))
     # Each engine call's time, by phase: at least this request's prefill and its decode steps.

@@ -310,7 +310,16 @@ def test_a_request_whose_timeout_passes_is_answered_with_an_error_running_or_que
     tokens, a queued one leaves the queue at once with an error naming the busy slots; the slot goes to the next."""
     model = hf_model(tiny_model(cache_dir, "qwen2"))
     runner = TorchRunner(model, 1, CAPACITY)
-    scheduler = Scheduler(runner, eos_ids=[1], client_poll_s=0.005).start()
+
+    class Outcomes(NoMetrics):
+        def __init__(self):
+            self.seen = []
+
+        def ended(self, outcome):
+            self.seen.append(outcome)
+
+    outcomes = Outcomes()
+    scheduler = Scheduler(runner, eos_ids=[1], client_poll_s=0.005, metrics=outcomes).start()
     ended: dict = {}
 
     def finish(name):
@@ -337,6 +346,7 @@ def test_a_request_whose_timeout_passes_is_answered_with_an_error_running_or_que
     assert running.expired and 0 < tokens < 60 and f"after {tokens} of its 60 tokens" in error
     assert 0.15 <= at - began < 0.5
     assert ended["after"][2] is None and list(after.generated) == greedy(model, [8, 9], 12)
+    assert outcomes.seen[:2] == ["timed_out", "timed_out"] and outcomes.seen[2:] in (["stop"], ["length"])
 
 
 def test_a_timeout_must_be_positive():

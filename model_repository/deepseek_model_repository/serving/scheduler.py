@@ -41,6 +41,10 @@ CLIENT_POLL_S = 0.05
 
 #: The phases of an engine call, as the metrics label them.
 PREFILL, DECODE = "prefill", "decode"
+#: How a sequence ended, as the metrics label it: its end-of-sentence token; ``max_tokens`` or the context's end;
+#: its client went away; its request's timeout passed; an error.
+STOP, LENGTH, CANCELLED, TIMED_OUT, FAILED = "stop", "length", "cancelled", "timed_out", "failed"
+OUTCOMES = (STOP, LENGTH, CANCELLED, TIMED_OUT, FAILED)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,9 @@ class Metrics(Protocol):
     def engine_step(self, phase: str, seconds: float) -> None:
         """One engine call: ``phase`` is :data:`PREFILL` or :data:`DECODE`, ``seconds`` its wall time."""
 
+    def ended(self, outcome: str) -> None:
+        """A sequence ended; ``outcome`` is one of :data:`OUTCOMES`."""
+
     def publish(self) -> None: ...
 
 
@@ -135,6 +142,9 @@ class NoMetrics:
         pass
 
     def engine_step(self, phase, seconds):
+        pass
+
+    def ended(self, outcome):
         pass
 
     def publish(self):
@@ -184,6 +194,8 @@ class Scheduler:
         self.publish_interval_s = publish_interval_s
         self._published_at = float("-inf")
         self._cond = threading.Condition()
+        #: Queued sequences the watcher took out of the queue (their timeout passed), for the loop to answer.
+        self._left: list[Sequence] = []
         self._stop = False
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -222,7 +234,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self.waiting and not self.running:
+                while not self._stop and not self.waiting and not self.running and not self._left:
                     self._publish(idle=True)
                     self._cond.wait()
                 if self._stop:
@@ -235,28 +247,29 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
                 log.exception("scheduler step failed")
                 for seq in list(self.running):
-                    self._finish(seq, f"generation failed: {exc}")
+                    self._finish(seq, f"generation failed: {exc}", FAILED)
             self._retire()
             self._publish()
-        for seq in list(self.running) + list(self.waiting):
-            self._finish(seq, "the server is shutting down")
+        for seq in list(self.running) + list(self.waiting) + self._left:
+            self._finish(seq, "the server is shutting down", FAILED)
 
     def _watch(self) -> None:
         """Ask each queued and running sequence's client whether it went away; mark the sequence for the loop.
 
-        Queued sequences whose timeout passed leave the queue here and are answered at once; running ones are
-        marked, and the loop ends them at its next step."""
+        Queued sequences whose timeout passed leave the queue here, and the loop answers them at once; running ones
+        are marked, and the loop ends them at its next step."""
         while not self._stopped.wait(self.client_poll_s):
             now = time.monotonic()
             with self._cond:
                 expired = [seq for seq in self.waiting if seq.past_deadline(now)]
-                for seq in expired:
-                    self.waiting.remove(seq)
+                if expired:
+                    for seq in expired:
+                        self.waiting.remove(seq)
+                        seq.expired = True
+                    self._left.extend(expired)
+                    self._cond.notify()
                 # The loop changes ``running`` outside the lock, but a list copy is atomic under the GIL.
                 seqs = list(self.waiting) + list(self.running)
-            for seq in expired:
-                seq.expired = True
-                self._finish(seq, seq.timeout_error(self.cache.slots))
             for seq in seqs:
                 if not seq.expired and seq.past_deadline(now):
                     seq.expired = True
@@ -285,9 +298,9 @@ class Scheduler:
         """Move waiting sequences into free slots and prefill them together."""
         free = self.cache.slots - len(self.running)
         admitted: list[Sequence] = []
-        left: list[Sequence] = []  # ended while they waited: answered below, outside the queue's lock
         budget = self.max_prefill_tokens
         with self._cond:
+            left, self._left = self._left, []  # ended while they waited: answered below, outside the queue's lock
             while self.waiting and len(admitted) < free:
                 seq = self.waiting[0]
                 if seq.gone or seq.expired or seq.poll_error is not None:
@@ -320,7 +333,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - a failed prefill fails its own sequences only
             log.exception("prefill failed")
             for seq in admitted:
-                self._finish(seq, f"generation failed: {exc}")
+                self._finish(seq, f"generation failed: {exc}", FAILED)
             return
         for r, seq in enumerate(admitted):
             self._advance(seq, logits, r)
@@ -344,7 +357,7 @@ class Scheduler:
         token = int(logits.argmax()[row]) if seq.sampling.temperature == 0.0 else pick(logits.row(row), seq)
         now = time.monotonic()
         if token in self.eos:
-            self._finish(seq, None)
+            self._finish(seq, None, STOP)
             return
         seq.generated.append(token)
         if seq.first_token_at is None:
@@ -358,17 +371,19 @@ class Scheduler:
             seq.on_token(seq, token)
         except Exception:  # noqa: BLE001 - a client we cannot answer is a client gone
             log.warning("dropping a sequence whose response could not be sent", exc_info=True)
-            self._finish(seq, None, notify=False)
+            self._finish(seq, None, CANCELLED, notify=False)
             return
         room = self.cache.capacity - int(self.cache.lengths[seq.slot]) - 1
         if len(seq.generated) >= seq.sampling.max_tokens or room <= 0:  # prompt + completion fit the context
-            self._finish(seq, None)
+            self._finish(seq, None, LENGTH)
 
-    def _finish(self, seq: Sequence, error: Optional[str], notify: bool = True) -> None:
+    def _finish(self, seq: Sequence, error: Optional[str], outcome: str, notify: bool = True) -> None:
+        """End ``seq`` (once): count its ``outcome`` and, with ``notify``, send its final response."""
         with seq.lock:
             if seq.finished:
                 return
             seq.finished = True
+        self.metrics.ended(outcome)
         if notify:
             try:
                 seq.on_finish(seq, error)
@@ -383,13 +398,14 @@ class Scheduler:
         sequence with ``answer_when_gone`` always gets it.
         """
         if seq.poll_error is not None:
-            self._finish(seq, f"generation failed: the scheduler could not check its client ({seq.poll_error})")
+            self._finish(seq, f"generation failed: the scheduler could not check its client ({seq.poll_error})",
+                         FAILED)
             return True
         if seq.expired and not seq.gone:
-            self._finish(seq, seq.timeout_error(self.cache.slots))
+            self._finish(seq, seq.timeout_error(self.cache.slots), TIMED_OUT)
             return True
         if seq.gone:
-            self._finish(seq, None, notify=answer or seq.answer_when_gone)
+            self._finish(seq, None, CANCELLED, notify=answer or seq.answer_when_gone)
         return seq.gone
 
     def _retire(self) -> None:

@@ -28,7 +28,7 @@ from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL
 from deepseek_model_repository.serving.triton import (FAILED, TIMED_OUT, client_gone, dump_threads_on_signal,
                                                       error_response, model_parameters, request_timeout_s)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
-from deepseek_model_repository.serving.scheduler import DECODE, PREFILL, Scheduler, Sequence
+from deepseek_model_repository.serving.scheduler import DECODE, OUTCOMES, PREFILL, Scheduler, Sequence
 
 
 class SchedulerMetrics:
@@ -38,6 +38,8 @@ class SchedulerMetrics:
     (``deepseek_operator.autoscaling``); ``..._sequences_running`` is the batch; ``..._kv_cache_utilization`` is the
     fraction of cache positions in use; ``..._time_to_first_token_seconds`` and ``..._inter_token_latency_seconds``
     are histograms; ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls;
+    ``..._sequences_ended_total`` counts sequences by how they ended (label ``outcome``: stop, length, cancelled,
+    timed_out, failed);
     ``..._engine_step_seconds`` is a histogram of each engine call's time, labelled ``phase`` (prefill or decode), whose
     ``_sum`` rate is the fraction of the time the engine runs.
 
@@ -63,6 +65,12 @@ class SchedulerMetrics:
         ]
         self.waiting, self.running, self.cache, self.generated, self.steps, self.slots = (
             f.Metric(labels=self.labels) for f in self.families)
+        ended = family("sequences_ended_total", "Sequences ended, by outcome: stop (end-of-sentence token), length "
+                       "(max_tokens or the context), cancelled (the client went away), timed_out (the request's "
+                       "timeout), failed", counter)
+        self.families.append(ended)
+        self.outcomes = {o: ended.Metric(labels={**self.labels, "outcome": o}) for o in OUTCOMES}
+        self._ended = dict.fromkeys(OUTCOMES, 0)
         self.histograms = [
             *self._histogram(family, "time_to_first_token_seconds", "From arrival to the first generated token",
                              metrics.TTFT_BUCKETS),
@@ -109,6 +117,9 @@ class SchedulerMetrics:
         self._steps += 1
         self.step_seconds[phase].observe(seconds)
 
+    def ended(self, outcome):
+        self._ended[outcome] += 1
+
     # ---- sent to Triton
     def publish(self):
         if self._gauges is not None and self._gauges != self._sent_gauges:
@@ -122,6 +133,10 @@ class SchedulerMetrics:
             self.generated.increment(tokens)
         if steps:
             self.steps.increment(steps)
+        for outcome, n in self._ended.items():
+            if n:
+                self.outcomes[outcome].increment(n)
+                self._ended[outcome] = 0
         for local, (series, total, count) in self.histograms:
             increments, added, observed = local.take()
             for bound, n in increments:
