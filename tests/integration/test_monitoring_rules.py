@@ -190,7 +190,7 @@ def test_rules_carry_the_issue_alerts_and_the_queue_ratio_recording_rule(rendere
     [rule] = by_kind(rendered, "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     assert {"DeepSeekTritonP99LatencyHigh", "DeepSeekTritonErrorRateHigh", "DeepSeekGPUSaturatedAtMaxReplicas",
-            "DeepSeekEngineBuildFailed", "DeepSeekSchedulerQueueBacklog"} <= alerts
+            "DeepSeekEngineBuildFailed", "DeepSeekSchedulerQueueBacklog", "DeepSeekSchedulerSequencesFailing"} <= alerts
     assert {autoscaling.QUEUE_RATIO_RECORD, autoscaling.SCHEDULER_QUEUE_RECORD} <= recorded_names(rendered)
 
 
@@ -233,6 +233,15 @@ def _alert_test_file(rule_file: Path) -> dict:
         f"deepseek_scheduler_slots{{{chat}}}": "8x40",
         f'deepseek_scheduler_requests_waiting{{namespace="ns",pod="{OTHER}",model="other"}}': "2x40",
         f'deepseek_scheduler_slots{{namespace="ns",pod="{OTHER}",model="other"}}': "8x40",
+        # chat's sequences: 80 completed, 12 timed out and 8 failed per 15 s (20%); other's: 99 completed, 1 failed (1%)
+        f'deepseek_scheduler_sequences_ended_total{{{chat},outcome="length"}}': "0+60x40",
+        f'deepseek_scheduler_sequences_ended_total{{{chat},outcome="stop"}}': "0+20x40",
+        f'deepseek_scheduler_sequences_ended_total{{{chat},outcome="timed_out"}}': "0+12x40",
+        f'deepseek_scheduler_sequences_ended_total{{{chat},outcome="failed"}}': "0+8x40",
+        f'deepseek_scheduler_sequences_ended_total{{namespace="ns",pod="{OTHER}",model="other",outcome="length"}}':
+            "0+99x40",
+        f'deepseek_scheduler_sequences_ended_total{{namespace="ns",pod="{OTHER}",model="other",outcome="failed"}}':
+            "0+1x40",
         # one failed build at minute 2
         "deepseek_operator_builds_failed_total": "0x8 1x32",
         'deepseek_operator_models{phase="Failed"}': "1x40",
@@ -272,6 +281,7 @@ def _alert_test_file(rule_file: Path) -> dict:
                             {"labels": '{alertname="DeepSeekTritonP99LatencyHigh",model="chat"}', "value": 1},
                             {"labels": '{alertname="DeepSeekTritonErrorRateHigh",model="chat"}', "value": 1},
                             {"labels": '{alertname="DeepSeekSchedulerQueueBacklog",model="chat"}', "value": 1},
+                            {"labels": '{alertname="DeepSeekSchedulerSequencesFailing",model="chat"}', "value": 1},
                             {"labels": '{alertname="DeepSeekGPUSaturatedAtMaxReplicas",horizontalpodautoscaler="chat-triton"}',
                              "value": 1},
                             {"labels": '{alertname="DeepSeekGPUSaturatedAtMaxReplicas",horizontalpodautoscaler="kchat-triton"}',
