@@ -556,6 +556,7 @@ def repository_options(resource: api.DeepSeekModel) -> dict[str, Any]:
         "preferred_batch_sizes": serving.dynamic_batching.preferred_batch_sizes,
         "stream_interval": serving.stream_interval,
         "engine_threads": serving.engine_threads,
+        "request_timeout_s": serving.request_timeout_seconds,
     }
 
 

@@ -33,6 +33,8 @@ from .repository import DEFAULT_STREAM_INTERVAL, RepositoryError, resolve_engine
 @click.option("--engine-threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Text generation on the CPU: threads of the scheduler's engine; 0 takes the container's CPU limit, "
               "else a thread per physical core.")
+@click.option("--request-timeout-seconds", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Text generation: the longest a request may take unless it asks for less itself; 0: no limit.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per replica.")
 @click.option("--instance-count", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--runtime", type=click.Choice(["triton", "local"]), default="triton", show_default=True)
@@ -47,6 +49,7 @@ def repository(
     no_dynamic_batching: bool,
     stream_interval: int,
     engine_threads: int,
+    request_timeout_seconds: float,
     gpus: int,
     instance_count: int,
     runtime: str,
@@ -76,6 +79,7 @@ def repository(
             dynamic_batching=not no_dynamic_batching,
             stream_interval=stream_interval,
             engine_threads=engine_threads,
+            request_timeout_s=request_timeout_seconds,
             link=not copy_files,
         )
     except RepositoryError as exc:

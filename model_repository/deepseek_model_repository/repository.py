@@ -102,6 +102,7 @@ def render_configs(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     stream_interval: int = DEFAULT_STREAM_INTERVAL,
     engine_threads: int = 0,
+    request_timeout_s: float = 0,
 ) -> dict[str, dict[str, Any]]:
     """The config dicts of every model in the repository, keyed by model name (pure: no I/O)."""
     if runtime not in ("triton", "local"):
@@ -117,6 +118,8 @@ def render_configs(
         raise RepositoryError(f"stream interval {stream_interval} must be at least 1 token per streamed response")
     if engine_threads < 0:
         raise RepositoryError(f"engine threads {engine_threads} must be 0 (the container's CPUs) or more")
+    if not request_timeout_s >= 0:
+        raise RepositoryError(f"request timeout {request_timeout_s} s must be 0 (no limit) or more")
     bad = [s for s in preferred_batch_sizes if s < 1 or s > info["max_batch_size"]]
     if bad:
         raise RepositoryError(
@@ -138,7 +141,8 @@ def render_configs(
             names.stream, inputs, outputs, handover, decoupled=True,
             parameters={"engine_dir": engine_dir, "client_model": names.client,
                         "default_max_tokens": str(default_max_tokens), "stream_interval": str(stream_interval),
-                        "engine_threads": str(engine_threads), "device": "cuda" if gpus > 0 else "cpu"},
+                        "engine_threads": str(engine_threads), "device": "cuda" if gpus > 0 else "cpu",
+                        "request_timeout_s": repr(float(request_timeout_s))},
         )
         for c in configs.values():
             cfg.to_proto(c)
@@ -227,6 +231,7 @@ def write_repository(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     stream_interval: int = DEFAULT_STREAM_INTERVAL,
     engine_threads: int = 0,
+    request_timeout_s: float = 0,
 ) -> Path:
     """Write (or replace) this engine's models in ``output_dir`` and return it.
 
@@ -253,6 +258,7 @@ def write_repository(
         default_max_tokens=default_max_tokens,
         stream_interval=stream_interval,
         engine_threads=engine_threads,
+        request_timeout_s=request_timeout_s,
     )
     names = ModelNames.of(model_name)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -306,6 +306,15 @@ class ServingSpec(_Model):
         "of clients (more tokens/s under load, burstier streams). Plain requests are answered in one response "
         "either way.",
     )
+    request_timeout_seconds: float = Field(
+        default=0,
+        ge=0,
+        le=86400,
+        description="Text generation: the longest a request may take, queued and generating, unless it asks for less "
+        "itself (tritonclient's timeout=). When it passes, the request gets an UNAVAILABLE error that says so and "
+        "its KV-cache slot goes to the next request. This is what bounds a plain HTTP request whose client went "
+        "away, which Triton never notices. 0: no limit.",
+    )
     engine_threads: int = Field(
         default=0,
         ge=0,

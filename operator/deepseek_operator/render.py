@@ -303,6 +303,8 @@ def repository_command(model: DeepSeekModel, spec_key: str) -> list[str]:
         args += ["--stream-interval", str(serving.stream_interval)]
     if serving.engine_threads:
         args += ["--engine-threads", str(serving.engine_threads)]
+    if serving.request_timeout_seconds:
+        args += ["--request-timeout-seconds", f"{serving.request_timeout_seconds:g}"]
     args += ["--gpus", str(serving.gpus_per_replica)]
     return args
 

@@ -274,6 +274,25 @@ def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(ser
     assert scheduler_metric(server, "sequences_ended_total", name, outcome="timed_out") == timed_out + 1
 
 
+def test_serving_request_timeout_bounds_requests_that_set_none_or_a_longer_one(engines, cache_dir):
+    """serving.requestTimeoutSeconds (here 80 ms): a plain HTTP request with no timeout of its own is ended by it;
+    a request that asks for less gets its own."""
+    name = "tiny-llama-limited"
+    with serve_engines({name: engines["tiny-llama"]}, cache_dir, server_name="limited",
+                       request_timeout_s=0.08) as limited:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{limited.http_port}")
+        try:
+            for own, limit in ((None, 80), (10_000_000, 80), (40_000, 40)):
+                with pytest.raises(InferenceServerException) as raised:
+                    client.infer(name, generation_inputs(httpclient, "the of and", max_tokens=250), timeout=own)
+                assert raised.value.status() == "503"
+                assert f"the request's timeout of {limit} ms passed" in str(raised.value)
+            assert text_of(client.infer(name, generation_inputs(httpclient, "the", max_tokens=2)))
+        finally:
+            client.close()
+        assert settled_scheduler_metric(limited, "sequences_running", name) == 0
+
+
 def test_the_readmes_client_example_runs(server, capsys):
     """The README's Python client example, pointed at this server's ports and a served model."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()

@@ -262,12 +262,25 @@ def test_engine_threads_reach_the_repository_and_the_default_writes_no_flag():
     assert got[got.index("--engine-threads") + 1] == "6"
 
 
+def test_a_request_timeout_reaches_the_repository_and_the_default_writes_no_flag():
+    def command(patch):
+        deployment = render.render_deployment(make_model("r1", patch), CONFIG, "key123")
+        return deployment["spec"]["template"]["spec"]["initContainers"][0]["command"]
+
+    assert "--request-timeout-seconds" not in command({})
+    got = command({"serving.requestTimeoutSeconds": 120})
+    assert got[got.index("--request-timeout-seconds") + 1] == "120"
+    got = command({"serving.requestTimeoutSeconds": 0.25})
+    assert got[got.index("--request-timeout-seconds") + 1] == "0.25"
+
+
 def test_the_local_mode_writes_the_repository_the_init_container_writes():
     from deepseek_local import local
 
     model = make_model("r1", {"serving.dynamicBatching": {"maxQueueDelayMicroseconds": 250,
                                                            "preferredBatchSizes": [4, 8]},
-                              "serving.streamInterval": 4, "serving.engineThreads": 3, **CPU})
+                              "serving.streamInterval": 4, "serving.engineThreads": 3,
+                              "serving.requestTimeoutSeconds": 90, **CPU})
     command = render.repository_command(model, "key123")
     options = local.repository_options(model)
 
@@ -278,6 +291,7 @@ def test_the_local_mode_writes_the_repository_the_init_container_writes():
     assert flag("--preferred-batch-size") == [str(s) for s in options["preferred_batch_sizes"]] == ["4", "8"]
     assert flag("--stream-interval") == [str(options["stream_interval"])] == ["4"]
     assert flag("--engine-threads") == [str(options["engine_threads"])] == ["3"]
+    assert [float(v) for v in flag("--request-timeout-seconds")] == [options["request_timeout_s"]] == [90]
 
 
 @pytest.mark.parametrize("patch", [{}, CPU, AUTOSCALED])

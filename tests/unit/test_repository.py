@@ -199,6 +199,20 @@ def test_preferred_batch_size_above_engine_max_is_refused(tmp_path):
         write_repository(engine_dir(tmp_path), tmp_path / "repo", "m", runtime="triton", preferred_batch_sizes=[16])
 
 
+def test_a_request_timeout_goes_to_the_scheduler_model_and_below_zero_is_refused(tmp_path):
+    engine = engine_dir(tmp_path)
+    c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton"))
+    assert float(c["m_stream"].parameters["request_timeout_s"].string_value) == 0  # no limit
+    c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton", request_timeout_s=2.5))
+    assert float(c["m_stream"].parameters["request_timeout_s"].string_value) == 2.5
+    with pytest.raises(RepositoryError, match="request timeout -1 s must be 0"):
+        write_repository(engine, tmp_path / "repo2", "m", runtime="triton", request_timeout_s=-1)
+    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo3"),
+                                             "--model-name", "m", "--request-timeout-seconds", "2.5"])
+    assert result.exit_code == 0, result.output
+    assert float(configs(tmp_path / "repo3")["m_stream"].parameters["request_timeout_s"].string_value) == 2.5
+
+
 def test_a_stream_interval_goes_to_the_scheduler_model_and_below_one_is_refused(tmp_path):
     engine = engine_dir(tmp_path)
     c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton", stream_interval=4))

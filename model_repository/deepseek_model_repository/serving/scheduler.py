@@ -97,11 +97,12 @@ class Sequence:
 
     def timeout_error(self, slots: int) -> str:
         limit = f"the request's timeout of {self.timeout_s * 1000:.0f} ms passed"
+        more = "a longer timeout (the request's, or serving.requestTimeoutSeconds)"
         if self.slot < 0:
-            return (f"{limit} while it waited for one of the {slots} KV-cache slots, all busy: send a longer timeout, "
-                    "or serve more replicas")
-        return (f"{limit} after {len(self.generated)} of its {self.sampling.max_tokens} tokens: send a longer "
-                "timeout or a lower max_tokens")
+            return (f"{limit} while it waited for one of the {slots} KV-cache slots, all busy: allow {more}, or "
+                    "serve more replicas")
+        return (f"{limit} after {len(self.generated)} of its {self.sampling.max_tokens} tokens: allow {more}, or "
+                "ask for fewer max_tokens")
 
 
 class Metrics(Protocol):

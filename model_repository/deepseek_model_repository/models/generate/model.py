@@ -8,8 +8,9 @@ response sender.  A request with ``stream`` true gets one response per piece of 
 request gets its whole completion in one final response.  The client-facing ``NAME`` model relays
 its requests here, so plain requests and streams share one scheduler, one engine and one cache; when a relayed
 request's client goes away the relay says so in a request of its own, and its sequences are dropped.
-A request's own timeout (tritonclient's ``timeout``) bounds its generation: when it passes, the request is
-answered with an UNAVAILABLE error that says so, and its slot is freed.
+A request's own timeout (tritonclient's ``timeout``), or ``serving.requestTimeoutSeconds`` where that is shorter,
+bounds its generation: when it passes, the request is answered with an UNAVAILABLE error that says so, and its
+slot is freed.
 
 The scheduler publishes its metrics through the Python backend's custom-metrics API on Triton's
 metrics port (see ``SchedulerMetrics``).
@@ -165,6 +166,8 @@ class TritonPythonModel:
         self.client_name = params.get("client_model", self.model_name)
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
         self.stream_interval = int(params.get("stream_interval", DEFAULT_STREAM_INTERVAL))
+        #: serving.requestTimeoutSeconds: the longest a request may take unless it asks for less (0: no limit).
+        self.request_timeout_s = float(params.get("request_timeout_s", "0"))
         tok_dir = os.path.join(engine_dir, info.get("tokenizer_dir", "tokenizer"))
         self.tokenizer = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
         self.limits = limits.RequestLimits.for_tokenizer(self.tokenizer, int(info["max_sequence_length"]))
@@ -201,7 +204,7 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - any failure answers this request only
                 sender.send(error_response(f"bad request: {exc}", relayed=relayed), flags=final)
                 continue
-            timeout_s = request_timeout_s(request)
+            timeout_s = min((t for t in (request_timeout_s(request), self.request_timeout_s) if t), default=None)
             if parsed.stream:
                 self.scheduler.submit(self._stream(parsed.prompts[0], sender, timeout_s))
             else:
