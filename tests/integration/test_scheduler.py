@@ -349,6 +349,35 @@ def test_a_request_whose_timeout_passes_is_answered_with_an_error_running_or_que
     assert outcomes.seen[:2] == ["timed_out", "timed_out"] and outcomes.seen[2:] in (["stop"], ["length"])
 
 
+def test_a_stalled_loop_logs_every_threads_stack_once_and_goes_on_when_it_moves(cache_dir, caplog):
+    """An engine call that does not return (here: held until the test lets it go) is reported once per stall."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    release = threading.Event()
+
+    class HeldRunner(TorchRunner):
+        def _run(self, feeds, start, stop):
+            release.wait(30)
+            return super()._run(feeds, start, stop)
+
+    scheduler = Scheduler(HeldRunner(model, 1, CAPACITY), eos_ids=[1], client_poll_s=0.01, stall_s=0.2).start()
+    done = threading.Event()
+    seq = Sequence([8, 9], Sampling(max_tokens=4), on_finish=lambda s, e: done.set())
+    try:
+        with caplog.at_level("ERROR", logger="deepseek_model_repository.scheduler"):
+            scheduler.submit(seq)
+            time.sleep(0.8)
+            stalls = [r.getMessage() for r in caplog.records if "has not finished an iteration" in r.getMessage()]
+            release.set()
+            assert done.wait(60)
+    finally:
+        release.set()
+        scheduler.stop()
+    assert len(stalls) == 1, stalls
+    assert "1 sequences running and 0 waiting" in stalls[0]
+    assert "thread deepseek-scheduler:" in stalls[0] and "release.wait(30)" in stalls[0]
+    assert list(seq.generated) == greedy(model, [8, 9], 4)
+
+
 def test_a_timeout_must_be_positive():
     with pytest.raises(ValueError, match="timeout must be positive"):
         Sequence([5], Sampling(max_tokens=1), timeout_s=0)

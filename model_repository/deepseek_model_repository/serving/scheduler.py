@@ -17,15 +17,19 @@ asks each queued and running sequence's client every :data:`CLIENT_POLL_S` secon
 sequence, which the loop drops at its next step; the metrics are counted here and published in
 batches (:mod:`.metrics`).  The same watcher ends sequences whose request's timeout passed
 (``Sequence.timeout_s``, Triton's per-request timeout): a running one at the loop's next step,
-a queued one at once, with an error that says so.
+a queued one at once, with an error that says so.  And when the loop has work but has not finished an
+iteration for :data:`STALL_S` seconds, the watcher logs every thread's stack, once per stall: what a
+stuck scheduler waits on.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence as Seq
 
@@ -38,6 +42,9 @@ log = logging.getLogger("deepseek_model_repository.scheduler")
 
 #: Seconds between two rounds of the watcher's client polls (a client gone frees its slot about this soon).
 CLIENT_POLL_S = 0.05
+#: Seconds one iteration of the loop (an admission's prefill and a decode step) may take, with work waiting,
+#: before the watcher logs every thread's stack.
+STALL_S = 60.0
 
 #: The phases of an engine call, as the metrics label them.
 PREFILL, DECODE = "prefill", "decode"
@@ -181,7 +188,7 @@ class Scheduler:
 
     def __init__(self, runner: Runner, eos_ids: Seq[int], *, metrics: Optional[Metrics] = None,
                  max_prefill_tokens: Optional[int] = None, client_poll_s: float = CLIENT_POLL_S,
-                 publish_interval_s: float = PUBLISH_INTERVAL_S):
+                 publish_interval_s: float = PUBLISH_INTERVAL_S, stall_s: float = STALL_S):
         self.runner = runner
         self.cache = runner.cache
         self.eos = set(int(t) for t in eos_ids)
@@ -191,6 +198,9 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.steps = 0
+        #: Iterations of the loop finished (the watcher's sign that it moves).
+        self.iterations = 0
+        self.stall_s = stall_s
         self.client_poll_s = client_poll_s
         self.publish_interval_s = publish_interval_s
         self._published_at = float("-inf")
@@ -251,6 +261,7 @@ class Scheduler:
                     self._finish(seq, f"generation failed: {exc}", FAILED)
             self._retire()
             self._publish()
+            self.iterations += 1
         for seq in list(self.running) + list(self.waiting) + self._left:
             self._finish(seq, "the server is shutting down", FAILED)
 
@@ -259,8 +270,10 @@ class Scheduler:
 
         Queued sequences whose timeout passed leave the queue here, and the loop answers them at once; running ones
         are marked, and the loop ends them at its next step."""
+        moved = (self.iterations, time.monotonic(), False)  # the loop's count, when it last changed, reported
         while not self._stopped.wait(self.client_poll_s):
             now = time.monotonic()
+            moved = self._check_stall(moved, now)
             with self._cond:
                 expired = [seq for seq in self.waiting if seq.past_deadline(now)]
                 if expired:
@@ -282,6 +295,22 @@ class Scheduler:
                     except Exception as exc:  # noqa: BLE001 - one client's failed poll costs that sequence only
                         log.warning("asking whether a client went away failed; ending its sequence", exc_info=True)
                         seq.poll_error = exc
+
+    def _check_stall(self, moved: tuple[int, float, bool], now: float) -> tuple[int, float, bool]:
+        """Log every thread's stack when the loop has work and has not finished an iteration for ``stall_s``."""
+        iterations, since, reported = moved
+        busy = bool(self.waiting or self.running or self._left)
+        if self.iterations != iterations or not busy:
+            return self.iterations, now, False
+        if not reported and now - since >= self.stall_s:
+            frames = sys._current_frames()
+            stacks = "\n".join(f"thread {t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+                                for t in threading.enumerate() if t.ident in frames)
+            log.error("the scheduler's loop has not finished an iteration for %.0f s, with %d sequences running and "
+                      "%d waiting; every thread's stack:\n%s", now - since, len(self.running), len(self.waiting),
+                      stacks)
+            return iterations, since, True
+        return moved
 
     def _publish(self, idle: bool = False) -> None:
         """Hand the metrics over to be sent: every ``publish_interval_s`` while busy, and on going idle."""
