@@ -18,8 +18,8 @@ sequence, which the loop drops at its next step; the metrics are counted here an
 batches (:mod:`.metrics`).  The same watcher ends sequences whose request's timeout passed
 (``Sequence.timeout_s``, Triton's per-request timeout): a running one at the loop's next step,
 a queued one at once, with an error that says so.  And when the loop has work but has not finished an
-iteration for :data:`STALL_S` seconds, the watcher logs every thread's stack, once per stall: what a
-stuck scheduler waits on.
+iteration for :data:`STALL_S` seconds, a thread of its own (so that a client poll that never returns is
+reported too) logs every thread's stack, once per stall: what a stuck scheduler waits on.
 """
 
 from __future__ import annotations
@@ -214,7 +214,8 @@ class Scheduler:
     # ------------------------------------------------------------------ outside the loop
     def start(self) -> "Scheduler":
         self._threads = [threading.Thread(target=self._loop, name="deepseek-scheduler", daemon=True),
-                         threading.Thread(target=self._watch, name="deepseek-client-watch", daemon=True)]
+                         threading.Thread(target=self._watch, name="deepseek-client-watch", daemon=True),
+                         threading.Thread(target=self._watch_stalls, name="deepseek-stall-watch", daemon=True)]
         for thread in self._threads:
             thread.start()
         return self
@@ -270,10 +271,8 @@ class Scheduler:
 
         Queued sequences whose timeout passed leave the queue here, and the loop answers them at once; running ones
         are marked, and the loop ends them at its next step."""
-        moved = (self.iterations, time.monotonic(), False)  # the loop's count, when it last changed, reported
         while not self._stopped.wait(self.client_poll_s):
             now = time.monotonic()
-            moved = self._check_stall(moved, now)
             with self._cond:
                 expired = [seq for seq in self.waiting if seq.past_deadline(now)]
                 if expired:
@@ -295,6 +294,11 @@ class Scheduler:
                     except Exception as exc:  # noqa: BLE001 - one client's failed poll costs that sequence only
                         log.warning("asking whether a client went away failed; ending its sequence", exc_info=True)
                         seq.poll_error = exc
+
+    def _watch_stalls(self) -> None:
+        moved = (self.iterations, time.monotonic(), False)  # the loop's count, when it last changed, reported
+        while not self._stopped.wait(min(1.0, self.stall_s / 4)):
+            moved = self._check_stall(moved, time.monotonic())
 
     def _check_stall(self, moved: tuple[int, float, bool], now: float) -> tuple[int, float, bool]:
         """Log every thread's stack when the loop has work and has not finished an iteration for ``stall_s``."""
