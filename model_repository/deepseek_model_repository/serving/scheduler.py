@@ -43,7 +43,7 @@ log = logging.getLogger("deepseek_model_repository.scheduler")
 #: Seconds between two rounds of the watcher's client polls (a client gone frees its slot about this soon).
 CLIENT_POLL_S = 0.05
 #: Seconds one iteration of the loop (an admission's prefill and a decode step) may take, with work waiting,
-#: before the watcher logs every thread's stack.
+#: before the stall watcher logs every thread's stack.
 STALL_S = 60.0
 
 #: The phases of an engine call, as the metrics label them.
