@@ -66,14 +66,18 @@ class GenerationClient:
         self.model = model
         self.client = grpcclient.InferenceServerClient(url)
 
-    def generate(self, prompt: str, **controls) -> str:
+    def generate(self, prompt: str, request_timeout_s: Optional[float] = None, **controls) -> str:
+        """The whole completion; ``request_timeout_s``: the longest the server may take (its ``timeout``)."""
         try:
-            return text_of(self.client.infer(self.model, generation_inputs(grpcclient, prompt, **controls)))
+            return text_of(self.client.infer(self.model, generation_inputs(grpcclient, prompt, **controls),
+                                             timeout=_micros(request_timeout_s)))
         except InferenceServerException as exc:
             raise ServingError(exc.message()) from None
 
-    def stream(self, prompt: str, timeout: float = 300.0, **controls) -> Iterator[str]:
-        """Yield the completion's pieces as the server makes them."""
+    def stream(self, prompt: str, timeout: float = 300.0, request_timeout_s: Optional[float] = None,
+               **controls) -> Iterator[str]:
+        """Yield the completion's pieces as the server makes them; ``timeout``: the longest wait for one piece here,
+        ``request_timeout_s``: the longest the server may take over the whole request."""
         pieces: "queue.Queue" = queue.Queue()
 
         def callback(result=None, error=None) -> None:
@@ -85,6 +89,7 @@ class GenerationClient:
                 f"{self.model}_stream",
                 generation_inputs(grpcclient, prompt, stream=True, **controls),
                 enable_empty_final_response=True,
+                timeout=_micros(request_timeout_s),
             )
             while True:
                 result, error = pieces.get(timeout=timeout)
@@ -103,3 +108,8 @@ class GenerationClient:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _micros(seconds: Optional[float]) -> Optional[int]:
+    """A request timeout as tritonclient sends it (whole microseconds, at least 1), or None for none."""
+    return None if seconds is None else max(1, round(seconds * 1e6))

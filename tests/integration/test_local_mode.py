@@ -244,6 +244,14 @@ def test_stream_on_the_unary_model_points_to_the_stream_model(server):
         http_generate(server, "hi", stream=True)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_generate_with_a_timeout_the_request_cannot_meet_says_so(server, cache_dir, stream):
+    args = ["generate", "--cache-dir", str(cache_dir), "--max-tokens", "240", "--timeout", "0.001", PROMPTS[1]]
+    result = CliRunner().invoke(local.local, args + (["--stream"] if stream else []))
+    assert result.exit_code == 1, result.output
+    assert "the request's timeout of 1 ms passed" in result.output and "Traceback" not in result.output
+
+
 def test_cli_generate_status_and_second_up(server, cache_dir, reference):
     result = invoke("generate", "--cache-dir", str(cache_dir), "--max-tokens", str(MAX_TOKENS), PROMPTS[1])
     assert result.exit_code == 0 and result.output == reference[PROMPTS[1]] + "\n"
