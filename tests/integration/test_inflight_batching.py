@@ -349,6 +349,14 @@ def test_a_prompt_too_long_for_the_context_is_refused_by_name(server):
         assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     finally:
         client.close()
+    body = json.dumps({"text_input": "word " * 300, "max_tokens": 4}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        connection.request("POST", "/v2/models/tiny-qwen2/generate", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 400 and "maxSequenceLength is 256" in response.read().decode()
+    finally:
+        connection.close()
 
 
 def test_the_bench_client_sends_one_request_after_another_over_one_stream(server):
