@@ -731,12 +731,13 @@ def status(cache_dir: Optional[Path]) -> None:
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--seed", type=click.IntRange(min=0), default=None)
 @click.option("--stream", is_flag=True, help="Print tokens as they are made (gRPC streaming).")
+@click.option("--stop", "stops", multiple=True, help="A stop string (repeatable): the completion ends before it.")
 @click.option("--timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds the server may take over the request (it then answers with an error and frees the slot).")
 @cache_option
 def generate(
     filename: Optional[str], prompt: str, max_tokens: int, temperature: float, seed: Optional[int], stream: bool,
-    request_timeout_s: Optional[float], cache_dir: Optional[Path],
+    stops: tuple[str, ...], request_timeout_s: Optional[float], cache_dir: Optional[Path],
 ) -> None:
     """Send PROMPT to the running model and print the completion (a classifier's label, an embedding)."""
     from deepseek_model_repository.client import GenerationClient, ServingError
@@ -752,12 +753,12 @@ def generate(
     try:
         if stream:
             for piece in client.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                       request_timeout_s=request_timeout_s):
+                                       stop=stops, request_timeout_s=request_timeout_s):
                 click.echo(piece, nl=False)
             click.echo()
         else:
             click.echo(client.generate(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                       request_timeout_s=request_timeout_s))
+                                       stop=stops, request_timeout_s=request_timeout_s))
     except ServingError as exc:
         raise LocalError(str(exc)) from None
     finally:

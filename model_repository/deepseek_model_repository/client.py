@@ -7,7 +7,7 @@ shape [1, 1] plus the optional controls, each [1, 1].
 from __future__ import annotations
 
 import queue
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -28,12 +28,13 @@ def generation_inputs(
     top_k: Optional[int] = None,
     seed: Optional[int] = None,
     stream: Optional[bool] = None,
+    stop: Sequence[str] = (),
 ) -> list:
     """InferInput objects for ``tritonclient.grpc`` or ``tritonclient.http`` (pass the module)."""
     inputs = []
 
     def add(name: str, datatype: str, value) -> None:
-        tensor = module.InferInput(name, [1, 1], datatype)
+        tensor = module.InferInput(name, list(value.shape), datatype)
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
 
@@ -50,6 +51,8 @@ def generation_inputs(
         add("seed", "UINT64", np.array([[seed]], dtype=np.uint64))
     if stream is not None:
         add("stream", "BOOL", np.array([[stream]], dtype=bool))
+    if stop:
+        add("stop", "BYTES", np.array([[s.encode("utf-8") for s in stop]], dtype=np.object_))
     return inputs
 
 

@@ -84,7 +84,7 @@ def client_model_outputs(info: dict[str, Any]) -> list[cfg.Tensor]:
 def client_model_inputs(info: dict[str, Any]) -> list[cfg.Tensor]:
     """Inputs of the client-facing model: text_input, plus the sampling controls for text generation."""
     if info["task"] == "text-generation":
-        return [cfg.Tensor(n, t, (1,), optional) for n, t, optional in cfg.GENERATION_INPUTS]
+        return [cfg.Tensor(n, t, dims, optional) for n, t, optional, dims in cfg.GENERATION_INPUTS]
     return [cfg.Tensor("text_input", "TYPE_STRING", (1,))]
 
 

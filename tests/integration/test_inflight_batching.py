@@ -293,6 +293,51 @@ def test_serving_request_timeout_bounds_requests_that_set_none_or_a_longer_one(e
         assert settled_scheduler_metric(limited, "sequences_running", name) == 0
 
 
+def test_a_stop_string_ends_the_completion_before_it_plain_streamed_and_through_generate(server):
+    """The greedy completion, cut before the first occurrence of a stop string taken from its middle, whichever way
+    it is asked for; the sequence ends there (outcome stop) rather than at max_tokens."""
+    name = "tiny-qwen2"
+    client = GenerationClient(server.endpoints["grpc"], name)
+    try:
+        whole = client.generate("the of and to", max_tokens=40)
+        middle = len(whole) // 2
+        stop = whole[middle:middle + 4]
+        expected = whole[:whole.find(stop)]
+        assert stop.strip() and len(expected) < len(whole)
+        stops_before = scheduler_metric(server, "sequences_ended_total", name, outcome="stop")
+        tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+        assert client.generate("the of and to", max_tokens=40, stop=[stop, "never in this text \u2603"]) == expected
+        assert "".join(client.stream("the of and to", max_tokens=40, stop=[stop])) == expected
+    finally:
+        client.close()
+    body = json.dumps({"text_input": "the of and to", "max_tokens": 40, "stop": [stop]}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        connection.request("POST", f"/v2/models/{name}/generate", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["text_output"] == expected
+    finally:
+        connection.close()
+    generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
+    assert scheduler_metric(server, "sequences_ended_total", name, outcome="stop") == stops_before + 3
+    assert generated < 3 * 40
+
+
+@pytest.mark.parametrize("stops, message", [
+    ([f"s{i}" for i in range(17)], "stop has 17 strings: send at most 16"),
+    (["ok", ""], "stop holds an empty string"),
+    (["x" * 257], "a stop string is 257 bytes: send stop strings of at most 256"),
+])
+def test_bad_stop_strings_are_refused_by_name(server, stops, message):
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        with pytest.raises(InferenceServerException, match=message) as raised:
+            client.infer("tiny-qwen2", generation_inputs(httpclient, "the", max_tokens=4, stop=stops))
+        assert raised.value.status() == "400"
+    finally:
+        client.close()
+
+
 def test_the_readmes_client_example_runs(server, capsys):
     """The README's Python client example, pointed at this server's ports and a served model."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()

@@ -245,6 +245,15 @@ def test_stream_on_the_unary_model_points_to_the_stream_model(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_cli_generate_stops_before_a_stop_string(server, cache_dir, reference, stream):
+    whole = reference[PROMPTS[1]]
+    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    args = ["generate", "--cache-dir", str(cache_dir), "--max-tokens", str(MAX_TOKENS), "--stop", stop, PROMPTS[1]]
+    result = invoke(*args, *(["--stream"] if stream else []))
+    assert result.exit_code == 0 and result.output == whole[:whole.find(stop)] + "\n"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_cli_generate_with_a_timeout_the_request_cannot_meet_says_so(server, cache_dir, stream):
     args = ["generate", "--cache-dir", str(cache_dir), "--max-tokens", "240", "--timeout", "0.001", PROMPTS[1]]
     result = CliRunner().invoke(local.local, args + (["--stream"] if stream else []))

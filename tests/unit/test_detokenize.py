@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from deepseek_builder.tiny import tokenizer_files_dir
-from deepseek_model_repository.serving.detokenize import INCOMPLETE, IncrementalText, StreamedText
+from deepseek_model_repository.serving.detokenize import INCOMPLETE, IncrementalText, StopText, StreamedText
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,55 @@ def test_a_paced_stream_of_random_ids_joins_to_the_whole_text(tokenizer, seed):
 def test_a_stream_interval_below_one_token_is_refused(tokenizer):
     with pytest.raises(ValueError, match="at least 1 token"):
         StreamedText(tokenizer, 0)
+
+
+def stopped_at(tokenizer, text, stops, interval=None):
+    """Feed ``text``'s tokens one by one, as the scheduler does, until a stop string ends them: (the token count
+    fed, the pieces handed out, the rest, the cut text)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    stopper = StopText(tokenizer, stops) if interval is None else StreamedText(tokenizer, interval, stops=stops)
+    pieces = []
+    for n in range(1, len(ids) + 1):
+        pieces.append(stopper.step(ids[:n]))
+        if stopper.stopped:
+            break
+    rest = stopper.rest(ids[:n])
+    return n, [p for p in pieces if p], rest, getattr(stopper, "text", None)
+
+
+@pytest.mark.parametrize("stops", [["lazy"], ["z"], ["jumps over", "the lazy"], ["lazy dog", "over the l"]])
+def test_text_stops_before_the_first_stop_string_and_never_hands_one_out(tokenizer, stops):
+    text = "the quick brown fox jumps over the lazy dog, and then it runs back across the field again"
+    first = min(text.find(s) for s in stops)
+    n, pieces, rest, cut = stopped_at(tokenizer, text, stops)
+    assert "".join(pieces) + rest == cut == text[:first]
+    assert not any(s in "".join(pieces) + rest for s in stops)
+    # It stops at the token that completes the stop string, not later.
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert any(s in tokenizer.decode(ids[:n]) for s in stops) and not any(
+        s in tokenizer.decode(ids[:n - 1]) for s in stops)
+
+
+def test_an_end_that_could_begin_a_stop_string_is_held_back_then_handed_out(tokenizer):
+    """"the lazy" begins "the lazy cat", so it waits until the text goes another way, or to the end."""
+    text = "the lazy dog and the lazy"
+    n, pieces, rest, cut = stopped_at(tokenizer, text, ["the lazy cat"])
+    assert cut == text and "".join(pieces) + rest == text
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    stopper = StopText(tokenizer, ["the lazy cat"])
+    handed = [stopper.step(ids[:k]) for k in range(1, len(ids) + 1)]
+    assert "".join(handed) == "the lazy dog and " and stopper.rest(ids) == "the lazy"
+    assert handed[0] == "", "the first token could begin the stop string"
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_a_paced_stream_with_stop_strings_ends_at_the_stop_and_sends_the_text_before_it(tokenizer, interval):
+    text = "the quick brown fox jumps over the lazy dog, and then it runs back across the field again"
+    n, pieces, rest, _ = stopped_at(tokenizer, text, ["lazy"], interval)
+    assert "".join(pieces) + rest == text[:text.find("lazy")]
+    assert n < len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def test_stop_strings_must_be_non_empty(tokenizer):
+    with pytest.raises(ValueError, match="non-empty"):
+        StopText(tokenizer, [""])

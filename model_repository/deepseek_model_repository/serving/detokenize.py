@@ -6,6 +6,9 @@ decodes only the tokens since the last piece it handed out, with the tokens of t
 them as context (so a byte-level or SentencePiece decoder sees the same neighbours it would in the
 whole), and holds back text that ends inside a multi-byte character until the rest arrives.
 
+:class:`StopText` cuts a completion at the first of a request's stop strings: the text it hands out never
+holds one, and holds back, until the completion ends, an end that could be the beginning of one.
+
 :class:`StreamedText` paces a stream's pieces: one every ``interval`` tokens (``serving.streamInterval``),
 the first at once, whatever is left at the end.  Each piece is one response, which costs a round trip to
 Triton's process, Triton's frontend and the client's parsing, whatever its length.
@@ -52,26 +55,95 @@ class IncrementalText:
         return now[len(before):]
 
 
+class StopText:
+    """A completion's text as its tokens come, cut before the first of ``stops``.
+
+    :meth:`step` hands out the new text that cannot be part of a stop string; :attr:`stopped` turns true at the token
+    that completes one; :attr:`text` is the completion so far, cut (after :meth:`rest`, the whole of it).
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str], skip_special_tokens: bool = True):
+        if not stops or not all(stops):
+            raise ValueError(f"stop strings must be non-empty, got {list(stops)}")
+        self.decoder = IncrementalText(tokenizer, skip_special_tokens)
+        self.stops = tuple(stops)
+        self.longest = max(len(stop) for stop in self.stops)
+        self.text = ""
+        self.stopped = False
+        self._handed = 0  # characters of ``text`` handed out
+
+    def _add(self, piece: str) -> None:
+        self.text += piece
+        start = max(0, len(self.text) - len(piece) - self.longest + 1)  # a stop string that the new text completes
+        found = [at for stop in self.stops if (at := self.text.find(stop, start)) >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            self.stopped = True
+
+    def _held(self) -> int:
+        """The length of the longest end of the text that is the beginning of a stop string."""
+        for n in range(min(self.longest - 1, len(self.text)), 0, -1):
+            end = self.text[-n:]
+            if any(stop.startswith(end) for stop in self.stops):
+                return n
+        return 0
+
+    def _hand(self, upto: int) -> str:
+        piece, self._handed = self.text[self._handed:upto], max(self._handed, upto)
+        return piece
+
+    def step(self, ids: Sequence[int]) -> str:
+        """The new text that can be handed out at this token ("" after a stop string)."""
+        if self.stopped:
+            return ""
+        piece = self.decoder.step(ids)
+        if not piece:
+            return ""
+        self._add(piece)
+        return self._hand(len(self.text) if self.stopped else len(self.text) - self._held())
+
+    def rest(self, ids: Sequence[int]) -> str:
+        """Everything not handed out yet, up to a stop string (the end of the completion)."""
+        if not self.stopped:
+            self._add(self.decoder.rest(ids))
+        return self._hand(len(self.text))
+
+
 class StreamedText:
     """The pieces of a stream: the first as soon as there is text, then one every ``interval`` tokens.
 
     ``interval`` 1 hands out every token's text.  A piece held back (it ended inside a character) is
-    tried again at the next token, not ``interval`` tokens later.
+    tried again at the next token, not ``interval`` tokens later.  With ``stops``, every token's text is looked at
+    (:class:`StopText`), so the stream ends at the token that completes a stop string (:attr:`stopped`).
     """
 
-    def __init__(self, tokenizer, interval: int = DEFAULT_STREAM_INTERVAL, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, interval: int = DEFAULT_STREAM_INTERVAL, skip_special_tokens: bool = True,
+                 stops: Sequence[str] = ()):
         if interval < 1:
             raise ValueError(f"the stream interval must be at least 1 token, got {interval}")
-        self.text = IncrementalText(tokenizer, skip_special_tokens)
+        self.text = StopText(tokenizer, stops, skip_special_tokens) if stops else IncrementalText(
+            tokenizer, skip_special_tokens)
         self.interval = interval
         self._handed = 0  # tokens covered by the pieces handed out
         self._pieces = 0
+        self._pending = ""  # with stops: text looked at but not yet due
+
+    @property
+    def stopped(self) -> bool:
+        return getattr(self.text, "stopped", False)
 
     def step(self, ids: Sequence[int]) -> str:
         """The next piece, or "" when none is due at this token."""
-        if self._pieces and len(ids) - self._handed < self.interval:
-            return ""
-        piece = self.text.step(ids)
+        due = not self._pieces or len(ids) - self._handed >= self.interval
+        if isinstance(self.text, StopText):
+            self._pending += self.text.step(ids)
+            if not (due or self.stopped) or not self._pending:
+                return ""
+            piece, self._pending = self._pending, ""
+        else:
+            if not due:
+                return ""
+            piece = self.text.step(ids)
         if piece:
             self._handed = len(ids)
             self._pieces += 1
@@ -80,4 +152,5 @@ class StreamedText:
     def rest(self, ids: Sequence[int]) -> str:
         """Everything not handed out yet (the end of the completion)."""
         self._handed = len(ids)
-        return self.text.rest(ids)
+        piece, self._pending = self._pending + self.text.rest(ids), ""
+        return piece

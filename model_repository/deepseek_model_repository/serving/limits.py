@@ -13,18 +13,21 @@ from dataclasses import dataclass
 
 from .scheduler import Sampling
 
-#: Inputs of the client-facing text-generation models (dims exclude the batch dimension).
-GENERATION_INPUTS: tuple[tuple[str, str, bool], ...] = (
-    # name, Triton data type, optional
-    ("text_input", "TYPE_STRING", False),
-    ("max_tokens", "TYPE_INT32", True),
-    ("temperature", "TYPE_FP32", True),
-    ("top_p", "TYPE_FP32", True),
-    ("top_k", "TYPE_INT32", True),
-    ("seed", "TYPE_UINT64", True),
-    ("stream", "TYPE_BOOL", True),
+#: Inputs of the client-facing text-generation models.
+GENERATION_INPUTS: tuple[tuple[str, str, bool, tuple[int, ...]], ...] = (
+    # name, Triton data type, optional, dims (without the batch dimension)
+    ("text_input", "TYPE_STRING", False, (1,)),
+    ("max_tokens", "TYPE_INT32", True, (1,)),
+    ("temperature", "TYPE_FP32", True, (1,)),
+    ("top_p", "TYPE_FP32", True, (1,)),
+    ("top_k", "TYPE_INT32", True, (1,)),
+    ("seed", "TYPE_UINT64", True, (1,)),
+    ("stream", "TYPE_BOOL", True, (1,)),
+    ("stop", "TYPE_STRING", True, (-1,)),  # stop strings, for every prompt of the request
 )
-INPUT_NAMES = tuple(name for name, _, _ in GENERATION_INPUTS)
+INPUT_NAMES = tuple(name for name, *_ in GENERATION_INPUTS)
+#: Stop strings a request may send, and the UTF-8 bytes of each.
+MAX_STOPS, MAX_STOP_BYTES = 16, 256
 #: Request parameters between the relay (``NAME``) and the scheduler model (``NAME_stream``).  The relay names each
 #: request it passes on (``RELAY_ID``); when that request's client goes away it sends a request that names it
 #: again (``CANCEL_RELAYED``), and the scheduler drops its sequences.  (Triton cancels the relay's request, not the
@@ -59,6 +62,8 @@ class Prompt:
 
     prompt_ids: list[int]
     sampling: Sampling
+    #: Generation ends at the first of these in the completion's text, which stops before it.
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,29 @@ def _values(pb_utils, request, name, n, default, cast, check):
     return out * n if values.size == 1 else out
 
 
+def stop_strings(pb_utils, request) -> tuple[str, ...]:
+    """The request's ``stop`` strings, checked (at most :data:`MAX_STOPS`, each 1 to :data:`MAX_STOP_BYTES` bytes of
+    UTF-8), duplicates dropped; () when it sends none."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "stop")
+    if tensor is None:
+        return ()
+    raw = list(tensor.as_numpy().reshape(-1))
+    if len(raw) > MAX_STOPS:
+        raise RequestError(f"stop has {len(raw)} strings: send at most {MAX_STOPS}")
+    stops = []
+    for value in raw:
+        data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        if not data:
+            raise RequestError("stop holds an empty string: send only non-empty stop strings")
+        if len(data) > MAX_STOP_BYTES:
+            raise RequestError(f"a stop string is {len(data)} bytes: send stop strings of at most {MAX_STOP_BYTES}")
+        try:
+            stops.append(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError("stop strings must be UTF-8 text") from None
+    return tuple(dict.fromkeys(stops))
+
+
 def parse_generation_request(request, limits: RequestLimits, tokenizer, default_max_tokens: int, pb_utils,
                              model_name: str, *, streaming_model: bool = True) -> ParsedRequest:
     """The prompts of one request to the scheduler model (which takes the relay's parameters), checked cheapest first;
@@ -146,6 +174,7 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
         )
     if any(stream) and n != 1:
         raise RequestError("stream is true: send one prompt per request")
+    stop = stop_strings(pb_utils, request)
     prompts = []
     for row, raw in enumerate(raw_prompts):
         if isinstance(raw, bytes):
@@ -166,5 +195,5 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
             )
         room = limits.max_sequence_length - len(ids)
         prompts.append(Prompt(ids, Sampling(min(max_tokens[row], room), temperature[row], top_p[row], top_k[row],
-                                            seed[row])))
+                                            seed[row]), stop))
     return ParsedRequest(prompts, bool(stream[0]))

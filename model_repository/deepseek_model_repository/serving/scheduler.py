@@ -9,7 +9,8 @@ token after at most one prefill and one step of the running batch.
 
 The scheduler deals in token ids.  Callers (the Triton model, the benchmark) give each
 :class:`Sequence` an ``on_token`` and an ``on_finish`` callback, called from the scheduler's
-thread; the callbacks detokenize and send.
+thread; the callbacks detokenize and send, and ``on_token`` returns true when the text reached a
+stop string, which ends the sequence.
 
 Asking a client whether it went away and updating a metric are round trips to Triton's process
 when the scheduler runs there, so neither happens on the decode loop per token: a watcher thread
@@ -48,8 +49,8 @@ STALL_S = 60.0
 
 #: The phases of an engine call, as the metrics label them.
 PREFILL, DECODE = "prefill", "decode"
-#: How a sequence ended, as the metrics label it: its end-of-sentence token; ``max_tokens`` or the context's end;
-#: its client went away; its request's timeout passed; an error.
+#: How a sequence ended, as the metrics label it: its end-of-sentence token or a stop string; ``max_tokens`` or the
+#: context's end; its client went away; its request's timeout passed; an error.
 STOP, LENGTH, CANCELLED, TIMED_OUT, FAILED = "stop", "length", "cancelled", "timed_out", "failed"
 OUTCOMES = (STOP, LENGTH, CANCELLED, TIMED_OUT, FAILED)
 
@@ -71,7 +72,8 @@ class Sequence:
 
     prompt_ids: list[int]
     sampling: Sampling
-    on_token: Callable[["Sequence", int], None] = lambda seq, token: None
+    #: Called with each new token; a true result ends the sequence there (its text reached a stop string).
+    on_token: Callable[["Sequence", int], Optional[bool]] = lambda seq, token: None
     on_finish: Callable[["Sequence", Optional[str]], None] = lambda seq, error: None
     #: Polled by the scheduler's watcher thread: True when the client went away (its slot is freed at the next step).
     cancelled: Callable[[], bool] = lambda: False
@@ -402,10 +404,13 @@ class Scheduler:
         seq.last_token_at = now
         self.metrics.tokens(1)
         try:
-            seq.on_token(seq, token)
+            stop = seq.on_token(seq, token)
         except Exception:  # noqa: BLE001 - a client we cannot answer is a client gone
             log.warning("dropping a sequence whose response could not be sent", exc_info=True)
             self._finish(seq, None, CANCELLED, notify=False)
+            return
+        if stop:
+            self._finish(seq, None, STOP)
             return
         room = self.cache.capacity - int(self.cache.lengths[seq.slot]) - 1
         if len(seq.generated) >= seq.sampling.max_tokens or room <= 0:  # prompt + completion fit the context

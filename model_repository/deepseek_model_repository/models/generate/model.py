@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
-from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StreamedText
+from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StopText, StreamedText
 from deepseek_model_repository.serving.triton import (FAILED, TIMED_OUT, client_gone, dump_threads_on_signal,
                                                       error_response, model_parameters, request_timeout_s)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
@@ -214,13 +214,14 @@ class TritonPythonModel:
 
     def _stream(self, prompt, sender, timeout_s=None):
         """A streamed sequence: a response per piece of text (every ``stream_interval`` tokens), then a final one."""
-        text = StreamedText(self.tokenizer, self.stream_interval)
+        text = StreamedText(self.tokenizer, self.stream_interval, stops=prompt.stop)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
         def on_token(seq, token):
             delta = text.step(seq.generated)
             if delta:
                 sender.send(text_response([delta]))
+            return text.stopped
 
         def on_finish(seq, error):
             if error:
@@ -247,11 +248,15 @@ class TritonPythonModel:
                 self._relayed[str(relay_id)] = gone
             cancelled, answer_when_gone = gone.is_set, True
 
-        def finisher(row):
+        def finisher(row, stopper):
             def on_finish(seq, error):
                 if error:
                     errors.append((error, seq.expired))
-                texts[row] = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+                if stopper is None:
+                    texts[row] = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+                else:
+                    stopper.rest(seq.generated)
+                    texts[row] = stopper.text
                 pending[0] -= 1
                 if pending[0] == 0:
                     if relay_id is not None:
@@ -267,9 +272,20 @@ class TritonPythonModel:
 
             return on_finish
 
-        return [Sequence(p.prompt_ids, p.sampling, on_finish=finisher(row), cancelled=cancelled,
-                         answer_when_gone=answer_when_gone, timeout_s=timeout_s)
-                for row, p in enumerate(prompts)]
+        def watcher(stopper):
+            """Look at each token's text for a stop string (only for prompts with stop strings)."""
+            def on_token(seq, token):
+                if stopper is None:
+                    return False
+                stopper.step(seq.generated)
+                return stopper.stopped
+
+            return on_token
+
+        stoppers = [StopText(self.tokenizer, p.stop) if p.stop else None for p in prompts]
+        return [Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=finisher(row, stopper),
+                         cancelled=cancelled, answer_when_gone=answer_when_gone, timeout_s=timeout_s)
+                for row, (p, stopper) in enumerate(zip(prompts, stoppers))]
 
     def _cancel_relayed(self, relay_id):
         """The relay's client went away: its sequences leave at the scheduler's next look (unknown: it ended)."""
