@@ -66,9 +66,9 @@ class SchedulerMetrics:
         ]
         self.waiting, self.running, self.cache, self.generated, self.steps, self.slots = (
             f.Metric(labels=self.labels) for f in self.families)
-        ended = family("sequences_ended_total", "Sequences ended, by outcome: stop (end-of-sentence token), length "
-                       "(max_tokens or the context), cancelled (the client went away), timed_out (the request's "
-                       "timeout), failed", counter)
+        ended = family("sequences_ended_total", "Sequences ended, by outcome: stop (end-of-sentence token or a stop "
+                       "string), length (max_tokens or the context), cancelled (the client went away), timed_out "
+                       "(the request's timeout), failed", counter)
         self.families.append(ended)
         self.outcomes = {o: ended.Metric(labels={**self.labels, "outcome": o}) for o in OUTCOMES}
         self._ended = dict.fromkeys(OUTCOMES, 0)
