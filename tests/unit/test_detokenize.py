@@ -125,3 +125,32 @@ def test_a_paced_stream_with_stop_strings_ends_at_the_stop_and_sends_the_text_be
 def test_stop_strings_must_be_non_empty(tokenizer):
     with pytest.raises(ValueError, match="non-empty"):
         StopText(tokenizer, [""])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_stop_text_equals_cutting_the_whole_text_and_hands_out_only_what_no_stop_string_can_take_back(
+        tokenizer, seed):
+    """Random stop strings, some from the text, some that only begin in it: what is handed out at each token is the
+    text so far less its longest end that begins a stop string, and everything equals the whole text cut."""
+    rng = np.random.default_rng(seed)
+    text = "the quick brown fox jumps over the lazy dog; then the fox naps, and the dog barks at the quick fox"
+    stops = []
+    for _ in range(3):
+        at = int(rng.integers(1, len(text) - 12))
+        piece = text[at:at + int(rng.integers(2, 12))]
+        stops.append(piece if rng.random() < 0.5 else piece[:-1] + "#")  # the second kind never completes
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    stopper, handed = StopText(tokenizer, stops), ""
+    for n in range(1, len(ids) + 1):
+        handed += stopper.step(ids[:n])
+        so_far = tokenizer.decode(ids[:n])
+        cut = min([so_far.find(s) for s in stops if s in so_far], default=-1)
+        if cut >= 0:
+            assert stopper.stopped and handed == so_far[:cut]
+            break
+        held = max([k for k in range(1, len(so_far) + 1) for s in stops if s.startswith(so_far[-k:])], default=0)
+        assert not stopper.stopped and handed == so_far[:len(so_far) - held]
+    handed += stopper.rest(ids[:n])
+    whole = tokenizer.decode(ids)
+    first = min([whole.find(s) for s in stops if s in whole], default=len(whole))
+    assert handed == stopper.text == whole[:first]

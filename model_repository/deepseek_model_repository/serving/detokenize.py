@@ -71,6 +71,7 @@ class StopText:
         self.text = ""
         self.stopped = False
         self._handed = 0  # characters of ``text`` handed out
+        self._held_n = 0  # characters at the end of ``text`` held back
 
     def _add(self, piece: str) -> None:
         self.text += piece
@@ -80,9 +81,12 @@ class StopText:
             self.text = self.text[:min(found)]
             self.stopped = True
 
-    def _held(self) -> int:
-        """The length of the longest end of the text that is the beginning of a stop string."""
-        for n in range(min(self.longest - 1, len(self.text)), 0, -1):
+    def _held(self, added: int) -> int:
+        """The length of the longest end of the text that is the beginning of a stop string.
+
+        No longer than what was held before plus the ``added`` characters: a shorter end of the text before them
+        would have been held then. So a step looks at a few characters, not at the longest stop string's length."""
+        for n in range(min(self.longest - 1, len(self.text), self._held_n + added), 0, -1):
             end = self.text[-n:]
             if any(stop.startswith(end) for stop in self.stops):
                 return n
@@ -100,7 +104,10 @@ class StopText:
         if not piece:
             return ""
         self._add(piece)
-        return self._hand(len(self.text) if self.stopped else len(self.text) - self._held())
+        if self.stopped:
+            return self._hand(len(self.text))
+        self._held_n = self._held(len(piece))
+        return self._hand(len(self.text) - self._held_n)
 
     def rest(self, ids: Sequence[int]) -> str:
         """Everything not handed out yet, up to a stop string (the end of the completion)."""
