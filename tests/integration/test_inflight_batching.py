@@ -515,6 +515,8 @@ def test_scheduler_metrics_count_what_was_served(server):
         return sum(scheduler_metric(server, "sequences_ended_total", name, outcome=o) for o in ("stop", "length"))
 
     ended_before = ended()
+    queued = scheduler_metric(server, "queue_time_seconds_count", name)
+    prompt_tokens = scheduler_metric(server, "prompt_tokens_total", name)
     client = GenerationClient(server.endpoints["grpc"], name)
     try:
         text = client.generate("the of", max_tokens=6)
@@ -523,6 +525,10 @@ def test_scheduler_metrics_count_what_was_served(server):
     assert text
     assert 1 <= settled_scheduler_metric(server, "generated_tokens_total", name) - tokens <= 6
     assert ended() - ended_before == 1
+    assert scheduler_metric(server, "queue_time_seconds_count", name) == queued + 1
+    assert scheduler_metric(server, "queue_time_seconds_bucket", name, le="+Inf") == queued + 1
+    assert 0 <= scheduler_metric(server, "queue_time_seconds_sum", name) < 60
+    assert scheduler_metric(server, "prompt_tokens_total", name) - prompt_tokens >= 2  # "the of"
     assert scheduler_metric(server, "time_to_first_token_seconds_count", name) >= 1
     assert np.isfinite(scheduler_metric(server, "inter_token_latency_seconds_sum", name))
     # Each engine call's time, by phase: at least this request's prefill and its decode steps.

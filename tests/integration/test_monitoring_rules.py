@@ -57,8 +57,9 @@ SCHEDULER_METRICS = {
     "deepseek_scheduler_generated_tokens_total",
     "deepseek_scheduler_engine_steps_total",
     "deepseek_scheduler_sequences_ended_total",
+    "deepseek_scheduler_prompt_tokens_total",
     *(f"deepseek_scheduler_{h}_{part}" for h in ("time_to_first_token_seconds", "inter_token_latency_seconds",
-                                                 "engine_step_seconds")
+                                                 "queue_time_seconds", "engine_step_seconds")
       for part in ("bucket", "sum", "count")),
 }
 #: Metrics from neither Triton nor the operator, named on purpose: DCGM exporter's GPU duty cycle (what
@@ -462,7 +463,7 @@ def test_dashboard_covers_rps_latency_queue_gpu_replicas_and_builds():
                    "deepseek_scheduler_kv_cache_utilization", "deepseek_scheduler_time_to_first_token_seconds_bucket",
                    "deepseek_scheduler_inter_token_latency_seconds_bucket", "deepseek_scheduler_generated_tokens_total",
                    "deepseek_scheduler_engine_step_seconds_sum", "deepseek_scheduler_engine_step_seconds_bucket",
-                   "deepseek_scheduler_sequences_ended_total",
+                   "deepseek_scheduler_sequences_ended_total", "deepseek_scheduler_queue_time_seconds_bucket",
                    autoscaling.SCHEDULER_QUEUE_RECORD):
         assert series in joined, series
     assert autoscaling.GPU_UTIL_METRIC in joined  # GPU utilization

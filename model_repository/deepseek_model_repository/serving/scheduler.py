@@ -129,6 +129,9 @@ class Metrics(Protocol):
 
     def tokens(self, count: int) -> None: ...
 
+    def admitted(self, queue_seconds: float, prompt_tokens: int) -> None:
+        """A sequence got a slot after ``queue_seconds`` in the queue; its prompt of ``prompt_tokens`` is prefilled."""
+
     def engine_step(self, phase: str, seconds: float) -> None:
         """One engine call: ``phase`` is :data:`PREFILL` or :data:`DECODE`, ``seconds`` its wall time."""
 
@@ -149,6 +152,9 @@ class NoMetrics:
         pass
 
     def tokens(self, count):
+        pass
+
+    def admitted(self, queue_seconds, prompt_tokens):
         pass
 
     def engine_step(self, phase, seconds):
@@ -352,9 +358,11 @@ class Scheduler:
         if not admitted:
             return
         start = len(self.running)
+        now = time.monotonic()
         for i, seq in enumerate(admitted):
             seq.slot = start + i
             self.cache.clear(seq.slot)
+            self.metrics.admitted(now - seq.arrived, len(seq.prompt_ids))
         self.running.extend(admitted)
         width = max(len(s.prompt_ids) for s in admitted)
         ids = np.zeros((len(admitted), width), dtype=np.int64)

@@ -39,7 +39,8 @@ class SchedulerMetrics:
     (``deepseek_operator.autoscaling``); ``..._sequences_running`` is the batch; ``..._kv_cache_utilization`` is the
     fraction of cache positions in use; ``..._time_to_first_token_seconds`` and ``..._inter_token_latency_seconds``
     are histograms; ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls;
-    ``..._sequences_ended_total`` counts sequences by how they ended (label ``outcome``: stop, length, cancelled,
+    ``..._queue_time_seconds`` is a histogram of the wait for a slot and ``..._prompt_tokens_total`` counts the prompt
+    tokens prefilled; ``..._sequences_ended_total`` counts sequences by how they ended (label ``outcome``: stop, length, cancelled,
     timed_out, failed);
     ``..._engine_step_seconds`` is a histogram of each engine call's time, labelled ``phase`` (prefill or decode), whose
     ``_sum`` rate is the fraction of the time the engine runs.
@@ -63,8 +64,9 @@ class SchedulerMetrics:
             family("generated_tokens_total", "Tokens generated", counter),
             family("engine_steps_total", "Engine calls: prefills and decode steps", counter),
             family("slots", "Sequences that can decode together (the KV cache's slots)", gauge),
+            family("prompt_tokens_total", "Prompt tokens prefilled", counter),
         ]
-        self.waiting, self.running, self.cache, self.generated, self.steps, self.slots = (
+        self.waiting, self.running, self.cache, self.generated, self.steps, self.slots, self.prompt = (
             f.Metric(labels=self.labels) for f in self.families)
         ended = family("sequences_ended_total", "Sequences ended, by outcome: stop (end-of-sentence token or a stop "
                        "string), length (max_tokens or the context), cancelled (the client went away), timed_out "
@@ -77,12 +79,14 @@ class SchedulerMetrics:
                              metrics.TTFT_BUCKETS),
             *self._histogram(family, "inter_token_latency_seconds", "Between two tokens of one sequence",
                              metrics.ITL_BUCKETS),
+            *self._histogram(family, "queue_time_seconds", "From arrival to a KV-cache slot (admission)",
+                             metrics.TTFT_BUCKETS),
             *self._histogram(family, "engine_step_seconds", "One engine call (phase: prefill or decode)",
                              metrics.ENGINE_STEP_BUCKETS, phases=(PREFILL, DECODE)),
         ]
-        (self.ttft, _), (self.itl, _), *steps = self.histograms
+        (self.ttft, _), (self.itl, _), (self.queue, _), *steps = self.histograms
         self.step_seconds = {phase: local for phase, (local, _) in zip((PREFILL, DECODE), steps)}
-        self._tokens = self._steps = 0
+        self._tokens = self._steps = self._prompt_tokens = 0
         self._gauges = self._sent_gauges = None
 
     def _histogram(self, family, name, description, buckets, phases=None):
@@ -114,6 +118,10 @@ class SchedulerMetrics:
     def tokens(self, count):
         self._tokens += count
 
+    def admitted(self, queue_seconds, prompt_tokens):
+        self.queue.observe(queue_seconds)
+        self._prompt_tokens += prompt_tokens
+
     def engine_step(self, phase, seconds):
         self._steps += 1
         self.step_seconds[phase].observe(seconds)
@@ -134,6 +142,9 @@ class SchedulerMetrics:
             self.generated.increment(tokens)
         if steps:
             self.steps.increment(steps)
+        prompt, self._prompt_tokens = self._prompt_tokens, 0
+        if prompt:
+            self.prompt.increment(prompt)
         for outcome, n in self._ended.items():
             if n:
                 self.outcomes[outcome].increment(n)
