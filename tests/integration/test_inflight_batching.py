@@ -40,6 +40,18 @@ def model_name(arch: str) -> str:
     return "tiny-" + arch.replace("_", "-")
 
 
+def post_generate(server, model: str, fields: dict) -> tuple[int, str]:
+    """Triton's HTTP ``generate`` endpoint: (status, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        connection.request("POST", f"/v2/models/{model}/generate", json.dumps(fields).encode(),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -310,14 +322,8 @@ def test_a_stop_string_ends_the_completion_before_it_plain_streamed_and_through_
         assert "".join(client.stream("the of and to", max_tokens=40, stop=[stop])) == expected
     finally:
         client.close()
-    body = json.dumps({"text_input": "the of and to", "max_tokens": 40, "stop": [stop]}).encode()
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    try:
-        connection.request("POST", f"/v2/models/{name}/generate", body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        assert response.status == 200 and json.loads(response.read())["text_output"] == expected
-    finally:
-        connection.close()
+    status, body = post_generate(server, name, {"text_input": "the of and to", "max_tokens": 40, "stop": [stop]})
+    assert status == 200 and json.loads(body)["text_output"] == expected
     generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
     assert scheduler_metric(server, "sequences_ended_total", name, outcome="stop") == stops_before + 3
     assert generated < 3 * 40
@@ -380,28 +386,17 @@ def test_a_burst_of_short_plain_requests_is_answered_and_the_server_stays_up(ser
 
 def test_a_prompt_too_long_for_the_context_is_refused_by_name(server):
     """Refused by the scheduler model behind the relay, and still a bad request (HTTP 400, gRPC INVALID_ARGUMENT)."""
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
-    try:
-        with pytest.raises(InferenceServerException, match="maxSequenceLength is 256") as raised:
-            client.infer("tiny-qwen2", generation_inputs(httpclient, "word " * 300, max_tokens=4))
-        assert raised.value.status() == "400"
-    finally:
-        client.close()
-    client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
-    try:
-        with pytest.raises(InferenceServerException, match="maxSequenceLength is 256") as raised:
-            client.infer("tiny-qwen2", generation_inputs(grpcclient, "word " * 300, max_tokens=4))
-        assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
-    finally:
-        client.close()
-    body = json.dumps({"text_input": "word " * 300, "max_tokens": 4}).encode()
-    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    try:
-        connection.request("POST", "/v2/models/tiny-qwen2/generate", body, {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        assert response.status == 400 and "maxSequenceLength is 256" in response.read().decode()
-    finally:
-        connection.close()
+    for module, url, status in ((httpclient, f"127.0.0.1:{server.http_port}", "400"),
+                                (grpcclient, server.endpoints["grpc"], "StatusCode.INVALID_ARGUMENT")):
+        client = module.InferenceServerClient(url)
+        try:
+            with pytest.raises(InferenceServerException, match="maxSequenceLength is 256") as raised:
+                client.infer("tiny-qwen2", generation_inputs(module, "word " * 300, max_tokens=4))
+            assert raised.value.status() == status
+        finally:
+            client.close()
+    status, body = post_generate(server, "tiny-qwen2", {"text_input": "word " * 300, "max_tokens": 4})
+    assert status == 400 and "maxSequenceLength is 256" in body
 
 
 def test_the_bench_client_sends_one_request_after_another_over_one_stream(server):
@@ -481,30 +476,15 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(server):
 
 @pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-qwen2_stream"])
 def test_an_unknown_field_is_refused_by_name(server, model):
-    import json
-    import urllib.error
-    import urllib.request
-
-    body = json.dumps({"text_input": "hi", "max_tokens": 2, "max_new_tokens": 5}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/models/{model}/generate", data=body,
-                                     method="POST", headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(request, timeout=30)
-    assert "unknown field(s) max_new_tokens" in err.value.read().decode()
+    status, body = post_generate(server, model, {"text_input": "hi", "max_tokens": 2, "max_new_tokens": 5})
+    assert status == 400 and "unknown field(s) max_new_tokens" in body
 
 
 def test_the_relays_own_parameters_are_refused_from_a_client(server):
     """``deepseek_relay_id`` passes between NAME and NAME_stream only: a client that sends it to NAME is told."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    body = json.dumps({"text_input": "hi", "max_tokens": 2, "deepseek_relay_id": "x"}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/models/tiny-qwen2/generate", data=body,
-                                     method="POST", headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(request, timeout=30)
-    assert "unknown field(s) deepseek_relay_id" in err.value.read().decode()
+    fields = {"text_input": "hi", "max_tokens": 2, "deepseek_relay_id": "x"}
+    status, body = post_generate(server, "tiny-qwen2", fields)
+    assert status == 400 and "unknown field(s) deepseek_relay_id" in body
 
 
 def test_scheduler_metrics_count_what_was_served(server):

@@ -36,9 +36,15 @@ def relayed_error(message):
     return (found.group(1), message[found.end():]) if found else (FAILED, message)
 
 
+def request_timeout_us(request):
+    """The request's own timeout in microseconds (tritonclient's ``timeout``), 0 for none (or where this Triton has
+    none)."""
+    return request.timeout() if hasattr(request, "timeout") else 0
+
+
 def request_timeout_s(request):
-    """The request's own timeout in seconds (tritonclient's ``timeout``, in microseconds on the wire), or None."""
-    micros = request.timeout() if hasattr(request, "timeout") else 0
+    """The request's own timeout in seconds, or None."""
+    micros = request_timeout_us(request)
     return micros / 1e6 if micros else None
 
 

@@ -22,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 from deepseek_model_repository.serving import limits
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
 from deepseek_model_repository.serving.triton import (FAILED, client_gone, dump_threads_on_signal, error_response,
-                                                      model_parameters, relayed_error)
+                                                      model_parameters, relayed_error, request_timeout_us)
 
 log = logging.getLogger("deepseek_model_repository.relay")
 
@@ -78,8 +78,7 @@ class TritonPythonModel:
             except limits.RequestError as exc:
                 sender.send(error_response(str(exc)), flags=final)
                 continue
-            timeout = request.timeout() if hasattr(request, "timeout") else 0
-            self.pool.submit(self._relay, inputs, sender, timeout)
+            self.pool.submit(self._relay, inputs, sender, request_timeout_us(request))
         return None
 
     def _relay(self, inputs, sender, timeout=0):
