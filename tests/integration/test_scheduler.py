@@ -85,16 +85,31 @@ def test_mixed_sequences_on_few_slots_equal_transformers_alone(cache_dir, arch, 
     else:
         engine = build(tiny_resource(cache_dir, f"sched-{arch.replace('_', '-')}", arch=arch), cache_dir)
         runner = open_runner(engine, json.loads((engine / "model-info.json").read_text()), SLOTS, CAPACITY)
-    scheduler = Scheduler(runner, eos_ids=[1]).start()
-    try:
-        jobs = mixed_jobs(len(arch))
-        got = run_all(scheduler, jobs)
-    finally:
-        scheduler.stop()
-    assert got == [greedy(model, prompt, max_tokens) for prompt, max_tokens in jobs]
-    assert scheduler.steps < sum(len(g) for g in got), "sequences should share decode steps"
-    assert not scheduler.running and not scheduler.waiting
-    assert int(runner.cache.lengths.sum()) == 0, "finished sequences leave their slots"
+    jobs = mixed_jobs(len(arch))
+    expected = [greedy(model, prompt, max_tokens) for prompt, max_tokens in jobs]
+    # The whole prompts in one prefill, then prompts prefilled 4 tokens an iteration (up to 4 chunks each, joining
+    # the cache at every fill level while other rows decode).
+    for chunk in (None, 4):
+        prefills = PrefillCount()
+        scheduler = Scheduler(runner, eos_ids=[1], max_prefill_tokens=chunk, metrics=prefills).start()
+        try:
+            got = run_all(scheduler, jobs)
+        finally:
+            scheduler.stop()
+        assert got == expected, f"prefill chunk {chunk}"
+        assert scheduler.steps < sum(len(g) for g in got), "sequences should share decode steps"
+        assert not scheduler.running and not scheduler.waiting and not scheduler.prefilling
+        assert int(runner.cache.lengths.sum()) == 0, "finished sequences leave their slots"
+        if chunk:
+            assert prefills.calls >= sum(-(-len(p) // chunk) for p, _ in jobs) / SLOTS
+
+
+class PrefillCount(NoMetrics):
+    def __init__(self):
+        self.calls = 0
+
+    def engine_step(self, phase, seconds):
+        self.calls += phase == PREFILL
 
 
 def test_available_cpus_is_the_affinity_capped_by_the_cgroup_quota(tmp_path):
@@ -267,6 +282,82 @@ def test_kv_cache_move_keeps_only_the_valid_positions():
     assert key[0, :, :5].min() == 1 and value[0, :, :5].min() == 2
 
 
+def test_a_long_prompt_is_prefilled_a_chunk_an_iteration_while_the_running_sequence_decodes(cache_dir):
+    """A 40-token prompt with a budget of 8 prompt tokens an iteration: 5 chunks, and the running sequence makes a
+    token after each of the first 4, before the long prompt's first token. Both completions are transformers'."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    events: list = []
+
+    class Events(NoMetrics):
+        def admitted(self, queue_seconds, prompt_tokens):
+            events.append(("admitted", prompt_tokens))
+
+        def engine_step(self, phase, seconds):
+            events.append(phase)
+
+    scheduler = Scheduler(TorchRunner(model, 2, CAPACITY), eos_ids=[1], max_prefill_tokens=8,
+                          metrics=Events()).start()
+    started, finished = threading.Event(), threading.Semaphore(0)
+    long_prompt = [3 + (i * 37) % 1900 for i in range(40)]
+
+    def on_token(name):
+        def record(seq, token):
+            events.append(name)
+            if name == "running" and len(seq.generated) == 2:
+                started.set()
+        return record
+
+    running = Sequence([5, 6, 7], Sampling(max_tokens=30), on_token=on_token("running"),
+                       on_finish=lambda s, e: finished.release())
+    joining = Sequence(long_prompt, Sampling(max_tokens=6), on_token=on_token("joining"),
+                       on_finish=lambda s, e: finished.release())
+    try:
+        scheduler.submit(running)
+        assert started.wait(60)
+        scheduler.submit(joining)
+        assert finished.acquire(timeout=60) and finished.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert list(running.generated) == greedy(model, [5, 6, 7], 30) and len(running.generated) > 12
+    assert list(joining.generated) == greedy(model, long_prompt, 6)
+    window = events[events.index(("admitted", 40)):events.index("joining")]
+    assert window.count(PREFILL) == 5 and window.count("running") == 4, window
+    assert window[1:] == [PREFILL, DECODE, "running"] * 4 + [PREFILL]
+
+
+def test_a_prompt_whose_timeout_passes_while_it_is_prefilled_leaves_its_slot(cache_dir):
+    """A prompt prefilled a token an iteration, whose timeout passes half way: it ends with an error naming how much
+    of it was prefilled, its slot is emptied, and the sequence that decodes beside it is not disturbed."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 2, 256)
+    scheduler = Scheduler(runner, eos_ids=[1], max_prefill_tokens=1, client_poll_s=0.005).start()
+    ended: dict = {}
+    done = threading.Semaphore(0)
+
+    def finish(name):
+        return lambda seq, error: (ended.update({name: error}), done.release())
+
+    slow = Sequence([3 + i for i in range(250)], Sampling(max_tokens=4), on_finish=finish("slow"), timeout_s=0.1,
+                    on_token=lambda s, t: pytest.fail("a prompt whose timeout passed made a token"))
+    beside = Sequence([8, 9], Sampling(max_tokens=20), on_finish=finish("beside"))
+    try:
+        scheduler.submit(beside)
+        scheduler.submit(slow)
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert 0 < slow.prefilled < 250 and not slow.generated
+    assert f"after {slow.prefilled} of its prompt's 250 tokens were prefilled" in ended["slow"]
+    assert ended["beside"] is None and list(beside.generated) == greedy(model, [8, 9], 20)
+    assert int(runner.cache.lengths.sum()) == 0 and not scheduler.prefilling
+
+
+def test_a_prefill_budget_below_one_token_is_refused(cache_dir):
+    runner = TorchRunner(hf_model(tiny_model(cache_dir, "qwen2")), 1, 8)
+    with pytest.raises(ValueError, match="prefill chunk of 0 tokens: it must be at least 1"):
+        Scheduler(runner, eos_ids=[1], max_prefill_tokens=0)
+
+
 def test_a_sequence_cannot_outgrow_the_cache(cache_dir):
     model = hf_model(tiny_model(cache_dir, "qwen2"))
     runner = TorchRunner(model, 1, 8)
@@ -373,7 +464,7 @@ def test_a_stalled_loop_logs_every_threads_stack_once_and_goes_on_when_it_moves(
         release.set()
         scheduler.stop()
     assert len(stalls) == 1, stalls
-    assert "1 sequences running and 0 waiting" in stalls[0]
+    assert "0 sequences running, 1 being prefilled and 0 waiting" in stalls[0]  # held in its prefill
     assert "thread deepseek-scheduler:" in stalls[0] and "release.wait(30)" in stalls[0]
     assert list(seq.generated) == greedy(model, [8, 9], 4)
 
@@ -504,3 +595,4 @@ def test_each_engine_call_is_timed_by_phase(cache_dir):
     assert [phase for phase, _ in metrics.steps] == [PREFILL] + [DECODE] * 11
     assert all(seconds > 0 for _, seconds in metrics.steps)
     assert sum(seconds for _, seconds in metrics.steps) <= took
+

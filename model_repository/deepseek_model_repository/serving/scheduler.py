@@ -1,11 +1,17 @@
 """In-flight (iteration-level) batching over one runner's KV cache.
 
 Requests wait in a queue.  Between two decode steps the scheduler admits waiting sequences into
-free slots (one batched prefill for all of them), then runs one decode step for every running
+free slots and prefills them (one batched engine call), then runs one decode step for every running
 sequence.  A sequence leaves as soon as it ends (end-of-sentence token, ``max_tokens``, a
 cancelled client or an error), and the running sequences are kept in the first slots so each
 step's cache rows are contiguous.  So a request that arrives while others decode gets its first
 token after at most one prefill and one step of the running batch.
+
+Prefill is chunked: an iteration prefills at most ``max_prefill_tokens`` prompt tokens
+(:data:`DEFAULT_PREFILL_TOKENS`, ``serving.prefillChunkTokens``), the oldest prompts first.  A longer prompt
+holds its slot and is prefilled a chunk an iteration, the running sequences decoding between its chunks, so one
+long prompt delays the tokens of the others by a chunk's prefill, never by its whole prompt's.  The sequences
+being prefilled sit in the slots right after the running ones, in the order they arrived.
 
 The scheduler deals in token ids.  Callers (the Triton model, the benchmark) give each
 :class:`Sequence` an ``on_token`` and an ``on_finish`` callback, called from the scheduler's
@@ -46,6 +52,8 @@ CLIENT_POLL_S = 0.05
 #: Seconds one iteration of the loop (an admission's prefill and a decode step) may take, with work waiting,
 #: before the stall watcher logs every thread's stack.
 STALL_S = 60.0
+#: Prompt tokens one iteration prefills at most, unless the scheduler is given another budget.
+DEFAULT_PREFILL_TOKENS = 2048
 
 #: The phases of an engine call, as the metrics label them.
 PREFILL, DECODE = "prefill", "decode"
@@ -94,6 +102,8 @@ class Sequence:
     timeout_s: Optional[float] = None
     #: Set by the watcher: ``timeout_s`` passed; the sequence ends with :meth:`timeout_error`.
     expired: bool = False
+    #: Prompt tokens in the cache: the prompt is prefilled in chunks when it is longer than an iteration's budget.
+    prefilled: int = 0
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +120,9 @@ class Sequence:
         if self.slot < 0:
             return (f"{limit} while it waited for one of the {slots} KV-cache slots, all busy: allow {more}, or "
                     "serve more replicas")
+        if self.prefilled < len(self.prompt_ids):
+            return (f"{limit} after {self.prefilled} of its prompt's {len(self.prompt_ids)} tokens were prefilled: "
+                    f"allow {more}, or send a shorter prompt")
         return (f"{limit} after {len(self.generated)} of its {self.sampling.max_tokens} tokens: allow {more}, or "
                 "ask for fewer max_tokens")
 
@@ -201,10 +214,15 @@ class Scheduler:
         self.cache = runner.cache
         self.eos = set(int(t) for t in eos_ids)
         self.metrics = metrics or NoMetrics()
-        #: Prompt tokens admitted per iteration at most (one long prompt is always admitted alone).
-        self.max_prefill_tokens = max_prefill_tokens or max(self.cache.capacity, 2048)
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"prefill chunk of {max_prefill_tokens} tokens: it must be at least 1")
+        #: Prompt tokens prefilled per iteration at most; a longer prompt is prefilled over several iterations.
+        self.max_prefill_tokens = max_prefill_tokens or DEFAULT_PREFILL_TOKENS
         self.waiting: collections.deque[Sequence] = collections.deque()
+        #: Sequences that decode, in slots [0, len(running)).
         self.running: list[Sequence] = []
+        #: Sequences whose prompts are being prefilled, in the slots after the running ones, oldest first.
+        self.prefilling: list[Sequence] = []
         self.steps = 0
         #: Iterations of the loop finished (the watcher's sign that it moves).
         self.iterations = 0
@@ -254,7 +272,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self.waiting and not self.running and not self._left:
+                while not self._stop and not self._busy():
                     self._publish(idle=True)
                     self._cond.wait()
                 if self._stop:
@@ -266,13 +284,16 @@ class Scheduler:
                     self._decode()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
                 log.exception("scheduler step failed")
-                for seq in list(self.running):
+                for seq in self.running + self.prefilling:
                     self._finish(seq, f"generation failed: {exc}", FAILED)
             self._retire()
             self._publish()
             self.iterations += 1
-        for seq in list(self.running) + list(self.waiting) + self._left:
+        for seq in self.running + self.prefilling + list(self.waiting) + self._left:
             self._finish(seq, "the server is shutting down", FAILED)
+
+    def _busy(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling or self._left)
 
     def _watch(self) -> None:
         """Ask each queued and running sequence's client whether it went away; mark the sequence for the loop.
@@ -290,7 +311,7 @@ class Scheduler:
                     self._left.extend(expired)
                     self._cond.notify()
                 # The loop changes ``running`` outside the lock, but a list copy is atomic under the GIL.
-                seqs = list(self.waiting) + list(self.running)
+                seqs = list(self.waiting) + list(self.running) + list(self.prefilling)
             for seq in seqs:
                 if not seq.expired and seq.past_deadline(now):
                     seq.expired = True
@@ -311,16 +332,16 @@ class Scheduler:
     def _check_stall(self, moved: tuple[int, float, bool], now: float) -> tuple[int, float, bool]:
         """Log every thread's stack when the loop has work and has not finished an iteration for ``stall_s``."""
         iterations, since, reported = moved
-        busy = bool(self.waiting or self.running or self._left)
+        busy = self._busy()
         if self.iterations != iterations or not busy:
             return self.iterations, now, False
         if not reported and now - since >= self.stall_s:
             frames = sys._current_frames()
             stacks = "\n".join(f"thread {t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
                                 for t in threading.enumerate() if t.ident in frames)
-            log.error("the scheduler's loop has not finished an iteration for %.0f s, with %d sequences running and "
-                      "%d waiting; every thread's stack:\n%s", now - since, len(self.running), len(self.waiting),
-                      stacks)
+            log.error("the scheduler's loop has not finished an iteration for %.0f s, with %d sequences running, %d "
+                      "being prefilled and %d waiting; every thread's stack:\n%s", now - since, len(self.running),
+                      len(self.prefilling), len(self.waiting), stacks)
             return iterations, since, True
         return moved
 
@@ -331,55 +352,69 @@ class Scheduler:
             return
         self._published_at = now
         try:
-            self.metrics.gauges(len(self.waiting), len(self.running), self.cache_utilization())
+            # A sequence being prefilled holds its slot: it counts as running.
+            self.metrics.gauges(len(self.waiting), len(self.running) + len(self.prefilling), self.cache_utilization())
             self.metrics.publish()
         except Exception:  # noqa: BLE001 - metrics are never worth a stopped scheduler
             log.warning("publishing the scheduler's metrics failed", exc_info=True)
 
     def _admit(self) -> None:
-        """Move waiting sequences into free slots and prefill them together."""
-        free = self.cache.slots - len(self.running)
-        admitted: list[Sequence] = []
+        """Move waiting sequences into free slots, and prefill: at most ``max_prefill_tokens`` prompt tokens, the
+        sequences already being prefilled first, then the newly admitted, oldest first.  Those whose whole prompt is
+        in the cache take their first token and join the running sequences."""
         budget = self.max_prefill_tokens
+        chunks: list[int] = []  # this iteration's prompt tokens of prefilling[0], prefilling[1], ...
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            chunks.append(min(len(seq.prompt_ids) - seq.prefilled, budget))
+            budget -= chunks[-1]
+        free = self.cache.slots - len(self.running) - len(self.prefilling)
+        admitted: list[Sequence] = []
         with self._cond:
             left, self._left = self._left, []  # ended while they waited: answered below, outside the queue's lock
-            while self.waiting and len(admitted) < free:
-                seq = self.waiting[0]
+            while self.waiting and len(admitted) < free and budget > 0:
+                seq = self.waiting.popleft()
                 if seq.gone or seq.expired or seq.poll_error is not None:
-                    left.append(self.waiting.popleft())
+                    left.append(seq)
                     continue
-                if admitted and len(seq.prompt_ids) > budget:
-                    break
-                self.waiting.popleft()
-                budget -= len(seq.prompt_ids)
                 admitted.append(seq)
+                chunks.append(min(len(seq.prompt_ids), budget))
+                budget -= chunks[-1]
         for seq in left:
             self._dropped(seq, answer=True)
-        if not admitted:
-            return
-        start = len(self.running)
         now = time.monotonic()
-        for i, seq in enumerate(admitted):
-            seq.slot = start + i
+        for seq in admitted:
+            seq.slot = len(self.running) + len(self.prefilling)
+            seq.prefilled = 0
             self.cache.clear(seq.slot)
+            self.prefilling.append(seq)
             self.metrics.admitted(now - seq.arrived, len(seq.prompt_ids))
-        self.running.extend(admitted)
-        width = max(len(s.prompt_ids) for s in admitted)
-        ids = np.zeros((len(admitted), width), dtype=np.int64)
-        mask = np.zeros((len(admitted), width), dtype=np.int64)
-        for r, seq in enumerate(admitted):
-            ids[r, :len(seq.prompt_ids)] = seq.prompt_ids
-            mask[r, :len(seq.prompt_ids)] = 1
+        if not chunks:
+            return
+        rows = self.prefilling[:len(chunks)]  # slots [len(running), len(running) + len(rows))
+        ids = np.zeros((len(rows), max(chunks)), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, (seq, n) in enumerate(zip(rows, chunks)):
+            ids[r, :n] = seq.prompt_ids[seq.prefilled:seq.prefilled + n]
+            mask[r, :n] = 1
         try:
             began = time.perf_counter()
-            logits = self.runner.forward(start, ids, mask)
+            logits = self.runner.forward(len(self.running), ids, mask)
             self.metrics.engine_step(PREFILL, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - a failed prefill fails its own sequences only
             log.exception("prefill failed")
-            for seq in admitted:
+            for seq in rows:
                 self._finish(seq, f"generation failed: {exc}", FAILED)
             return
-        for r, seq in enumerate(admitted):
+        for seq, n in zip(rows, chunks):
+            seq.prefilled += n
+        # Every row but the last took the rest of its prompt (the budget ran out at the last at most), so the
+        # prefilled sequences are the first rows, in the slots right after the running ones.
+        done = [seq for seq in rows if seq.prefilled == len(seq.prompt_ids)]
+        self.prefilling = self.prefilling[len(done):]
+        self.running.extend(done)
+        for r, seq in enumerate(done):
             self._advance(seq, logits, r)
 
     def _decode(self) -> None:
@@ -456,17 +491,20 @@ class Scheduler:
         return seq.gone
 
     def _retire(self) -> None:
-        """Drop finished sequences and those whose client went away; keep the rest in slots [0, n)."""
-        for seq in self.running:
+        """Drop finished sequences and those whose client went away; keep the running ones in slots [0, n) and
+        those being prefilled in the slots after them."""
+        held = self.running + self.prefilling
+        for seq in held:
             if not seq.finished:
                 self._dropped(seq)
-        if not any(s.finished for s in self.running):
+        if not any(s.finished for s in held):
             return
-        kept = [s for s in self.running if not s.finished]
-        for index, seq in enumerate(kept):
+        running = [s for s in self.running if not s.finished]
+        prefilling = [s for s in self.prefilling if not s.finished]
+        for index, seq in enumerate(running + prefilling):
             if seq.slot != index:
                 self.cache.move(seq.slot, index)
                 seq.slot = index
-        for slot in range(len(kept), len(self.running)):
+        for slot in range(len(running) + len(prefilling), len(held)):
             self.cache.clear(slot)
-        self.running = kept
+        self.running, self.prefilling = running, prefilling
