@@ -557,6 +557,7 @@ def repository_options(resource: api.DeepSeekModel) -> dict[str, Any]:
         "stream_interval": serving.stream_interval,
         "engine_threads": serving.engine_threads,
         "request_timeout_s": serving.request_timeout_seconds,
+        "prefill_chunk_tokens": serving.prefill_chunk_tokens,
     }
 
 

@@ -13,7 +13,8 @@ import click
 
 from deepseek_contract.integrity import verify_entry
 
-from .repository import DEFAULT_STREAM_INTERVAL, RepositoryError, resolve_engine_ref, write_repository
+from .repository import (DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL, RepositoryError, resolve_engine_ref,
+                         write_repository)
 
 
 @click.command("repository")
@@ -35,6 +36,9 @@ from .repository import DEFAULT_STREAM_INTERVAL, RepositoryError, resolve_engine
               "else a thread per physical core.")
 @click.option("--request-timeout-seconds", type=click.FloatRange(min=0), default=0, show_default=True,
               help="Text generation: the longest a request may take unless it asks for less itself; 0: no limit.")
+@click.option("--prefill-chunk-tokens", type=click.IntRange(min=1), default=DEFAULT_PREFILL_TOKENS, show_default=True,
+              help="Text generation: prompt tokens prefilled per scheduler iteration; a longer prompt is prefilled in "
+              "chunks, the running sequences decoding between them.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per replica.")
 @click.option("--instance-count", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--runtime", type=click.Choice(["triton", "local"]), default="triton", show_default=True)
@@ -50,6 +54,7 @@ def repository(
     stream_interval: int,
     engine_threads: int,
     request_timeout_seconds: float,
+    prefill_chunk_tokens: int,
     gpus: int,
     instance_count: int,
     runtime: str,
@@ -80,6 +85,7 @@ def repository(
             stream_interval=stream_interval,
             engine_threads=engine_threads,
             request_timeout_s=request_timeout_seconds,
+            prefill_chunk_tokens=prefill_chunk_tokens,
             link=not copy_files,
         )
     except RepositoryError as exc:

@@ -34,6 +34,7 @@ from deepseek_contract.model_info import ModelInfo, ModelInfoError
 
 from . import config as cfg
 from .serving.detokenize import DEFAULT_STREAM_INTERVAL
+from .serving.scheduler import DEFAULT_PREFILL_TOKENS
 
 Runtime = Literal["triton", "local"]
 DEFAULT_MAX_TOKENS = 64
@@ -103,6 +104,7 @@ def render_configs(
     stream_interval: int = DEFAULT_STREAM_INTERVAL,
     engine_threads: int = 0,
     request_timeout_s: float = 0,
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS,
 ) -> dict[str, dict[str, Any]]:
     """The config dicts of every model in the repository, keyed by model name (pure: no I/O)."""
     if runtime not in ("triton", "local"):
@@ -120,6 +122,8 @@ def render_configs(
         raise RepositoryError(f"engine threads {engine_threads} must be 0 (the container's CPUs) or more")
     if not request_timeout_s >= 0:
         raise RepositoryError(f"request timeout {request_timeout_s} s must be 0 (no limit) or more")
+    if prefill_chunk_tokens < 1:
+        raise RepositoryError(f"prefill chunk of {prefill_chunk_tokens} tokens must be at least 1 prompt token")
     bad = [s for s in preferred_batch_sizes if s < 1 or s > info["max_batch_size"]]
     if bad:
         raise RepositoryError(
@@ -142,7 +146,8 @@ def render_configs(
             parameters={"engine_dir": engine_dir, "client_model": names.client,
                         "default_max_tokens": str(default_max_tokens), "stream_interval": str(stream_interval),
                         "engine_threads": str(engine_threads), "device": "cuda" if gpus > 0 else "cpu",
-                        "request_timeout_s": repr(float(request_timeout_s))},
+                        "request_timeout_s": repr(float(request_timeout_s)),
+                        "prefill_chunk_tokens": str(prefill_chunk_tokens)},
         )
         for c in configs.values():
             cfg.to_proto(c)
@@ -232,6 +237,7 @@ def write_repository(
     stream_interval: int = DEFAULT_STREAM_INTERVAL,
     engine_threads: int = 0,
     request_timeout_s: float = 0,
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS,
 ) -> Path:
     """Write (or replace) this engine's models in ``output_dir`` and return it.
 
@@ -259,6 +265,7 @@ def write_repository(
         stream_interval=stream_interval,
         engine_threads=engine_threads,
         request_timeout_s=request_timeout_s,
+        prefill_chunk_tokens=prefill_chunk_tokens,
     )
     names = ModelNames.of(model_name)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pydantic.alias_generators import to_camel
 from deepseek_contract import vocabulary
 from deepseek_contract.versions import TRITON_IMAGE
 from deepseek_contract.vocabulary import BACKEND_PRECISIONS, Backend, Precision, Task
-from deepseek_model_repository.repository import DEFAULT_STREAM_INTERVAL
+from deepseek_model_repository.repository import DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL
 
 GROUP = "deepseek.ai"
 VERSION = "v1alpha1"
@@ -314,6 +314,16 @@ class ServingSpec(_Model):
         "itself (tritonclient's timeout=). When it passes, the request gets an UNAVAILABLE error that says so and "
         "its KV-cache slot goes to the next request. This is what bounds a plain HTTP request whose client went "
         "away, which Triton never notices. 0: no limit.",
+    )
+    prefill_chunk_tokens: int = Field(
+        default=DEFAULT_PREFILL_TOKENS,
+        ge=1,
+        le=1_048_576,
+        description="Text generation: prompt tokens the scheduler prefills per iteration, across the prompts that "
+        "join. A longer prompt is prefilled in chunks of this size, the running sequences decoding a token between "
+        "its chunks, so one long prompt delays the others' next token by a chunk's prefill rather than by its "
+        "whole prompt's (chunked prefill). Smaller: steadier inter-token latency for running streams; larger: "
+        "sooner first tokens for long prompts.",
     )
     engine_threads: int = Field(
         default=0,

@@ -12,7 +12,7 @@ import re
 from typing import Any, Optional
 
 from deepseek_model_repository.config import server_flags
-from deepseek_model_repository.repository import DEFAULT_STREAM_INTERVAL
+from deepseek_model_repository.repository import DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL
 
 from . import autoscaling, engine_key, naming
 from deepseek_contract.engine import gpu_type_for
@@ -305,6 +305,8 @@ def repository_command(model: DeepSeekModel, spec_key: str) -> list[str]:
         args += ["--engine-threads", str(serving.engine_threads)]
     if serving.request_timeout_seconds:
         args += ["--request-timeout-seconds", f"{serving.request_timeout_seconds:g}"]
+    if serving.prefill_chunk_tokens != DEFAULT_PREFILL_TOKENS:
+        args += ["--prefill-chunk-tokens", str(serving.prefill_chunk_tokens)]
     args += ["--gpus", str(serving.gpus_per_replica)]
     return args
 

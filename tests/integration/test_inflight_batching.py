@@ -67,15 +67,17 @@ def engines(cache_dir) -> dict[str, Path]:
     }
 
 
-#: The Qwen2 engine again, served with ``serving.streamInterval`` 3.
+#: The Qwen2 engine again, served with ``serving.streamInterval`` 3 and ``serving.prefillChunkTokens`` 4.
 PACED = "tiny-qwen2-paced"
 PACED_INTERVAL = 3
+PACED_CHUNK = 4
 
 
 @pytest.fixture(scope="module")
 def server(engines, cache_dir):
     with serve_engines({**engines, PACED: engines["tiny-qwen2"]}, cache_dir, max_queue_delay_us=0,
-                       model_options={PACED: {"stream_interval": PACED_INTERVAL}}) as s:
+                       model_options={PACED: {"stream_interval": PACED_INTERVAL,
+                                              "prefill_chunk_tokens": PACED_CHUNK}}) as s:
         yield s
 
 
@@ -145,6 +147,34 @@ def test_a_paced_stream_sends_a_piece_every_interval_with_the_same_text(server):
     assert len(every) > 20, every
     # the first token, then one piece per 3 tokens, then what is left with the final response
     assert 3 <= len(paced) <= 2 + (max_tokens - 1) // PACED_INTERVAL, paced
+
+
+def test_a_prompt_longer_than_the_prefill_chunk_is_prefilled_in_chunks_with_the_same_completions(server, engines,
+                                                                                                 cache_dir):
+    """serving.prefillChunkTokens 4: each prompt takes a prefill per 4 of its tokens (counted by Triton's metrics),
+    and the completions, sent together so that chunks and decode steps interleave, are transformers'."""
+    from tokenizers import Tokenizer
+
+    jobs = [("the of and to in is was for on are with as by at from it an be", 10), ("the " * 9, 14)]
+    want = reference(engines["tiny-qwen2"], cache_dir / "tiny-models" / "qwen2-text-generation", jobs)
+    tokenizer = Tokenizer.from_file(str(engines["tiny-qwen2"] / "tokenizer" / "tokenizer.json"))
+    chunks = [-(-len(tokenizer.encode(prompt).ids) // PACED_CHUNK) for prompt, _ in jobs]
+    assert min(chunks) >= 3
+    before = settled_scheduler_metric(server, "engine_step_seconds_count", PACED, phase="prefill")
+
+    def call(job):
+        client = GenerationClient(server.endpoints["grpc"], PACED)
+        try:
+            return client.generate(job[0], max_tokens=job[1])
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(call, jobs))
+    assert got == want
+    prefills = settled_scheduler_metric(server, "engine_step_seconds_count", PACED, phase="prefill") - before
+    # Two prompts that arrive together share their prefills (a batch of both rows) while both have chunks left.
+    assert max(chunks) <= prefills <= sum(chunks), (prefills, chunks)
 
 
 def test_a_short_request_joins_a_running_batch_and_returns_first(server):

@@ -124,17 +124,17 @@ def scheduler_metric(server: local.LocalServer, name: str, model: str, **labels:
 
 
 def settled_scheduler_metric(server: local.LocalServer, name: str, model: str, quiet_s: float = 0.3,
-                             timeout: float = 10.0) -> float:
+                             timeout: float = 10.0, **labels: str) -> float:
     """:func:`scheduler_metric` once it has stopped changing for ``quiet_s``.
 
     The scheduler publishes its metrics in batches, at most every ``PUBLISH_INTERVAL_S`` and when it goes idle
     (``deepseek_model_repository.serving.metrics``), so a value read the moment a response arrives may lag.
     """
     deadline = time.monotonic() + timeout
-    value, since = scheduler_metric(server, name, model), time.monotonic()
+    value, since = scheduler_metric(server, name, model, **labels), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        now = scheduler_metric(server, name, model)
+        now = scheduler_metric(server, name, model, **labels)
         if now != value:
             value, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_s:

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from deepseek_model_repository import RepositoryError, write_repository
 from deepseek_model_repository.cli import repository
 from deepseek_model_repository.config import parse_pbtxt
+from deepseek_model_repository.serving.scheduler import DEFAULT_PREFILL_TOKENS
 
 KV = {
     "num_layers": 1,
@@ -198,6 +199,21 @@ def test_bad_model_info_names_the_problem(tmp_path, mutate, message):
 def test_preferred_batch_size_above_engine_max_is_refused(tmp_path):
     with pytest.raises(RepositoryError, match=r"between 1 and the engine's max batch size \(8\)"):
         write_repository(engine_dir(tmp_path), tmp_path / "repo", "m", runtime="triton", preferred_batch_sizes=[16])
+
+
+def test_a_prefill_chunk_goes_to_the_scheduler_model_and_below_one_token_is_refused(tmp_path):
+    engine = engine_dir(tmp_path)
+    c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton"))
+    assert int(c["m_stream"].parameters["prefill_chunk_tokens"].string_value) == DEFAULT_PREFILL_TOKENS
+    with pytest.raises(RepositoryError, match="prefill chunk of 0 tokens must be at least 1"):
+        write_repository(engine, tmp_path / "repo2", "m", runtime="triton", prefill_chunk_tokens=0)
+    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo3"),
+                                             "--model-name", "m", "--prefill-chunk-tokens", "256"])
+    assert result.exit_code == 0, result.output
+    assert configs(tmp_path / "repo3")["m_stream"].parameters["prefill_chunk_tokens"].string_value == "256"
+    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo4"),
+                                             "--model-name", "m", "--prefill-chunk-tokens", "0"])
+    assert result.exit_code != 0 and "--prefill-chunk-tokens" in result.output
 
 
 def test_a_request_timeout_goes_to_the_scheduler_model_and_below_zero_is_refused(tmp_path):

@@ -29,7 +29,8 @@ from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL
 from deepseek_model_repository.serving.triton import (FAILED, TIMED_OUT, client_gone, dump_threads_on_signal,
                                                       error_response, model_parameters, request_timeout_s)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
-from deepseek_model_repository.serving.scheduler import DECODE, OUTCOMES, PREFILL, Scheduler, Sequence
+from deepseek_model_repository.serving.scheduler import (DECODE, DEFAULT_PREFILL_TOKENS, OUTCOMES, PREFILL, Scheduler,
+                                                         Sequence)
 
 
 class SchedulerMetrics:
@@ -193,7 +194,10 @@ class TritonPythonModel:
         self._relayed_lock = threading.Lock()
         self.metrics = SchedulerMetrics(self.client_name)
         self.metrics.slots.set(runner.cache.slots)
-        self.scheduler = Scheduler(runner, info.get("eos_token_ids", []), metrics=self.metrics).start()
+        #: serving.prefillChunkTokens: prompt tokens one iteration prefills; longer prompts go in chunks.
+        chunk = int(params.get("prefill_chunk_tokens", DEFAULT_PREFILL_TOKENS))
+        self.scheduler = Scheduler(runner, info.get("eos_token_ids", []), metrics=self.metrics,
+                                   max_prefill_tokens=chunk).start()
 
     def execute(self, requests):
         """Check, tokenize and queue each request; the scheduler answers them later."""
