@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python bench/operator/run.py
 	$(BIN)/python bench/serving/run.py
 	$(BIN)/python bench/serving/cache_write.py
+	$(BIN)/python bench/serving/chunked_prefill.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache

@@ -596,3 +596,21 @@ def test_each_engine_call_is_timed_by_phase(cache_dir):
     assert all(seconds > 0 for _, seconds in metrics.steps)
     assert sum(seconds for _, seconds in metrics.steps) <= took
 
+
+def test_the_chunked_prefill_bench_round_runs_on_the_scheduler_and_leaves_the_cache_empty(cache_dir):
+    """bench/serving/chunked_prefill.py's round, small: with a budget of 16 each of the 3 decoders makes a token after
+    each of the first 6 of the 100-token prompt's 7 chunks, before its first token; with a budget that takes it
+    whole, at most the token of the step that was under way when it arrived."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "serving" / "chunked_prefill.py"
+    spec = importlib.util.spec_from_file_location("bench_chunked_prefill", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runner = TorchRunner(hf_model(tiny_model(cache_dir, "qwen2")), 4, 160)
+    chunked = bench.one_round(runner, 16, seed=1, long_prompt=100)
+    whole = bench.one_round(runner, 128, seed=1, long_prompt=100)
+    assert int(runner.cache.lengths.sum()) == 0
+    for row in (chunked, whole):
+        assert row["decode_gap_ms"] > 0 and row["longest_gap_ms"] > 0 and row["ttft_ms"] > 0
+    assert chunked["decoder_tokens"] >= 3 * 6 and whole["decoder_tokens"] <= 3

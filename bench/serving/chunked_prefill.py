@@ -1,0 +1,161 @@
+"""What a long prompt that arrives does to the sequences already decoding: whole prefill against chunked prefill.
+
+15 sequences decode (short prompts, greedy, no end) on an engine with 16 slots of 2,112 positions; once they run
+steadily, one prompt of 2,000 tokens arrives.  Measured for each ``max_prefill_tokens`` (the scheduler's budget of
+prompt tokens an iteration, ``serving.prefillChunkTokens``): the decoders' longest gap between two tokens while the
+long prompt is prefilled (the stall it causes), their median gap before it arrived (a plain decode step), the long
+prompt's time to first token, and the decoders' tokens/s from its arrival to its first token.  The baseline, in the
+same run, is a budget of 2,048, which takes the whole prompt in one prefill (the scheduler before chunking always
+did); the budgets alternate round by round, so load from elsewhere hits them alike.
+
+It runs the same ``Scheduler`` and ``OrtRunner`` as the served model, in a process that imports only the serving
+code (as Triton's model process does: the bench's own process, with torch loaded for the build, runs the loop
+slower); the engines are the builder's, built once and cached by content.
+
+    python bench/serving/chunked_prefill.py      # prints a table, writes bench/results/chunked_prefill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "results" / "chunked_prefill.json"
+SLOTS, CAPACITY = 16, 2112
+DECODERS, LONG_PROMPT = SLOTS - 1, 2000
+#: The budgets compared; the first takes the whole long prompt at once (the baseline).
+BUDGETS = (2048, 512, 256)
+ARCHS = ("deepseek_v3", "qwen2")
+
+
+def one_round(runner, budget: int, seed: int, long_prompt: int = LONG_PROMPT) -> dict[str, float]:
+    """A decoder in every slot but one reaches a steady state, the long prompt arrives and gets its first token, the
+    decoders go on a little, then everything is cancelled and the cache is empty again."""
+    from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
+
+    rng = np.random.default_rng(seed)
+    scheduler = Scheduler(runner, eos_ids=[], max_prefill_tokens=budget).start()
+    decoders, capacity = runner.cache.slots - 1, runner.cache.capacity
+    stamps: list[list[float]] = [[] for _ in range(decoders)]
+    stop = threading.Event()
+    ended = threading.Semaphore(0)
+    steady = threading.Event()
+    first: dict[str, float] = {}
+
+    def decoder(i: int) -> Sequence:
+        def on_token(seq, token):
+            stamps[i].append(time.perf_counter())
+            if all(len(s) >= 8 for s in stamps):
+                steady.set()
+        return Sequence(rng.integers(3, 2000, 12).tolist(), Sampling(max_tokens=capacity - 20), on_token=on_token,
+                        cancelled=stop.is_set)
+
+    long_seq = Sequence(rng.integers(3, 2000, long_prompt).tolist(), Sampling(max_tokens=4),
+                        on_token=lambda seq, token: first.setdefault("at", time.perf_counter()),
+                        on_finish=lambda seq, error: ended.release())
+    try:
+        for i in range(decoders):
+            scheduler.submit(decoder(i))
+        if not steady.wait(120):
+            raise RuntimeError("the decoders did not reach 8 tokens each within 120 s")
+        arrived = time.perf_counter()
+        scheduler.submit(long_seq)
+        if not ended.acquire(timeout=300):
+            raise RuntimeError("the long prompt did not finish within 300 s")
+        time.sleep(0.05)
+        stop.set()  # the decoders' clients "go away": the watcher marks them, the loop drops them (no answer)
+        deadline = time.monotonic() + 60
+        while scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if scheduler.running:
+            raise RuntimeError("the cancelled decoders did not leave within 60 s")
+    finally:
+        stop.set()
+        scheduler.stop()
+    got = first["at"]
+    before, during, tokens = [], [], 0
+    for s in stamps:
+        t = np.asarray(s)
+        gaps = np.diff(t)
+        before += gaps[t[1:] < arrived].tolist()
+        during += gaps[(t[1:] > arrived) & (t[:-1] < got)].tolist()  # gaps that overlap the long prompt's prefill
+        tokens += int(((t > arrived) & (t <= got)).sum())
+    return {"decode_gap_ms": float(np.median(before)) * 1000, "longest_gap_ms": float(max(during)) * 1000,
+            "ttft_ms": (got - arrived) * 1000, "decoder_tokens": tokens, "decoder_tokens_per_s": tokens / (got - arrived)}
+
+
+def measure(engine_dir: Path, rounds: int) -> dict[str, Any]:
+    """Every budget, ``rounds`` times, alternating; the median of each quantity per budget."""
+    from deepseek_model_repository.serving.runners import open_runner
+
+    info = json.loads((engine_dir / "model-info.json").read_text())
+    runner = open_runner(engine_dir, info, slots=SLOTS, capacity=CAPACITY)
+    one_round(runner, BUDGETS[-1], seed=0)  # warm-up
+    samples: dict[int, list[dict[str, float]]] = {b: [] for b in BUDGETS}
+    for r in range(rounds):
+        for budget in BUDGETS:
+            samples[budget].append(one_round(runner, budget, seed=r + 1))
+    out = {}
+    for budget, rows in samples.items():
+        out[str(budget)] = {key: round(float(np.median([row[key] for row in rows])), 1) for key in rows[0]}
+        out[str(budget)]["rounds"] = [{k: round(v, 1) for k, v in row.items()} for row in rows]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--cache-dir", type=Path, default=None, help="engine cache (default: the local mode's)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--measure", type=Path, metavar="ENGINE_DIR", help=argparse.SUPPRESS)  # the worker
+    args = parser.parse_args()
+    if args.measure:
+        json.dump(measure(args.measure, args.rounds), sys.stdout)
+        return 0
+    sys.path.insert(0, str(HERE))
+    from run import log, machine_info, tiny_resource  # bench/serving/run.py, beside this file
+
+    from deepseek_local import local
+
+    cache_dir = Path(args.cache_dir or local.default_cache_dir())
+    result: dict[str, Any] = {
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(), "slots": SLOTS, "capacity": CAPACITY, "decoders": DECODERS,
+        "long_prompt_tokens": LONG_PROMPT, "rounds": args.rounds, "baseline_budget": BUDGETS[0],
+        "statistic": "medians over rounds; gaps are the decoders' times between two tokens", "results": {},
+    }
+    for arch in args.archs:
+        resource, _ = tiny_resource(cache_dir, f"bench-{arch.replace('_', '-')}-long", arch, SLOTS, CAPACITY)
+        log(f"{arch}: engine (slots {SLOTS}, capacity {CAPACITY})")
+        engine_dir = local.build_engine(resource, cache_dir, echo=lambda _: None)
+        log(f"{arch}: {args.rounds} rounds of budgets {', '.join(map(str, BUDGETS))}")
+        worker = subprocess.run([sys.executable, __file__, "--measure", str(engine_dir), "--rounds", str(args.rounds)],
+                                check=True, stdout=subprocess.PIPE, text=True)  # its errors reach stderr
+        result["results"][arch] = json.loads(worker.stdout)
+    base = BUDGETS[0]
+    print(f"{'model':<12} {'budget':>6} {'decode gap':>11} {'longest gap':>12} {'x whole':>8} {'TTFT':>9} "
+          f"{'x whole':>8} {'decoders tok/s':>15}")
+    for arch, rows in result["results"].items():
+        for budget, row in rows.items():
+            row["longest_gap_vs_whole"] = round(row["longest_gap_ms"] / rows[str(base)]["longest_gap_ms"], 2)
+            row["ttft_vs_whole"] = round(row["ttft_ms"] / rows[str(base)]["ttft_ms"], 2)
+            print(f"{arch:<12} {budget:>6} {row['decode_gap_ms']:>8.1f} ms {row['longest_gap_ms']:>9.1f} ms "
+                  f"{row['longest_gap_vs_whole']:>7.2f}x {row['ttft_ms']:>6.1f} ms {row['ttft_vs_whole']:>7.2f}x "
+                  f"{row['decoder_tokens_per_s']:>15.0f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
