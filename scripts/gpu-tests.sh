@@ -25,7 +25,7 @@ print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name(0)}; tensorrt
 PYTHON
 status=0
 run() { "$PY" -m pytest -m gpu -rs -v "$@" || status=1; }
-# The scheduler and its device-resident KV cache on the PyTorch runner (torch with CUDA only).
+# The scheduler and its device-resident KV cache on the PyTorch runner, whole and chunked prefill (torch with CUDA only).
 run "tests/gpu/test_serving_gpu.py::test_pytorch_runner_on_cuda_equals_transformers_with_the_cache_on_the_device"
 # ONNX Runtime's CUDA provider with I/O binding over device buffers (onnxruntime-gpu).
 run "tests/gpu/test_serving_gpu.py::test_onnxruntime_cuda_runner_equals_transformers"

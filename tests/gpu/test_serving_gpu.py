@@ -53,10 +53,10 @@ def jobs(seed: int, n: int = 12) -> list[tuple[list[int], int]]:
     return [([rng.randrange(3, 2000) for _ in range(rng.randint(1, 20))], rng.randint(1, 24)) for _ in range(n)]
 
 
-def serve(runner, work: list[tuple[list[int], int]]) -> list[list[int]]:
+def serve(runner, work: list[tuple[list[int], int]], max_prefill_tokens=None) -> list[list[int]]:
     from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
 
-    scheduler = Scheduler(runner, eos_ids=[1]).start()
+    scheduler = Scheduler(runner, eos_ids=[1], max_prefill_tokens=max_prefill_tokens).start()
     results: list = [None] * len(work)
     done = threading.Semaphore(0)
 
@@ -100,8 +100,9 @@ def test_pytorch_runner_on_cuda_equals_transformers_with_the_cache_on_the_device
     assert all(t.device.type == "cuda" for t in tensors)
     pointers = [t.data_ptr() for t in tensors]
     work = jobs(len(arch))
-    got = serve(runner, work)
-    assert got == [greedy(model, p, m) for p, m in work]
+    want = [greedy(model, p, m) for p, m in work]
+    assert serve(runner, work) == want
+    assert serve(runner, work, max_prefill_tokens=4) == want, "prompts prefilled in chunks of 4 on the device"
     assert pointers == [t.data_ptr() for layer in runner.cache.layers for t in layer], "allocated once"
     # The logits stay on the GPU: greedy rows take their argmax there.
     runner.cache.lengths[:] = 0
