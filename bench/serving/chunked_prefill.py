@@ -8,6 +8,9 @@ prompt's time to first token, and the decoders' tokens/s from its arrival to its
 same run, is a budget of 2,048, which takes the whole prompt in one prefill (the scheduler before chunking always
 did); the budgets alternate round by round, so load from elsewhere hits them alike.
 
+Then, at the runner, prompts of mixed lengths admitted together into an empty cache: one engine call padded to the
+longest (the scheduler before it split its prefills) against the calls ``prefill_groups`` makes of them.
+
 It runs the same ``Scheduler`` and ``OrtRunner`` as the served model, in a process that imports only the serving
 code (as Triton's model process does: the bench's own process, with torch loaded for the build, runs the loop
 slower); the engines are the builder's, built once and cached by content.
@@ -93,6 +96,30 @@ def one_round(runner, budget: int, seed: int, long_prompt: int = LONG_PROMPT) ->
             "ttft_ms": (got - arrived) * 1000, "decoder_tokens": tokens, "decoder_tokens_per_s": tokens / (got - arrived)}
 
 
+#: Prompts admitted together in the padding measurement: one long among short ones, and the reverse order.
+MIXED_ADMISSIONS = ((1000,) + (20,) * 7, (20,) * 7 + (1000,), (300,) + (20,) * 4)
+
+
+def padding_round(runner, chunks: tuple[int, ...]) -> dict[str, float]:
+    """One iteration's prefill of ``chunks`` (prompts admitted together into an empty cache): as one call padded
+    to the longest (the scheduler before it split its prefills), and as the calls :func:`prefill_groups` makes."""
+    from deepseek_model_repository.serving.scheduler import prefill_groups
+
+    def call(start: int, widths) -> float:
+        ids = np.full((len(widths), max(widths)), 5, dtype=np.int64)
+        mask = (np.arange(max(widths))[None, :] < np.asarray(widths)[:, None]).astype(np.int64)
+        began = time.perf_counter()
+        runner.forward(start, ids, mask)
+        return time.perf_counter() - began
+
+    runner.cache.lengths[:] = 0
+    padded = call(0, chunks)
+    runner.cache.lengths[:] = 0
+    split = sum(call(a, chunks[a:b]) for a, b in prefill_groups(chunks))
+    runner.cache.lengths[:] = 0
+    return {"one_padded_call_ms": padded * 1000, "grouped_calls_ms": split * 1000}
+
+
 def measure(engine_dir: Path, rounds: int) -> dict[str, Any]:
     """Every budget, ``rounds`` times, alternating; the median of each quantity per budget."""
     from deepseek_model_repository.serving.runners import open_runner
@@ -104,10 +131,20 @@ def measure(engine_dir: Path, rounds: int) -> dict[str, Any]:
     for r in range(rounds):
         for budget in BUDGETS:
             samples[budget].append(one_round(runner, budget, seed=r + 1))
-    out = {}
+    out: dict[str, Any] = {}
     for budget, rows in samples.items():
         out[str(budget)] = {key: round(float(np.median([row[key] for row in rows])), 1) for key in rows[0]}
         out[str(budget)]["rounds"] = [{k: round(v, 1) for k, v in row.items()} for row in rows]
+    padding: dict[str, list[dict[str, float]]] = {",".join(map(str, c)): [] for c in MIXED_ADMISSIONS}
+    for _ in range(rounds + 1):
+        for chunks in MIXED_ADMISSIONS:
+            padding[",".join(map(str, chunks))].append(padding_round(runner, chunks))
+    out["padding"] = {}
+    for key, rows in padding.items():
+        rows = rows[1:]  # the first of each is a warm-up
+        medians = {k: round(float(np.median([row[k] for row in rows])), 1) for k in rows[0]}
+        medians["speedup"] = round(medians["one_padded_call_ms"] / medians["grouped_calls_ms"], 2)
+        out["padding"][key] = medians
     return out
 
 
@@ -146,11 +183,20 @@ def main() -> int:
           f"{'x whole':>8} {'decoders tok/s':>15}")
     for arch, rows in result["results"].items():
         for budget, row in rows.items():
+            if budget == "padding":
+                continue
             row["longest_gap_vs_whole"] = round(row["longest_gap_ms"] / rows[str(base)]["longest_gap_ms"], 2)
             row["ttft_vs_whole"] = round(row["ttft_ms"] / rows[str(base)]["ttft_ms"], 2)
             print(f"{arch:<12} {budget:>6} {row['decode_gap_ms']:>8.1f} ms {row['longest_gap_ms']:>9.1f} ms "
                   f"{row['longest_gap_vs_whole']:>7.2f}x {row['ttft_ms']:>6.1f} ms {row['ttft_vs_whole']:>7.2f}x "
                   f"{row['decoder_tokens_per_s']:>15.0f}")
+    print(f"\n{'model':<12} {'prompts admitted together':<28} {'one padded call':>16} {'grouped calls':>14} {'speedup':>8}")
+    for arch, rows in result["results"].items():
+        for key, row in rows["padding"].items():
+            counts = key.split(",")
+            label = " + ".join(f"{counts.count(n)} x {n}" if counts.count(n) > 1 else n for n in dict.fromkeys(counts))
+            print(f"{arch:<12} {label:<28} {row['one_padded_call_ms']:>13.1f} ms {row['grouped_calls_ms']:>11.1f} ms "
+                  f"{row['speedup']:>7.2f}x")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

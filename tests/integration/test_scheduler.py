@@ -614,3 +614,53 @@ def test_the_chunked_prefill_bench_round_runs_on_the_scheduler_and_leaves_the_ca
     for row in (chunked, whole):
         assert row["decode_gap_ms"] > 0 and row["longest_gap_ms"] > 0 and row["ttft_ms"] > 0
     assert chunked["decoder_tokens"] >= 3 * 6 and whole["decoder_tokens"] <= 3
+    padding = bench.padding_round(runner, (60, 5, 5))
+    assert padding["one_padded_call_ms"] > 0 and padding["grouped_calls_ms"] > 0
+    assert int(runner.cache.lengths.sum()) == 0
+
+
+def test_prefill_groups_bound_the_padding_and_keep_the_rows_in_order():
+    from deepseek_model_repository.serving.scheduler import PREFILL_PAD_SLACK, prefill_groups
+
+    assert prefill_groups([]) == []
+    assert prefill_groups([7]) == [(0, 1)]
+    assert prefill_groups([100] * 8) == [(0, 8)]  # equal rows: one call, no padding
+    assert prefill_groups([20] * 7 + [1000]) == [(0, 7), (7, 8)]
+    assert prefill_groups([1000] + [20] * 7) == [(0, 1), (1, 8)]
+    assert prefill_groups([12, 30, 25, 40]) == [(0, 4)]  # short prompts share a call: 160 padded for 107 real
+    assert prefill_groups([300, 20, 20, 300]) == [(0, 1), (1, 3), (3, 4)]
+    for chunks in ([3, 1, 4, 1, 5, 9, 2, 6], [50, 1, 1, 1, 50, 50], [1] * 5 + [64] + [2] * 3, [900, 1, 700, 2, 2000]):
+        groups = prefill_groups(chunks)
+        assert [i for a, b in groups for i in range(a, b)] == list(range(len(chunks)))  # every row once, in order
+        for a, b in groups:
+            padded, real = (b - a) * max(chunks[a:b]), sum(chunks[a:b])
+            assert b - a == 1 or padded <= real * 5 // 4 + PREFILL_PAD_SLACK
+
+
+def test_a_long_and_short_prompts_admitted_together_take_separate_calls_and_equal_transformers(cache_dir):
+    """One 90-token prompt and five of 3 tokens arrive together: two prefill calls (the long one alone, the short
+    ones together) rather than six rows padded to 90; every completion is transformers'."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    calls: list = []
+
+    class Calls(NoMetrics):
+        def engine_step(self, phase, seconds):
+            calls.append(phase)
+
+    scheduler = Scheduler(TorchRunner(model, 6, 128), eos_ids=[1], metrics=Calls())
+    long_prompt = [3 + (i * 53) % 1900 for i in range(90)]
+    jobs = [(long_prompt, 5)] + [([10 + i, 20 + i, 30 + i], 5) for i in range(5)]
+    results: list = [None] * len(jobs)
+    done = threading.Semaphore(0)
+    for i, (prompt, max_tokens) in enumerate(jobs):  # queued before the loop starts: admitted in one iteration
+        scheduler.submit(Sequence(prompt, Sampling(max_tokens=max_tokens),
+                                  on_finish=lambda s, e, i=i: (results.__setitem__(i, e or list(s.generated)),
+                                                               done.release())))
+    scheduler.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert results == [greedy(model, prompt, max_tokens) for prompt, max_tokens in jobs]
+    assert calls[:3] == [PREFILL, PREFILL, DECODE] and calls.count(PREFILL) == 2

@@ -11,7 +11,9 @@ Prefill is chunked: an iteration prefills at most ``max_prefill_tokens`` prompt 
 (:data:`DEFAULT_PREFILL_TOKENS`, ``serving.prefillChunkTokens``), the oldest prompts first.  A longer prompt
 holds its slot and is prefilled a chunk an iteration, the running sequences decoding between its chunks, so one
 long prompt delays the tokens of the others by a chunk's prefill, never by its whole prompt's.  The sequences
-being prefilled sit in the slots right after the running ones, in the order they arrived.
+being prefilled sit in the slots right after the running ones, in the order they arrived.  An engine call pads its
+rows to its longest, so an iteration's prefill is split into calls whose padding stays small against their real
+tokens (:func:`prefill_groups`): a long prompt does not make the short ones beside it as costly as itself.
 
 The scheduler deals in token ids.  Callers (the Triton model, the benchmark) give each
 :class:`Sequence` an ``on_token`` and an ``on_finish`` callback, called from the scheduler's
@@ -54,6 +56,8 @@ CLIENT_POLL_S = 0.05
 STALL_S = 60.0
 #: Prompt tokens one iteration prefills at most, unless the scheduler is given another budget.
 DEFAULT_PREFILL_TOKENS = 2048
+#: Padding a prefill call may carry beyond a quarter of its real tokens (:func:`prefill_groups`).
+PREFILL_PAD_SLACK = 64
 
 #: The phases of an engine call, as the metrics label them.
 PREFILL, DECODE = "prefill", "decode"
@@ -202,6 +206,25 @@ def pick(logits: np.ndarray, seq: Sequence) -> int:
         mask[keep] = probs[keep]
         probs = mask / mask.sum()
     return int(seq.rng.choice(probs.size, p=probs))
+
+
+def prefill_groups(chunks: Seq[int]) -> list[tuple[int, int]]:
+    """The engine calls of one iteration's prefill: ranges ``[first, stop)`` of its rows, in order.
+
+    A call pads its rows to its longest chunk, so one long prompt among short ones would make every short row as
+    costly as the long one.  Rows join the current call while its padded tokens stay within a quarter more than
+    its real ones plus :data:`PREFILL_PAD_SLACK` (so that short prompts still share a call); otherwise a new call
+    begins (rows stay in slot order: each call's slots are contiguous)."""
+    groups: list[tuple[int, int]] = []
+    first, width, real = 0, 0, 0
+    for i, n in enumerate(chunks):
+        if i > first and (i - first + 1) * max(width, n) > (real + n) * 5 // 4 + PREFILL_PAD_SLACK:
+            groups.append((first, i))
+            first, width, real = i, 0, 0
+        width, real = max(width, n), real + n
+    if chunks:
+        groups.append((first, len(chunks)))
+    return groups
 
 
 class Scheduler:
@@ -393,6 +416,14 @@ class Scheduler:
         if not chunks:
             return
         rows = self.prefilling[:len(chunks)]  # slots [len(running), len(running) + len(rows))
+        for first, stop in prefill_groups(chunks):
+            if not self._prefill(rows[first:stop], chunks[first:stop]):
+                break
+
+    def _prefill(self, rows: list[Sequence], chunks: list[int]) -> bool:
+        """One engine call: ``chunks[r]`` more prompt tokens of each of ``rows``, the first prefilling sequences (in
+        contiguous slots right after the running ones).  Those whose prompt is then whole take their first token
+        and join the running sequences.  False when the engine failed (the rows' sequences fail with it)."""
         ids = np.zeros((len(rows), max(chunks)), dtype=np.int64)
         mask = np.zeros_like(ids)
         for r, (seq, n) in enumerate(zip(rows, chunks)):
@@ -400,22 +431,23 @@ class Scheduler:
             mask[r, :n] = 1
         try:
             began = time.perf_counter()
-            logits = self.runner.forward(len(self.running), ids, mask)
+            logits = self.runner.forward(rows[0].slot, ids, mask)
             self.metrics.engine_step(PREFILL, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - a failed prefill fails its own sequences only
             log.exception("prefill failed")
             for seq in rows:
                 self._finish(seq, f"generation failed: {exc}", FAILED)
-            return
+            return False
         for seq, n in zip(rows, chunks):
             seq.prefilled += n
-        # Every row but the last took the rest of its prompt (the budget ran out at the last at most), so the
-        # prefilled sequences are the first rows, in the slots right after the running ones.
+        # Every row but the iteration's last took the rest of its prompt (the budget ran out at the last at most), so
+        # the prefilled sequences are the first rows, in the slots right after the running ones.
         done = [seq for seq in rows if seq.prefilled == len(seq.prompt_ids)]
         self.prefilling = self.prefilling[len(done):]
         self.running.extend(done)
-        for r, seq in enumerate(done):
+        for r, seq in enumerate(done):  # before the next call: a runner may reuse its logits' buffer
             self._advance(seq, logits, r)
+        return True
 
     def _decode(self) -> None:
         n = len(self.running)
