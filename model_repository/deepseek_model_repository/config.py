@@ -15,6 +15,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from .serving.limits import GENERATION_INPUTS  # noqa: F401 - the generation models' inputs, defined once
+from .serving.limits import RELAY_THREADS
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,15 @@ def parse_pbtxt(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-#: Python-backend shared memory: logits and KV tensors cross it on every decoding step.
-PYTHON_BACKEND_CONFIG = ("shm-default-byte-size=33554432", "shm-growth-byte-size=16777216")
+#: The Python backend's settings:
+#: * shared memory, which every request and response crosses (and the previous path's KV tensors did, per step);
+#: * the threads its Triton side runs BLS calls and decoupled sends on, per model instance (32 by default). A
+#:   relayed plain request holds one until its final response (measured on Triton 2.51: with 32, no more than 32
+#:   plain requests reached the scheduler, the rest waited in the relay, out of the queue metric's sight, and
+#:   failed with "Server not ready" when the server began to shut down), so there is one for each relay thread and
+#:   some to spare for the relay's cancel calls.
+PYTHON_BACKEND_CONFIG = ("shm-default-byte-size=33554432", "shm-growth-byte-size=16777216",
+                         f"thread-pool-size={RELAY_THREADS + 16}")
 
 
 def server_flags() -> list[str]:

@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from deepseek_model_repository.client import GenerationClient, generation_inputs, text_of
+from deepseek_model_repository.client import GenerationClient, ServingError, generation_inputs, text_of
 from triton_harness import build, scheduler_metric, serve_engines, settled_scheduler_metric, tiny_resource
 
 pytestmark = [
@@ -175,6 +175,45 @@ def test_a_prompt_longer_than_the_prefill_chunk_is_prefilled_in_chunks_with_the_
     prefills = settled_scheduler_metric(server, "engine_step_seconds_count", PACED, phase="prefill") - before
     # Two prompts that arrive together share their prefills (a batch of both rows) while both have chunks left.
     assert max(chunks) <= prefills <= sum(chunks), (prefills, chunks)
+
+
+def test_a_server_told_to_stop_finishes_every_request_it_holds_beyond_32_relayed(engines, cache_dir):
+    """40 plain requests on 4 slots, all in the scheduler's queue (the Python backend's thread pool, 32 by default,
+    once held the rest back in the relay), then SIGTERM, as Kubernetes stops a replica: Triton refuses new requests,
+    and every request it already had completes with transformers' text before the server exits."""
+    import os
+    import signal
+
+    name = "tiny-qwen2"
+    prompts = [("the " * 10, 120), ("the of " * 6, 120), ("and to in " * 3, 120), ("is was " * 5, 120)]
+    jobs = prompts * 10  # greedy runs that do not end early, 4 different ones
+    want = reference(engines[name], cache_dir / "tiny-models" / "qwen2-text-generation", prompts) * 10
+    with serve_engines({name: engines[name]}, cache_dir, server_name="drain", max_queue_delay_us=0) as drained:
+        def call(job):
+            client = GenerationClient(drained.endpoints["grpc"], name)
+            try:
+                return client.generate(job[0], max_tokens=job[1])
+            except ServingError as exc:
+                return exc
+            finally:
+                client.close()
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(call, job) for job in jobs]
+            deadline, held = time.monotonic() + 30, 0.0
+            while time.monotonic() < deadline and held <= 32:
+                held = scheduler_metric(drained, "requests_waiting", name) + scheduler_metric(
+                    drained, "sequences_running", name)
+                time.sleep(0.01)
+            assert held > 32, f"at most {held} of {len(jobs)} requests reached the scheduler at once"
+            os.kill(drained.pid, signal.SIGTERM)
+            stopped = time.monotonic()
+            time.sleep(0.2)
+            late = call(("the", 4))
+            got = [f.result() for f in futures]
+            drained_s = time.monotonic() - stopped
+        assert isinstance(late, ServingError) and "unknown model" in str(late)
+        assert got == want, f"drained for {drained_s:.1f} s"
 
 
 def test_a_short_request_joins_a_running_batch_and_returns_first(server):

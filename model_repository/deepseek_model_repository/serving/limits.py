@@ -35,6 +35,10 @@ MAX_STOPS, MAX_STOP_BYTES = 16, 256
 RELAY_ID = "deepseek_relay_id"
 CANCEL_RELAYED = "deepseek_cancel_relayed"
 RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED)
+#: Plain requests the relay passes on at once, per replica; more wait in the relay until one ends.  Each holds one
+#: of the relay's threads, and one of the Python backend's own threads in Triton's process (its BLS call waits
+#: there for the final response), so the backend's thread pool is sized from this too (``config.server_flags``).
+RELAY_THREADS = 256
 INT32_MAX = 2**31 - 1
 
 

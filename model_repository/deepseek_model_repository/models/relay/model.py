@@ -50,7 +50,7 @@ class TritonPythonModel:
         config, params = model_parameters(args)
         self.model_name = config["name"]
         self.target = params["scheduler_model"]
-        self.pool = ThreadPoolExecutor(max_workers=int(params.get("relay_threads", "256")),
+        self.pool = ThreadPoolExecutor(max_workers=limits.RELAY_THREADS,
                                        thread_name_prefix="relay")
         #: Relay id -> each request in flight (``Relayed``).
         self.inflight = {}
