@@ -315,6 +315,17 @@ class ServingSpec(_Model):
         "its KV-cache slot goes to the next request. This is what bounds a plain HTTP request whose client went "
         "away, which Triton never notices. 0: no limit.",
     )
+    drain_seconds: int = Field(
+        default=30,
+        ge=0,
+        le=86400,
+        description="How long a replica that is told to stop (a scale-down, a rollout, a node drain) goes on serving "
+        "the requests it already holds, queued and generating, before it exits (Triton's --exit-timeout-secs). "
+        "First it waits 5 s (a preStop hook that runs sleep in the Triton image) for the Service to stop sending it "
+        "requests; then Triton refuses new ones and reports not ready. The pod's terminationGracePeriodSeconds "
+        "is this plus 10 s. Set it at least as long as your longest generation (or serving.requestTimeoutSeconds), "
+        "or requests still running when it passes are cut off.",
+    )
     prefill_chunk_tokens: int = Field(
         default=DEFAULT_PREFILL_TOKENS,
         ge=1,

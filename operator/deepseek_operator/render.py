@@ -79,6 +79,11 @@ def _container_security_context() -> dict[str, Any]:
 
 
 #: The writable scratch every container gets (HOME and caches point into it): an emptyDir at /tmp.
+#: A stopping Triton pod waits this long (a preStop hook) before Triton is told to stop, so that the Service's
+#: endpoints drop it first and no new request reaches a server that refuses it; then Triton drains for
+#: ``serving.drainSeconds``, and the pod's grace period allows for both and for Triton's exit.
+PRESTOP_SECONDS = 5
+EXIT_MARGIN_SECONDS = 5
 SCRATCH_VOLUME = {"name": "tmp", "emptyDir": {}}
 SCRATCH_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 SCRATCH_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]
@@ -311,7 +316,7 @@ def repository_command(model: DeepSeekModel, spec_key: str) -> list[str]:
     return args
 
 
-def triton_args() -> list[str]:
+def triton_args(model: DeepSeekModel) -> list[str]:
     return [
         "tritonserver",
         f"--model-repository={MODELS_MOUNT}",
@@ -319,6 +324,8 @@ def triton_args() -> list[str]:
         f"--grpc-port={GRPC_PORT}",
         f"--metrics-port={METRICS_PORT}",
         "--allow-gpu-metrics=true",
+        # On SIGTERM Triton refuses new requests and waits this long for its models' requests to end.
+        f"--exit-timeout-secs={model.spec.serving.drain_seconds}",
     ] + server_flags()
 
 
@@ -348,7 +355,8 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
     triton: dict[str, Any] = {
         "name": "triton",
         "image": spec.serving.image,
-        "command": triton_args(),
+        "command": triton_args(model),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
@@ -386,6 +394,7 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
             "spec": {
                 "automountServiceAccountToken": False,
                 "securityContext": _pod_security_context(),
+                "terminationGracePeriodSeconds": PRESTOP_SECONDS + spec.serving.drain_seconds + EXIT_MARGIN_SECONDS,
                 "initContainers": [_with_pull_policy(init, config)],
                 "containers": [triton],
                 "volumes": [

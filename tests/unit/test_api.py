@@ -66,6 +66,7 @@ def test_wire_form_is_camel_case_and_round_trips():
         ({"serving.streamInterval": 0}, "spec.serving.streamInterval", "greater than or equal to 1"),
         ({"serving.requestTimeoutSeconds": -1}, "spec.serving.requestTimeoutSeconds", "greater than or equal to 0"),
         ({"serving.prefillChunkTokens": 0}, "spec.serving.prefillChunkTokens", "greater than or equal to 1"),
+        ({"serving.drainSeconds": -1}, "spec.serving.drainSeconds", "greater than or equal to 0"),
         ({"serving.engineThreads": -2, "serving.gpusPerReplica": 0}, "spec.serving.engineThreads",
          "greater than or equal to 0"),
         ({"serving.engineThreads": 4}, "spec", "set it only with serving.gpusPerReplica 0"),

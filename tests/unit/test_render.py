@@ -262,6 +262,18 @@ def test_engine_threads_reach_the_repository_and_the_default_writes_no_flag():
     assert got[got.index("--engine-threads") + 1] == "6"
 
 
+def test_a_stopping_replica_leaves_the_service_then_drains_for_drain_seconds_within_its_grace_period():
+    def pod(patch):
+        return render.render_deployment(make_model("r1", patch), CONFIG, "key123")["spec"]["template"]["spec"]
+
+    for patch, drain in (({}, 30), ({"serving.drainSeconds": 600}, 600), ({"serving.drainSeconds": 0}, 0)):
+        spec = pod(patch)
+        (triton,) = spec["containers"]
+        assert triton["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", str(render.PRESTOP_SECONDS)]}}
+        assert f"--exit-timeout-secs={drain}" in triton["command"]
+        assert spec["terminationGracePeriodSeconds"] == render.PRESTOP_SECONDS + drain + render.EXIT_MARGIN_SECONDS
+
+
 def test_a_prefill_chunk_reaches_the_repository_and_the_default_writes_no_flag():
     def command(patch):
         deployment = render.render_deployment(make_model("r1", patch), CONFIG, "key123")
