@@ -735,10 +735,14 @@ def status(cache_dir: Optional[Path]) -> None:
 @click.option("--stop", "stops", multiple=True, help="A stop string (repeatable): the completion ends before it.")
 @click.option("--timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds the server may take over the request (it then answers with an error and frees the slot).")
+@click.option("--min-tokens", type=click.IntRange(min=0), default=None,
+              help="The end-of-sentence token cannot come before this many tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Generate max-tokens tokens whatever the end-of-sentence token says.")
 @cache_option
 def generate(
     filename: Optional[str], prompt: str, max_tokens: int, temperature: float, seed: Optional[int], stream: bool,
-    stops: tuple[str, ...], request_timeout_s: Optional[float], cache_dir: Optional[Path],
+    stops: tuple[str, ...], request_timeout_s: Optional[float], min_tokens: Optional[int], ignore_eos: bool,
+    cache_dir: Optional[Path],
 ) -> None:
     """Send PROMPT to the running model and print the completion (a classifier's label, an embedding)."""
     from deepseek_model_repository.client import GenerationClient, ServingError
@@ -751,15 +755,15 @@ def generate(
         click.echo(json.dumps(_infer_text(server, name, prompt)))
         return
     client = GenerationClient(server.endpoints["grpc"], name)
+    controls = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stops, min_tokens=min_tokens,
+                    ignore_eos=ignore_eos or None)
     try:
         if stream:
-            for piece in client.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                       stop=stops, request_timeout_s=request_timeout_s):
+            for piece in client.stream(prompt, request_timeout_s=request_timeout_s, **controls):
                 click.echo(piece, nl=False)
             click.echo()
         else:
-            click.echo(client.generate(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                       stop=stops, request_timeout_s=request_timeout_s))
+            click.echo(client.generate(prompt, request_timeout_s=request_timeout_s, **controls))
     except ServingError as exc:
         raise LocalError(str(exc)) from None
     finally:

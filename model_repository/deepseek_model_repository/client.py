@@ -29,6 +29,8 @@ def generation_inputs(
     seed: Optional[int] = None,
     stream: Optional[bool] = None,
     stop: Sequence[str] = (),
+    min_tokens: Optional[int] = None,
+    ignore_eos: Optional[bool] = None,
 ) -> list:
     """InferInput objects for ``tritonclient.grpc`` or ``tritonclient.http`` (pass the module)."""
     inputs = []
@@ -53,6 +55,10 @@ def generation_inputs(
         add("stream", "BOOL", np.array([[stream]], dtype=bool))
     if stop:
         add("stop", "BYTES", np.array([[s.encode("utf-8") for s in stop]], dtype=np.object_))
+    if min_tokens is not None:
+        add("min_tokens", "INT32", np.array([[min_tokens]], dtype=np.int32))
+    if ignore_eos is not None:
+        add("ignore_eos", "BOOL", np.array([[ignore_eos]], dtype=bool))
     return inputs
 
 

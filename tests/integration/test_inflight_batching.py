@@ -418,6 +418,27 @@ def test_bad_stop_strings_are_refused_by_name(server, stops, message):
         client.close()
 
 
+def test_min_tokens_and_ignore_eos_reach_the_scheduler_by_every_way_in_and_bad_ones_are_refused(server):
+    """The controls pass Triton's input checks and the relay over gRPC (plain and streamed) and HTTP generate; the
+    tiny model does not reach its end-of-sentence token here, so the text is the plain greedy one (what they do to
+    the end-of-sentence token is checked against transformers in tests/integration/test_scheduler.py)."""
+    name, prompt = "tiny-qwen2", "the of and to"
+    client = GenerationClient(server.endpoints["grpc"], name)
+    try:
+        whole = client.generate(prompt, max_tokens=20)
+        assert client.generate(prompt, max_tokens=20, min_tokens=20, ignore_eos=True) == whole
+        assert "".join(client.stream(prompt, max_tokens=20, min_tokens=5, ignore_eos=False)) == whole
+    finally:
+        client.close()
+    status, body = post_generate(server, name, {"text_input": prompt, "max_tokens": 20, "min_tokens": 3,
+                                                "ignore_eos": True})
+    assert status == 200 and json.loads(body)["text_output"] == whole
+    for fields, message in (({"max_tokens": 4, "min_tokens": 9}, "min_tokens 9 is more than max_tokens 4"),
+                            ({"max_tokens": 4, "min_tokens": -1}, "min_tokens must be 0 or more, got -1")):
+        status, body = post_generate(server, name, {"text_input": prompt, **fields})
+        assert status == 400 and message in body, body
+
+
 def test_the_readmes_client_example_runs(server, capsys):
     """The README's Python client example, pointed at this server's ports and a served model."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()

@@ -264,6 +264,9 @@ def test_cli_generate_with_a_timeout_the_request_cannot_meet_says_so(server, cac
 def test_cli_generate_status_and_second_up(server, cache_dir, reference):
     result = invoke("generate", "--cache-dir", str(cache_dir), "--max-tokens", str(MAX_TOKENS), PROMPTS[1])
     assert result.exit_code == 0 and result.output == reference[PROMPTS[1]] + "\n"
+    result = invoke("generate", "--cache-dir", str(cache_dir), "--max-tokens", str(MAX_TOKENS), "--ignore-eos",
+                    "--min-tokens", "2", PROMPTS[1])
+    assert result.exit_code == 0 and result.output == reference[PROMPTS[1]] + "\n"  # no end-of-sentence here
     result = invoke("generate", "--cache-dir", str(cache_dir), "--max-tokens", str(MAX_TOKENS), "--stream", PROMPTS[1])
     assert result.exit_code == 0 and result.output == reference[PROMPTS[1]] + "\n"
     result = invoke("status", "--cache-dir", str(cache_dir))

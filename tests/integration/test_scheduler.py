@@ -664,3 +664,41 @@ def test_a_long_and_short_prompts_admitted_together_take_separate_calls_and_equa
         scheduler.stop()
     assert results == [greedy(model, prompt, max_tokens) for prompt, max_tokens in jobs]
     assert calls[:3] == [PREFILL, PREFILL, DECODE] and calls.count(PREFILL) == 2
+
+
+def test_min_tokens_masks_the_end_of_sentence_and_ignore_eos_runs_past_it_as_transformers_does(cache_dir):
+    """The greedy run's 3rd token made the end-of-sentence token: without controls the completion stops before it;
+    with min_tokens 6 it cannot come before 6 tokens (transformers' min_new_tokens); with ignore_eos the completion
+    is the whole greedy run, that token included."""
+    import torch
+
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        free = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    eos = free[2]
+    assert eos not in free[:2]
+
+    def reference(**controls):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=0, **controls)[0, len(prompt):].tolist()
+        return out[:out.index(eos)] if eos in out else out
+
+    scheduler = Scheduler(TorchRunner(model, 3, CAPACITY), eos_ids=[eos]).start()
+    results: dict = {}
+    done = threading.Semaphore(0)
+    cases = {"plain": Sampling(max_tokens=12), "min": Sampling(max_tokens=12, min_tokens=6),
+             "ignore": Sampling(max_tokens=12, ignore_eos=True)}
+    try:
+        for name, sampling in cases.items():
+            scheduler.submit(Sequence(prompt, sampling, on_finish=lambda s, e, name=name: (
+                results.__setitem__(name, e or list(s.generated)), done.release())))
+        for _ in cases:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert results["plain"] == free[:2] == reference()
+    assert results["min"] == reference(min_new_tokens=6) and len(results["min"]) >= 6
+    assert results["ignore"] == free

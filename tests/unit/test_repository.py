@@ -85,10 +85,10 @@ def test_text_generation_is_a_relay_and_a_scheduler_that_owns_the_engine(tmp_pat
     assert c["chat_stream"].model_transaction_policy.decoupled
     for name in ("chat", "chat_stream"):
         assert [i.name for i in c[name].input] == [
-            "text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stop"
-        ]
-        assert [i.optional for i in c[name].input] == [False] + [True] * 7
-        assert [list(i.dims) for i in c[name].input] == [[1]] * 7 + [[-1]]  # any number of stop strings
+            "text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stop", "min_tokens",
+            "ignore_eos"]
+        assert [i.optional for i in c[name].input] == [False] + [True] * 9
+        assert [list(i.dims) for i in c[name].input] == [[1]] * 7 + [[-1]] + [[1]] * 2  # any number of stop strings
         # Triton's queue only hands requests to the scheduler: the delay applies, preferred sizes do not.
         assert c[name].dynamic_batching.max_queue_delay_microseconds == 300
         assert list(c[name].dynamic_batching.preferred_batch_size) == []

@@ -24,6 +24,8 @@ GENERATION_INPUTS: tuple[tuple[str, str, bool, tuple[int, ...]], ...] = (
     ("seed", "TYPE_UINT64", True, (1,)),
     ("stream", "TYPE_BOOL", True, (1,)),
     ("stop", "TYPE_STRING", True, (-1,)),  # stop strings, for every prompt of the request
+    ("min_tokens", "TYPE_INT32", True, (1,)),  # the end-of-sentence token cannot come before this many tokens
+    ("ignore_eos", "TYPE_BOOL", True, (1,)),  # the end-of-sentence token does not end the completion
 )
 INPUT_NAMES = tuple(name for name, *_ in GENERATION_INPUTS)
 #: Stop strings a request may send, and the UTF-8 bytes of each.
@@ -178,6 +180,13 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
         )
     if any(stream) and n != 1:
         raise RequestError("stream is true: send one prompt per request")
+    min_tokens = _values(pb_utils, request, "min_tokens", n, 0, int,
+                         lambda v: None if 0 <= v <= INT32_MAX else "must be 0 or more")
+    ignore_eos = _values(pb_utils, request, "ignore_eos", n, False, bool, lambda v: None)
+    for row in range(n):
+        if min_tokens[row] > max_tokens[row]:
+            raise RequestError(f"min_tokens {min_tokens[row]} is more than max_tokens {max_tokens[row]}: ask for at "
+                               "most as many tokens at least as at most")
     stop = stop_strings(pb_utils, request)
     prompts = []
     for row, raw in enumerate(raw_prompts):
@@ -198,6 +207,8 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
                 "which must leave room for at least one new token: shorten the prompt"
             )
         room = limits.max_sequence_length - len(ids)
-        prompts.append(Prompt(ids, Sampling(min(max_tokens[row], room), temperature[row], top_p[row], top_k[row],
-                                            seed[row]), stop))
+        most = min(max_tokens[row], room)  # prompt and completion fit the context
+        prompts.append(Prompt(ids, Sampling(most, temperature[row], top_p[row], top_k[row], seed[row],
+                                            min_tokens=min(min_tokens[row], most), ignore_eos=ignore_eos[row]),
+                              stop))
     return ParsedRequest(prompts, bool(stream[0]))

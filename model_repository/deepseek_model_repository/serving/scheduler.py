@@ -69,13 +69,19 @@ OUTCOMES = (STOP, LENGTH, CANCELLED, TIMED_OUT, FAILED)
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen: greedy when ``temperature`` is 0."""
+    """How the next token is chosen: greedy when ``temperature`` is 0.
+
+    The end-of-sentence tokens cannot be chosen before ``min_tokens`` tokens (their logits are masked, as
+    transformers' ``min_new_tokens`` and vLLM's ``min_tokens`` do); with ``ignore_eos`` they are tokens like any
+    other and the completion ends only at ``max_tokens`` (or a stop string)."""
 
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: Optional[int] = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass(eq=False)
@@ -465,9 +471,16 @@ class Scheduler:
     def _advance(self, seq: Sequence, logits: StepLogits, row: int) -> None:
         """Choose the next token of ``seq`` (row ``row`` of the step), hand it on, and end the sequence when it is
         done.  Greedy rows take the step's argmax, computed where the logits are."""
-        token = int(logits.argmax()[row]) if seq.sampling.temperature == 0.0 else pick(logits.row(row), seq)
+        if self.eos and len(seq.generated) < seq.sampling.min_tokens:  # too early for the end of the sentence
+            masked = np.array(logits.row(row), dtype=np.float32)
+            masked[[t for t in self.eos if t < masked.size]] = -np.inf
+            token = pick(masked, seq)
+        elif seq.sampling.temperature == 0.0:
+            token = int(logits.argmax()[row])
+        else:
+            token = pick(logits.row(row), seq)
         now = time.monotonic()
-        if token in self.eos:
+        if token in self.eos and not seq.sampling.ignore_eos:
             self._finish(seq, None, STOP)
             return
         seq.generated.append(token)
