@@ -13,6 +13,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from .serving.limits import DETAILS
+
 
 class ServingError(RuntimeError):
     """The server answered with an error."""
@@ -31,8 +33,10 @@ def generation_inputs(
     stop: Sequence[str] = (),
     min_tokens: Optional[int] = None,
     ignore_eos: Optional[bool] = None,
+    details: Sequence[str] = (),
 ) -> list:
-    """InferInput objects for ``tritonclient.grpc`` or ``tritonclient.http`` (pass the module)."""
+    """InferInput objects for ``tritonclient.grpc`` or ``tritonclient.http`` (pass the module). ``details``: outputs
+    besides the text to ask for, from ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``."""
     inputs = []
 
     def add(name: str, datatype: str, value) -> None:
@@ -59,7 +63,21 @@ def generation_inputs(
         add("min_tokens", "INT32", np.array([[min_tokens]], dtype=np.int32))
     if ignore_eos is not None:
         add("ignore_eos", "BOOL", np.array([[ignore_eos]], dtype=bool))
+    for name in details:
+        add(f"return_{name}", "BOOL", np.array([[True]], dtype=bool))
     return inputs
+
+
+
+def details_of(result) -> dict:
+    """The detail outputs a response carries: {"finish_reason": "stop", "num_input_tokens": 5, ...}."""
+    out = {}
+    for name in DETAILS:
+        value = result.as_numpy(name)
+        if value is not None:
+            value = value.reshape(-1)[0]
+            out[name] = value.decode("utf-8") if isinstance(value, bytes) else int(value)
+    return out
 
 
 def text_of(result) -> str:
@@ -82,6 +100,16 @@ class GenerationClient:
                                              timeout=_micros(request_timeout_s)))
         except InferenceServerException as exc:
             raise ServingError(exc.message()) from None
+
+    def generate_with_details(self, prompt: str, request_timeout_s: Optional[float] = None,
+                              details: Sequence[str] = DETAILS, **controls) -> tuple[str, dict]:
+        """The whole completion and the ``details`` asked for (see :func:`details_of`)."""
+        try:
+            result = self.client.infer(self.model, generation_inputs(grpcclient, prompt, details=details, **controls),
+                                       timeout=_micros(request_timeout_s))
+        except InferenceServerException as exc:
+            raise ServingError(exc.message()) from None
+        return text_of(result), details_of(result)
 
     def stream(self, prompt: str, timeout: float = 300.0, request_timeout_s: Optional[float] = None,
                **controls) -> Iterator[str]:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from .serving.limits import GENERATION_INPUTS  # noqa: F401 - the generation models' inputs, defined once
+from .serving.limits import GENERATION_INPUTS, GENERATION_OUTPUTS  # noqa: F401 - the generation models' tensors
 from .serving.limits import RELAY_THREADS
 
 

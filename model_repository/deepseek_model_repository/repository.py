@@ -73,7 +73,7 @@ def client_model_outputs(info: dict[str, Any]) -> list[cfg.Tensor]:
     """Outputs of the client-facing model for the engine's task."""
     task = info["task"]
     if task == "text-generation":
-        return [cfg.Tensor("text_output", "TYPE_STRING", (1,))]
+        return [cfg.Tensor(name, data_type, dims) for name, data_type, dims in cfg.GENERATION_OUTPUTS]
     if task == "text-classification":
         return [
             cfg.Tensor("label", "TYPE_STRING", (1,)),

@@ -22,7 +22,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from deepseek_model_repository.client import GenerationClient, ServingError, generation_inputs, text_of
+from deepseek_model_repository.client import (GenerationClient, ServingError, details_of, generation_inputs,
+                                              text_of)
 from triton_harness import build, scheduler_metric, serve_engines, settled_scheduler_metric, tiny_resource
 
 pytestmark = [
@@ -437,6 +438,53 @@ def test_min_tokens_and_ignore_eos_reach_the_scheduler_by_every_way_in_and_bad_o
                             ({"max_tokens": 4, "min_tokens": -1}, "min_tokens must be 0 or more, got -1")):
         status, body = post_generate(server, name, {"text_input": prompt, **fields})
         assert status == 400 and message in body, body
+
+
+def test_a_request_that_asks_gets_its_finish_reason_and_token_counts_plain_streamed_and_through_generate(server,
+                                                                                                       engines):
+    """return_finish_reason / return_num_input_tokens / return_num_output_tokens (the inputs of Triton's vLLM
+    backend): "length" at max_tokens and "stop" at a stop string, the prompt's tokens as the tokenizer counts them;
+    nothing extra for a request that does not ask."""
+    from tokenizers import Tokenizer
+
+    name, prompt = "tiny-qwen2", "the of and to"
+    prompt_tokens = len(Tokenizer.from_file(str(engines[name] / "tokenizer" / "tokenizer.json")).encode(prompt).ids)
+    client = GenerationClient(server.endpoints["grpc"], name)
+    try:
+        whole, details = client.generate_with_details(prompt, max_tokens=12)
+        assert whole == client.generate(prompt, max_tokens=12)
+        assert details == {"finish_reason": "length", "num_input_tokens": prompt_tokens, "num_output_tokens": 12}
+        stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+        cut, details = client.generate_with_details(prompt, max_tokens=12, stop=[stop], details=["finish_reason"])
+        assert cut == whole[:whole.find(stop)] and details == {"finish_reason": "stop"}
+        raw = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+        try:
+            plain = raw.infer(name, generation_inputs(grpcclient, prompt, max_tokens=12))
+            assert [o.name for o in plain.get_response().outputs] == ["text_output"]
+            results = []
+            raw.start_stream(callback=lambda result, error: results.append(error or result))
+            raw.async_stream_infer(f"{name}_stream", generation_inputs(grpcclient, prompt, max_tokens=12, stream=True,
+                                                                       details=["num_output_tokens"]),
+                                   enable_empty_final_response=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (
+                    results and results[-1].get_response().parameters.get("triton_final_response", None) is not None
+                    and results[-1].get_response().parameters["triton_final_response"].bool_param):
+                time.sleep(0.01)
+            raw.stop_stream()
+        finally:
+            raw.close()
+        assert details_of(results[-1]) == {"num_output_tokens": 12}
+        assert all(details_of(r) == {} for r in results[:-1])
+        assert "".join(text_of(r) for r in results if r.as_numpy("text_output") is not None) == whole
+    finally:
+        client.close()
+    status, body = post_generate(server, name, {"text_input": prompt, "max_tokens": 12, "return_finish_reason": True,
+                                                "return_num_output_tokens": True})
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["text_output"] == whole and answer["finish_reason"] == "length"
+    assert answer["num_output_tokens"] == 12 and "num_input_tokens" not in answer
 
 
 def test_the_readmes_client_example_runs(server, capsys):

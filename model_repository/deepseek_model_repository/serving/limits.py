@@ -14,6 +14,18 @@ from dataclasses import dataclass
 from .scheduler import Sampling
 
 #: Inputs of the client-facing text-generation models.
+#: Outputs of the text-generation models: the completion, and what a request may ask about it with the BOOL input
+#: ``return_<name>`` (the names of Triton's vLLM backend, so its clients work here): how it ended (``stop``,
+#: ``length`` or ``cancelled``, as ``deepseek_scheduler_sequences_ended_total`` labels them), and its prompt's and
+#: its completion's tokens.  A stream carries them on its final response.
+GENERATION_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("text_output", "TYPE_STRING", (1,)),
+    ("finish_reason", "TYPE_STRING", (1,)),
+    ("num_input_tokens", "TYPE_UINT32", (1,)),
+    ("num_output_tokens", "TYPE_UINT32", (1,)),
+)
+OUTPUT_NAMES = tuple(name for name, *_ in GENERATION_OUTPUTS)
+DETAILS = OUTPUT_NAMES[1:]
 GENERATION_INPUTS: tuple[tuple[str, str, bool, tuple[int, ...]], ...] = (
     # name, Triton data type, optional, dims (without the batch dimension)
     ("text_input", "TYPE_STRING", False, (1,)),
@@ -26,6 +38,7 @@ GENERATION_INPUTS: tuple[tuple[str, str, bool, tuple[int, ...]], ...] = (
     ("stop", "TYPE_STRING", True, (-1,)),  # stop strings, for every prompt of the request
     ("min_tokens", "TYPE_INT32", True, (1,)),  # the end-of-sentence token cannot come before this many tokens
     ("ignore_eos", "TYPE_BOOL", True, (1,)),  # the end-of-sentence token does not end the completion
+    *((f"return_{name}", "TYPE_BOOL", True, (1,)) for name in DETAILS),
 )
 INPUT_NAMES = tuple(name for name, *_ in GENERATION_INPUTS)
 #: Stop strings a request may send, and the UTF-8 bytes of each.
@@ -76,6 +89,8 @@ class Prompt:
 class ParsedRequest:
     prompts: list[Prompt]
     stream: bool
+    #: The outputs of :data:`DETAILS` the request asked for.
+    details: tuple[str, ...] = ()
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -188,6 +203,8 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
             raise RequestError(f"min_tokens {min_tokens[row]} is more than max_tokens {max_tokens[row]}: ask for at "
                                "most as many tokens at least as at most")
     stop = stop_strings(pb_utils, request)
+    details = tuple(name for name in DETAILS
+                    if any(_values(pb_utils, request, f"return_{name}", n, False, bool, lambda v: None)))
     prompts = []
     for row, raw in enumerate(raw_prompts):
         if isinstance(raw, bytes):
@@ -211,4 +228,4 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
         prompts.append(Prompt(ids, Sampling(most, temperature[row], top_p[row], top_k[row], seed[row],
                                             min_tokens=min(min_tokens[row], most), ignore_eos=ignore_eos[row]),
                               stop))
-    return ParsedRequest(prompts, bool(stream[0]))
+    return ParsedRequest(prompts, bool(stream[0]), details)

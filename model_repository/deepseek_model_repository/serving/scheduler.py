@@ -114,6 +114,8 @@ class Sequence:
     expired: bool = False
     #: Prompt tokens in the cache: the prompt is prefilled in chunks when it is longer than an iteration's budget.
     prefilled: int = 0
+    #: How it ended (one of :data:`OUTCOMES`), set before ``on_finish`` is called.
+    outcome: Optional[str] = None
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -510,6 +512,7 @@ class Scheduler:
             if seq.finished:
                 return
             seq.finished = True
+            seq.outcome = outcome
         self.metrics.ended(outcome)
         if notify:
             try:

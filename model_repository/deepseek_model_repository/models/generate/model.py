@@ -159,9 +159,19 @@ class SchedulerMetrics:
                 count.increment(observed)
 
 
-def text_response(texts):
+def text_response(texts, details=(), seqs=()):
+    """The texts, one per prompt; with ``details`` (names of ``limits.DETAILS``), those outputs of ``seqs`` too."""
     array = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", array)])
+    tensors = [pb_utils.Tensor("text_output", array)]
+    for name in details:
+        if name == "finish_reason":
+            value = np.array([[s.outcome.encode("utf-8")] for s in seqs], dtype=np.object_)
+        elif name == "num_input_tokens":
+            value = np.array([[len(s.prompt_ids)] for s in seqs], dtype=np.uint32)
+        else:  # num_output_tokens
+            value = np.array([[len(s.generated)] for s in seqs], dtype=np.uint32)
+        tensors.append(pb_utils.Tensor(name, value))
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 class TritonPythonModel:
@@ -221,14 +231,15 @@ class TritonPythonModel:
                 continue
             timeout_s = min((t for t in (request_timeout_s(request), self.request_timeout_s) if t), default=None)
             if parsed.stream:
-                self.scheduler.submit(self._stream(parsed.prompts[0], sender, timeout_s))
+                self.scheduler.submit(self._stream(parsed.prompts[0], sender, timeout_s, parsed.details))
             else:
-                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID), timeout_s):
+                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID), timeout_s, parsed.details):
                     self.scheduler.submit(seq)
         return None
 
-    def _stream(self, prompt, sender, timeout_s=None):
-        """A streamed sequence: a response per piece of text (every ``stream_interval`` tokens), then a final one."""
+    def _stream(self, prompt, sender, timeout_s=None, details=()):
+        """A streamed sequence: a response per piece of text (every ``stream_interval`` tokens), then a final one
+        (with the ``details`` asked for)."""
         text = StreamedText(self.tokenizer, self.stream_interval, stops=prompt.stop)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -242,18 +253,19 @@ class TritonPythonModel:
             if error:
                 sender.send(error_response(error, TIMED_OUT if seq.expired else FAILED), flags=final)
                 return
-            sender.send(text_response([text.rest(seq.generated)]), flags=final)
+            sender.send(text_response([text.rest(seq.generated)], details, [seq]), flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
                         cancelled=client_gone(sender), timeout_s=timeout_s)
 
-    def _whole(self, prompts, sender, relay_id=None, timeout_s=None):
+    def _whole(self, prompts, sender, relay_id=None, timeout_s=None, details=()):
         """The sequences of a request answered in one response, sent when the last of them ends.
 
         A relayed request (``relay_id``) is told apart from its client by the relay: the relay's request is never
         cancelled, so its sequences are dropped when the relay names it in a cancel (and still answered, since the
         relay waits for the answer)."""
         texts = [None] * len(prompts)
+        seqs = []
         errors = []  # (message, whether the request's timeout passed)
         pending = [len(prompts)]
         cancelled, answer_when_gone = client_gone(sender), False
@@ -282,7 +294,7 @@ class TritonPythonModel:
                         response = error_response(message, TIMED_OUT if expired else FAILED,
                                                   relayed=relay_id is not None)
                     else:
-                        response = text_response(texts)
+                        response = text_response(texts, details, seqs)
                     sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
             return on_finish
@@ -298,9 +310,10 @@ class TritonPythonModel:
             return on_token
 
         stoppers = [StopText(self.tokenizer, p.stop) if p.stop else None for p in prompts]
-        return [Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=finisher(row, stopper),
-                         cancelled=cancelled, answer_when_gone=answer_when_gone, timeout_s=timeout_s)
-                for row, (p, stopper) in enumerate(zip(prompts, stoppers))]
+        seqs.extend(Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=finisher(row, stopper),
+                             cancelled=cancelled, answer_when_gone=answer_when_gone, timeout_s=timeout_s)
+                    for row, (p, stopper) in enumerate(zip(prompts, stoppers)))
+        return list(seqs)
 
     def _cancel_relayed(self, relay_id):
         """The relay's client went away: its sequences leave at the scheduler's next look (unknown: it ended)."""

@@ -91,7 +91,7 @@ class TritonPythonModel:
             self.inflight[relay_id] = relayed
         try:
             request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
-                                                requested_output_names=["text_output"],
+                                                requested_output_names=list(limits.OUTPUT_NAMES),
                                                 parameters={limits.RELAY_ID: relay_id}, timeout=timeout)
             for response in request.exec(decoupled=True):
                 if response.has_error():
