@@ -464,7 +464,8 @@ def test_a_request_that_asks_gets_its_finish_reason_and_token_counts_plain_strea
             results = []
             raw.start_stream(callback=lambda result, error: results.append(error or result))
             raw.async_stream_infer(f"{name}_stream", generation_inputs(grpcclient, prompt, max_tokens=12, stream=True,
-                                                                       details=["num_output_tokens"]),
+                                                                       details=["num_output_tokens",
+                                                                                "finish_reason"]),
                                    enable_empty_final_response=True)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not (
@@ -474,9 +475,10 @@ def test_a_request_that_asks_gets_its_finish_reason_and_token_counts_plain_strea
             raw.stop_stream()
         finally:
             raw.close()
-        assert details_of(results[-1]) == {"num_output_tokens": 12}
-        assert all(details_of(r) == {} for r in results[:-1])
+        counts = [details_of(r)["num_output_tokens"] for r in results]
+        assert sum(counts) == 12 and counts[0] == 1  # the tokens each response covers (the first token at once)
         assert "".join(text_of(r) for r in results if r.as_numpy("text_output") is not None) == whole
+        assert [details_of(r).get("finish_reason") for r in results] == [None] * (len(results) - 1) + ["length"]
     finally:
         client.close()
     status, body = post_generate(server, name, {"text_input": prompt, "max_tokens": 12, "return_finish_reason": True,

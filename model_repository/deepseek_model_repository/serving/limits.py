@@ -16,8 +16,9 @@ from .scheduler import Sampling
 #: Inputs of the client-facing text-generation models.
 #: Outputs of the text-generation models: the completion, and what a request may ask about it with the BOOL input
 #: ``return_<name>`` (the names of Triton's vLLM backend, so its clients work here): how it ended (``stop``,
-#: ``length`` or ``cancelled``, as ``deepseek_scheduler_sequences_ended_total`` labels them), and its prompt's and
-#: its completion's tokens.  A stream carries them on its final response.
+#: ``length`` or ``cancelled``, as ``deepseek_scheduler_sequences_ended_total`` labels them; on the final
+#: response), its prompt's tokens, and the tokens each response's text covers (as the vLLM backend counts them: a
+#: stream's add up to its completion's), on every response.
 GENERATION_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("text_output", "TYPE_STRING", (1,)),
     ("finish_reason", "TYPE_STRING", (1,)),

@@ -159,17 +159,22 @@ class SchedulerMetrics:
                 count.increment(observed)
 
 
-def text_response(texts, details=(), seqs=()):
-    """The texts, one per prompt; with ``details`` (names of ``limits.DETAILS``), those outputs of ``seqs`` too."""
+def text_response(texts, details=(), seqs=(), output_tokens=None):
+    """The texts, one per prompt; with ``details`` (names of ``limits.DETAILS``), those outputs of ``seqs`` too:
+    ``finish_reason`` once they have ended, ``num_output_tokens`` the tokens these texts cover (``output_tokens``,
+    else every token of each sequence)."""
     array = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
     tensors = [pb_utils.Tensor("text_output", array)]
     for name in details:
         if name == "finish_reason":
+            if any(s.outcome is None for s in seqs):
+                continue  # a stream's response before the last
             value = np.array([[s.outcome.encode("utf-8")] for s in seqs], dtype=np.object_)
         elif name == "num_input_tokens":
             value = np.array([[len(s.prompt_ids)] for s in seqs], dtype=np.uint32)
         else:  # num_output_tokens
-            value = np.array([[len(s.generated)] for s in seqs], dtype=np.uint32)
+            counts = output_tokens if output_tokens is not None else [len(s.generated) for s in seqs]
+            value = np.array([[n] for n in counts], dtype=np.uint32)
         tensors.append(pb_utils.Tensor(name, value))
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
@@ -242,18 +247,23 @@ class TritonPythonModel:
         (with the ``details`` asked for)."""
         text = StreamedText(self.tokenizer, self.stream_interval, stops=prompt.stop)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        sent = [0]  # tokens that the responses so far covered
+
+        def covered(seq):
+            count, sent[0] = len(seq.generated) - sent[0], len(seq.generated)
+            return [count]
 
         def on_token(seq, token):
             delta = text.step(seq.generated)
             if delta:
-                sender.send(text_response([delta]))
+                sender.send(text_response([delta], details, [seq], covered(seq)) if details else text_response([delta]))
             return text.stopped
 
         def on_finish(seq, error):
             if error:
                 sender.send(error_response(error, TIMED_OUT if seq.expired else FAILED), flags=final)
                 return
-            sender.send(text_response([text.rest(seq.generated)], details, [seq]), flags=final)
+            sender.send(text_response([text.rest(seq.generated)], details, [seq], covered(seq)), flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
                         cancelled=client_gone(sender), timeout_s=timeout_s)
