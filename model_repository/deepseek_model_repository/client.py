@@ -36,7 +36,8 @@ def generation_inputs(
     details: Sequence[str] = (),
 ) -> list:
     """InferInput objects for ``tritonclient.grpc`` or ``tritonclient.http`` (pass the module). ``details``: outputs
-    besides the text to ask for, from ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``."""
+    besides the text to ask for, from ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``,
+    ``cumulative_logprob``."""
     inputs = []
 
     def add(name: str, datatype: str, value) -> None:
@@ -76,7 +77,8 @@ def details_of(result) -> dict:
         value = result.as_numpy(name)
         if value is not None:
             value = value.reshape(-1)[0]
-            out[name] = value.decode("utf-8") if isinstance(value, bytes) else int(value)
+            out[name] = (value.decode("utf-8") if isinstance(value, bytes)
+                         else float(value) if name == "cumulative_logprob" else int(value))
     return out
 
 

@@ -440,20 +440,31 @@ def test_min_tokens_and_ignore_eos_reach_the_scheduler_by_every_way_in_and_bad_o
         assert status == 400 and message in body, body
 
 
-def test_a_request_that_asks_gets_its_finish_reason_and_token_counts_plain_streamed_and_through_generate(server,
-                                                                                                       engines):
-    """return_finish_reason / return_num_input_tokens / return_num_output_tokens (the inputs of Triton's vLLM
-    backend): "length" at max_tokens and "stop" at a stop string, the prompt's tokens as the tokenizer counts them;
-    nothing extra for a request that does not ask."""
+def test_a_request_that_asks_gets_its_finish_reason_token_counts_and_logprob_plain_streamed_and_through_generate(
+        server, engines, cache_dir):
+    """return_finish_reason / return_num_input_tokens / return_num_output_tokens / return_cumulative_logprob (the
+    inputs of Triton's vLLM backend): "length" at max_tokens and "stop" at a stop string, the prompt's tokens as the
+    tokenizer counts them, the completion's log-probability as transformers gives it; nothing extra for a request
+    that does not ask."""
+    import torch
     from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
 
     name, prompt = "tiny-qwen2", "the of and to"
-    prompt_tokens = len(Tokenizer.from_file(str(engines[name] / "tokenizer" / "tokenizer.json")).encode(prompt).ids)
+    prompt_ids = Tokenizer.from_file(str(engines[name] / "tokenizer" / "tokenizer.json")).encode(prompt).ids
+    model = AutoModelForCausalLM.from_pretrained(cache_dir / "tiny-models" / "qwen2-text-generation",
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    logprob = sum(float(torch.log_softmax(step[0].double(), -1)[t])
+                  for step, t in zip(out.logits, out.sequences[0, len(prompt_ids):]))
     client = GenerationClient(server.endpoints["grpc"], name)
     try:
         whole, details = client.generate_with_details(prompt, max_tokens=12)
         assert whole == client.generate(prompt, max_tokens=12)
-        assert details == {"finish_reason": "length", "num_input_tokens": prompt_tokens, "num_output_tokens": 12}
+        assert details.pop("cumulative_logprob") == pytest.approx(logprob, rel=1e-4)
+        assert details == {"finish_reason": "length", "num_input_tokens": len(prompt_ids), "num_output_tokens": 12}
         stop = whole[len(whole) // 2:len(whole) // 2 + 3]
         cut, details = client.generate_with_details(prompt, max_tokens=12, stop=[stop], details=["finish_reason"])
         assert cut == whole[:whole.find(stop)] and details == {"finish_reason": "stop"}

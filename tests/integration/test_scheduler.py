@@ -702,3 +702,30 @@ def test_min_tokens_masks_the_end_of_sentence_and_ignore_eos_runs_past_it_as_tra
     assert results["plain"] == free[:2] == reference()
     assert results["min"] == reference(min_new_tokens=6) and len(results["min"]) >= 6
     assert results["ignore"] == free
+
+
+def test_a_sequences_cumulative_logprob_is_the_sum_of_its_tokens_log_probabilities_under_the_raw_model(cache_dir):
+    """Greedy and sampled (temperature 0.8, top-k 50) beside each other: the sum of log softmax of the model's raw
+    logits at each token, as transformers gives them for the prompt and the completion in one pass."""
+    import torch
+
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    scheduler = Scheduler(TorchRunner(model, 2, CAPACITY), eos_ids=[1]).start()
+    prompt = [5, 6, 7, 8]
+    seqs = [Sequence(prompt, Sampling(max_tokens=10), logprobs=True),
+            Sequence(prompt, Sampling(max_tokens=10, temperature=0.8, top_k=50, seed=7), logprobs=True)]
+    done = threading.Semaphore(0)
+    for seq in seqs:
+        seq.on_finish = lambda s, e: done.release()
+        scheduler.submit(seq)
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    for seq in seqs:
+        ids = prompt + list(seq.generated)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        want = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(seq.generated))
+        assert seq.cumulative_logprob == pytest.approx(want, rel=1e-4, abs=1e-4)

@@ -17,13 +17,15 @@ from .scheduler import Sampling
 #: Outputs of the text-generation models: the completion, and what a request may ask about it with the BOOL input
 #: ``return_<name>`` (the names of Triton's vLLM backend, so its clients work here): how it ended (``stop``,
 #: ``length`` or ``cancelled``, as ``deepseek_scheduler_sequences_ended_total`` labels them; on the final
-#: response), its prompt's tokens, and the tokens each response's text covers (as the vLLM backend counts them: a
-#: stream's add up to its completion's), on every response.
+#: response), its prompt's tokens, the tokens each response's text covers (as the vLLM backend counts them: a
+#: stream's add up to its completion's), and the sum of its tokens' log-probabilities so far (under the model's raw
+#: distribution, before temperature, top-k or top-p), on every response.
 GENERATION_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("text_output", "TYPE_STRING", (1,)),
     ("finish_reason", "TYPE_STRING", (1,)),
     ("num_input_tokens", "TYPE_UINT32", (1,)),
     ("num_output_tokens", "TYPE_UINT32", (1,)),
+    ("cumulative_logprob", "TYPE_FP32", (1,)),
 )
 OUTPUT_NAMES = tuple(name for name, *_ in GENERATION_OUTPUTS)
 DETAILS = OUTPUT_NAMES[1:]

@@ -116,6 +116,9 @@ class Sequence:
     prefilled: int = 0
     #: How it ended (one of :data:`OUTCOMES`), set before ``on_finish`` is called.
     outcome: Optional[str] = None
+    #: Sum the log-probabilities of its tokens into ``cumulative_logprob`` (the model's raw distribution).
+    logprobs: bool = False
+    cumulative_logprob: float = 0.0
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -214,6 +217,13 @@ def pick(logits: np.ndarray, seq: Sequence) -> int:
         mask[keep] = probs[keep]
         probs = mask / mask.sum()
     return int(seq.rng.choice(probs.size, p=probs))
+
+
+def log_probability(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token], in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = np.max(x)
+    return float(x[token] - top - np.log(np.sum(np.exp(x - top))))
 
 
 def prefill_groups(chunks: Seq[int]) -> list[tuple[int, int]]:
@@ -481,6 +491,8 @@ class Scheduler:
             token = int(logits.argmax()[row])
         else:
             token = pick(logits.row(row), seq)
+        if seq.logprobs:
+            seq.cumulative_logprob += log_probability(logits.row(row), token)
         now = time.monotonic()
         if token in self.eos and not seq.sampling.ignore_eos:
             self._finish(seq, None, STOP)

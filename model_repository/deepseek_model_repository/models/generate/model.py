@@ -172,9 +172,11 @@ def text_response(texts, details=(), seqs=(), output_tokens=None):
             value = np.array([[s.outcome.encode("utf-8")] for s in seqs], dtype=np.object_)
         elif name == "num_input_tokens":
             value = np.array([[len(s.prompt_ids)] for s in seqs], dtype=np.uint32)
-        else:  # num_output_tokens
+        elif name == "num_output_tokens":
             counts = output_tokens if output_tokens is not None else [len(s.generated) for s in seqs]
             value = np.array([[n] for n in counts], dtype=np.uint32)
+        else:  # cumulative_logprob
+            value = np.array([[s.cumulative_logprob] for s in seqs], dtype=np.float32)
         tensors.append(pb_utils.Tensor(name, value))
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
@@ -266,7 +268,7 @@ class TritonPythonModel:
             sender.send(text_response([text.rest(seq.generated)], details, [seq], covered(seq)), flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
-                        cancelled=client_gone(sender), timeout_s=timeout_s)
+                        cancelled=client_gone(sender), timeout_s=timeout_s, logprobs="cumulative_logprob" in details)
 
     def _whole(self, prompts, sender, relay_id=None, timeout_s=None, details=()):
         """The sequences of a request answered in one response, sent when the last of them ends.
@@ -321,7 +323,8 @@ class TritonPythonModel:
 
         stoppers = [StopText(self.tokenizer, p.stop) if p.stop else None for p in prompts]
         seqs.extend(Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=finisher(row, stopper),
-                             cancelled=cancelled, answer_when_gone=answer_when_gone, timeout_s=timeout_s)
+                             cancelled=cancelled, answer_when_gone=answer_when_gone, timeout_s=timeout_s,
+                             logprobs="cumulative_logprob" in details)
                     for row, (p, stopper) in enumerate(zip(prompts, stoppers)))
         return list(seqs)
 
