@@ -34,6 +34,9 @@ def generation_inputs(
     min_tokens: Optional[int] = None,
     ignore_eos: Optional[bool] = None,
     details: Sequence[str] = (),
+    repetition_penalty: Optional[float] = None,
+    presence_penalty: Optional[float] = None,
+    frequency_penalty: Optional[float] = None,
 ) -> list:
     """InferInput objects for ``tritonclient.grpc`` or ``tritonclient.http`` (pass the module). ``details``: outputs
     besides the text to ask for, from ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``,
@@ -64,6 +67,10 @@ def generation_inputs(
         add("min_tokens", "INT32", np.array([[min_tokens]], dtype=np.int32))
     if ignore_eos is not None:
         add("ignore_eos", "BOOL", np.array([[ignore_eos]], dtype=bool))
+    for name, value in (("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty)):
+        if value is not None:
+            add(name, "FP32", np.array([[value]], dtype=np.float32))
     for name in details:
         add(f"return_{name}", "BOOL", np.array([[True]], dtype=bool))
     return inputs

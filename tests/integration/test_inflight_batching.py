@@ -500,6 +500,36 @@ def test_a_request_that_asks_gets_its_finish_reason_token_counts_and_logprob_pla
     assert answer["num_output_tokens"] == 12 and "num_input_tokens" not in answer
 
 
+def test_a_repetition_penalty_gives_transformers_text_and_bad_penalties_are_refused_by_name(server, engines,
+                                                                                            cache_dir):
+    """repetition_penalty through HTTP generate and gRPC streams equals transformers' generate with the same penalty;
+    out-of-range penalties are refused with 400, naming the field."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, prompt = "tiny-qwen2", "the of the of the of"
+    tokenizer = AutoTokenizer.from_pretrained(engines[name] / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(cache_dir / "tiny-models" / "qwen2-text-generation",
+                                                 dtype=torch.float32).eval()
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**enc, do_sample=False, max_new_tokens=16, repetition_penalty=1.3)
+    want = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    status, body = post_generate(server, name, {"text_input": prompt, "max_tokens": 16, "repetition_penalty": 1.3})
+    assert status == 200 and json.loads(body)["text_output"] == want
+    client = GenerationClient(server.endpoints["grpc"], name)
+    try:
+        assert "".join(client.stream(prompt, max_tokens=16, repetition_penalty=1.3)) == want
+        assert client.generate(prompt, max_tokens=16) != want  # the penalty changed the completion
+    finally:
+        client.close()
+    for fields, message in (({"repetition_penalty": 0}, "repetition_penalty must be positive"),
+                            ({"presence_penalty": 2.5}, "presence_penalty must be between -2 and 2"),
+                            ({"frequency_penalty": -3}, "frequency_penalty must be between -2 and 2")):
+        status, body = post_generate(server, name, {"text_input": prompt, "max_tokens": 4, **fields})
+        assert status == 400 and message in body, body
+
+
 def test_the_readmes_client_example_runs(server, capsys):
     """The README's Python client example, pointed at this server's ports and a served model."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()

@@ -729,3 +729,48 @@ def test_a_sequences_cumulative_logprob_is_the_sum_of_its_tokens_log_probabiliti
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
         want = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(seq.generated))
         assert seq.cumulative_logprob == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_penalties_change_the_greedy_choice_as_transformers_and_openai_define_them(cache_dir):
+    """repetition_penalty 1.3 equals transformers' generate(repetition_penalty=1.3); presence 0.7 with frequency
+    0.4 equals a step-by-step reference that subtracts them from the raw logits of the completion's tokens; the two
+    beside an unpenalized sequence, in one batch."""
+    import torch
+
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    prompt = [5, 6, 7, 8, 5, 6]
+
+    def openai_reference(presence, frequency, steps):
+        ids, out = list(prompt), []
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1].double()
+            for token in set(out):
+                logits[token] -= presence + frequency * out.count(token)
+            token = int(torch.argmax(logits))
+            if token == 1:
+                break
+            out.append(token)
+            ids.append(token)
+        return out
+
+    with torch.no_grad():
+        repeated = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=1,
+                                  pad_token_id=1, repetition_penalty=1.3)[0, len(prompt):].tolist()
+    repeated = repeated[:repeated.index(1)] if 1 in repeated else repeated
+    seqs = {"none": Sequence(prompt, Sampling(max_tokens=16)),
+            "repetition": Sequence(prompt, Sampling(max_tokens=16, repetition_penalty=1.3)),
+            "openai": Sequence(prompt, Sampling(max_tokens=16, presence_penalty=0.7, frequency_penalty=0.4))}
+    scheduler = Scheduler(TorchRunner(model, 3, CAPACITY), eos_ids=[1]).start()
+    done = threading.Semaphore(0)
+    for seq in seqs.values():
+        seq.on_finish = lambda s, e: done.release()
+        scheduler.submit(seq)
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert seqs["none"].generated == greedy(model, prompt, 16)
+    assert seqs["repetition"].generated == repeated != seqs["none"].generated
+    assert seqs["openai"].generated == openai_reference(0.7, 0.4, 16) != seqs["none"].generated

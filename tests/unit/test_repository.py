@@ -86,10 +86,10 @@ def test_text_generation_is_a_relay_and_a_scheduler_that_owns_the_engine(tmp_pat
     for name in ("chat", "chat_stream"):
         assert [i.name for i in c[name].input] == [
             "text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stop", "min_tokens",
-            "ignore_eos", "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens",
-            "return_cumulative_logprob"]
-        assert [i.optional for i in c[name].input] == [False] + [True] * 13
-        assert [list(i.dims) for i in c[name].input] == [[1]] * 7 + [[-1]] + [[1]] * 6  # any number of stop strings
+            "ignore_eos", "repetition_penalty", "presence_penalty", "frequency_penalty", "return_finish_reason",
+            "return_num_input_tokens", "return_num_output_tokens", "return_cumulative_logprob"]
+        assert [i.optional for i in c[name].input] == [False] + [True] * 16
+        assert [list(i.dims) for i in c[name].input] == [[1]] * 7 + [[-1]] + [[1]] * 9  # any number of stop strings
         assert [o.name for o in c[name].output] == ["text_output", "finish_reason", "num_input_tokens",
                                                     "num_output_tokens", "cumulative_logprob"]
         # Triton's queue only hands requests to the scheduler: the delay applies, preferred sizes do not.

@@ -41,6 +41,9 @@ GENERATION_INPUTS: tuple[tuple[str, str, bool, tuple[int, ...]], ...] = (
     ("stop", "TYPE_STRING", True, (-1,)),  # stop strings, for every prompt of the request
     ("min_tokens", "TYPE_INT32", True, (1,)),  # the end-of-sentence token cannot come before this many tokens
     ("ignore_eos", "TYPE_BOOL", True, (1,)),  # the end-of-sentence token does not end the completion
+    ("repetition_penalty", "TYPE_FP32", True, (1,)),  # > 0; 1 is none (tokens of the prompt and the completion)
+    ("presence_penalty", "TYPE_FP32", True, (1,)),  # -2..2; 0 is none (tokens of the completion)
+    ("frequency_penalty", "TYPE_FP32", True, (1,)),  # -2..2; 0 is none (per occurrence in the completion)
     *((f"return_{name}", "TYPE_BOOL", True, (1,)) for name in DETAILS),
 )
 INPUT_NAMES = tuple(name for name, *_ in GENERATION_INPUTS)
@@ -201,6 +204,12 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
     min_tokens = _values(pb_utils, request, "min_tokens", n, 0, int,
                          lambda v: None if 0 <= v <= INT32_MAX else "must be 0 or more")
     ignore_eos = _values(pb_utils, request, "ignore_eos", n, False, bool, lambda v: None)
+    repetition = _values(pb_utils, request, "repetition_penalty", n, 1.0, float,
+                         lambda v: None if 0 < v < float("inf") else "must be positive (1 is no penalty)")
+    presence = _values(pb_utils, request, "presence_penalty", n, 0.0, float,
+                       lambda v: None if -2.0 <= v <= 2.0 else "must be between -2 and 2")
+    frequency = _values(pb_utils, request, "frequency_penalty", n, 0.0, float,
+                        lambda v: None if -2.0 <= v <= 2.0 else "must be between -2 and 2")
     for row in range(n):
         if min_tokens[row] > max_tokens[row]:
             raise RequestError(f"min_tokens {min_tokens[row]} is more than max_tokens {max_tokens[row]}: ask for at "
@@ -229,6 +238,8 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
         room = limits.max_sequence_length - len(ids)
         most = min(max_tokens[row], room)  # prompt and completion fit the context
         prompts.append(Prompt(ids, Sampling(most, temperature[row], top_p[row], top_k[row], seed[row],
-                                            min_tokens=min(min_tokens[row], most), ignore_eos=ignore_eos[row]),
+                                            min_tokens=min(min_tokens[row], most), ignore_eos=ignore_eos[row],
+                                            repetition_penalty=repetition[row], presence_penalty=presence[row],
+                                            frequency_penalty=frequency[row]),
                               stop))
     return ParsedRequest(prompts, bool(stream[0]), details)

@@ -73,7 +73,11 @@ class Sampling:
 
     The end-of-sentence tokens cannot be chosen before ``min_tokens`` tokens (their logits are masked, as
     transformers' ``min_new_tokens`` and vLLM's ``min_tokens`` do); with ``ignore_eos`` they are tokens like any
-    other and the completion ends only at ``max_tokens`` (or a stop string)."""
+    other and the completion ends only at ``max_tokens`` (or a stop string).  Penalties change the logits before
+    the choice, as vLLM applies them: ``repetition_penalty`` divides the positive logits (and multiplies the
+    negative ones) of every token of the prompt and the completion so far (transformers' ``repetition_penalty``);
+    then each token of the completion so far loses ``presence_penalty`` once and ``frequency_penalty`` per
+    occurrence (OpenAI's penalties)."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -82,6 +86,13 @@ class Sampling:
     seed: Optional[int] = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(eq=False)
@@ -217,6 +228,20 @@ def pick(logits: np.ndarray, seq: Sequence) -> int:
         mask[keep] = probs[keep]
         probs = mask / mask.sum()
     return int(seq.rng.choice(probs.size, p=probs))
+
+
+def penalize(logits: np.ndarray, seq: "Sequence") -> None:
+    """Apply ``seq``'s repetition, presence and frequency penalties to ``logits`` (a row, changed in place)."""
+    s = seq.sampling
+    if s.repetition_penalty != 1.0:
+        seen = np.unique(np.asarray(seq.prompt_ids + seq.generated, dtype=np.int64))
+        seen = seen[seen < logits.size]
+        values = logits[seen]
+        logits[seen] = np.where(values > 0, values / s.repetition_penalty, values * s.repetition_penalty)
+    if seq.generated and (s.presence_penalty or s.frequency_penalty):
+        ids, counts = np.unique(np.asarray(seq.generated, dtype=np.int64), return_counts=True)
+        keep = ids < logits.size
+        logits[ids[keep]] -= s.frequency_penalty * counts[keep] + s.presence_penalty
 
 
 def log_probability(logits: np.ndarray, token: int) -> float:
@@ -483,10 +508,14 @@ class Scheduler:
     def _advance(self, seq: Sequence, logits: StepLogits, row: int) -> None:
         """Choose the next token of ``seq`` (row ``row`` of the step), hand it on, and end the sequence when it is
         done.  Greedy rows take the step's argmax, computed where the logits are."""
-        if self.eos and len(seq.generated) < seq.sampling.min_tokens:  # too early for the end of the sentence
-            masked = np.array(logits.row(row), dtype=np.float32)
-            masked[[t for t in self.eos if t < masked.size]] = -np.inf
-            token = pick(masked, seq)
+        early = bool(self.eos) and len(seq.generated) < seq.sampling.min_tokens  # too early for the end of sentence
+        if early or seq.sampling.penalized:
+            changed = np.array(logits.row(row), dtype=np.float32)  # a copy: the step's logits stay raw
+            if seq.sampling.penalized:
+                penalize(changed, seq)
+            if early:
+                changed[[t for t in self.eos if t < changed.size]] = -np.inf
+            token = pick(changed, seq)
         elif seq.sampling.temperature == 0.0:
             token = int(logits.argmax()[row])
         else:
