@@ -8,7 +8,9 @@ prompt's time to first token, and the decoders' tokens/s from its arrival to its
 same run, is a budget of 2,048, which takes the whole prompt in one prefill (the scheduler before chunking always
 did); the budgets alternate round by round, so load from elsewhere hits them alike.
 
-Then, at the runner, prompts of mixed lengths admitted together into an empty cache: one engine call padded to the
+Then the prefix sharing: a request whose prompt starts with the same 1,000-token system prompt as a sequence that
+decodes, its time to first token with ``share_prefixes`` on (the start copied from that sequence's cache) and off.
+And, at the runner, prompts of mixed lengths admitted together into an empty cache: one engine call padded to the
 longest (the scheduler before it split its prefills) against the calls ``prefill_groups`` makes of them.
 
 It runs the same ``Scheduler`` and ``OrtRunner`` as the served model, in a process that imports only the serving
@@ -96,6 +98,44 @@ def one_round(runner, budget: int, seed: int, long_prompt: int = LONG_PROMPT) ->
             "ttft_ms": (got - arrived) * 1000, "decoder_tokens": tokens, "decoder_tokens_per_s": tokens / (got - arrived)}
 
 
+#: The prefix-sharing measurement: a system prompt of this many tokens, then a question of its own for each request.
+SYSTEM_PROMPT, QUESTION = 1000, 20
+
+
+def prefix_round(runner, share: bool, seed: int) -> dict[str, float]:
+    """One sequence decodes with a prompt that starts with a 1,000-token system prompt; a second request with the same
+    system prompt and its own question arrives: its time to first token, with the scheduler's prefix sharing on or
+    off."""
+    from deepseek_model_repository.serving.scheduler import Sampling, Scheduler, Sequence
+
+    rng = np.random.default_rng(seed)
+    system = rng.integers(3, 2000, SYSTEM_PROMPT).tolist()
+    scheduler = Scheduler(runner, eos_ids=[], share_prefixes=share).start()
+    running, stop, first = threading.Event(), threading.Event(), {}
+    decoding = Sequence(system + rng.integers(3, 2000, QUESTION).tolist(), Sampling(max_tokens=CAPACITY // 2),
+                        on_token=lambda seq, token: len(seq.generated) >= 4 and running.set(), cancelled=stop.is_set)
+    done = threading.Event()
+    joining = Sequence(system + rng.integers(3, 2000, QUESTION).tolist(), Sampling(max_tokens=2),
+                       on_token=lambda seq, token: first.setdefault("at", time.perf_counter()),
+                       on_finish=lambda seq, error: done.set())
+    try:
+        scheduler.submit(decoding)
+        if not running.wait(120):
+            raise RuntimeError("the first sequence did not start within 120 s")
+        arrived = time.perf_counter()
+        scheduler.submit(joining)
+        if not done.wait(120):
+            raise RuntimeError("the second request did not finish within 120 s")
+        stop.set()
+        deadline = time.monotonic() + 60
+        while scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        scheduler.stop()
+    return {"ttft_ms": (first["at"] - arrived) * 1000}
+
+
 #: Prompts admitted together in the padding measurement: one long among short ones, and the reverse order.
 MIXED_ADMISSIONS = ((1000,) + (20,) * 7, (20,) * 7 + (1000,), (300,) + (20,) * 4)
 
@@ -139,6 +179,14 @@ def measure(engine_dir: Path, rounds: int) -> dict[str, Any]:
     for _ in range(rounds + 1):
         for chunks in MIXED_ADMISSIONS:
             padding[",".join(map(str, chunks))].append(padding_round(runner, chunks))
+    sharing: dict[str, list[float]] = {"off": [], "on": []}
+    for r in range(rounds + 1):
+        for share in (False, True):
+            ttft = prefix_round(runner, share, seed=100 + r)["ttft_ms"]
+            if r:  # the first of each is a warm-up
+                sharing["on" if share else "off"].append(ttft)
+    out["prefix_sharing"] = {key: round(float(np.median(v)), 1) for key, v in sharing.items()}
+    out["prefix_sharing"]["speedup"] = round(out["prefix_sharing"]["off"] / out["prefix_sharing"]["on"], 2)
     out["padding"] = {}
     for key, rows in padding.items():
         rows = rows[1:]  # the first of each is a warm-up
@@ -183,7 +231,7 @@ def main() -> int:
           f"{'x whole':>8} {'decoders tok/s':>15}")
     for arch, rows in result["results"].items():
         for budget, row in rows.items():
-            if budget == "padding":
+            if budget in ("padding", "prefix_sharing"):
                 continue
             row["longest_gap_vs_whole"] = round(row["longest_gap_ms"] / rows[str(base)]["longest_gap_ms"], 2)
             row["ttft_vs_whole"] = round(row["ttft_ms"] / rows[str(base)]["ttft_ms"], 2)
@@ -197,6 +245,10 @@ def main() -> int:
             label = " + ".join(f"{counts.count(n)} x {n}" if counts.count(n) > 1 else n for n in dict.fromkeys(counts))
             print(f"{arch:<12} {label:<28} {row['one_padded_call_ms']:>13.1f} ms {row['grouped_calls_ms']:>11.1f} ms "
                   f"{row['speedup']:>7.2f}x")
+    print(f"\n{'model':<12} {'TTFT, 1,000-token shared start: prefilled':>42} {'copied':>9} {'speedup':>8}")
+    for arch, rows in result["results"].items():
+        row = rows["prefix_sharing"]
+        print(f"{arch:<12} {row['off']:>39.1f} ms {row['on']:>6.1f} ms {row['speedup']:>7.2f}x")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

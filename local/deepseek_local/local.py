@@ -558,6 +558,7 @@ def repository_options(resource: api.DeepSeekModel) -> dict[str, Any]:
         "engine_threads": serving.engine_threads,
         "request_timeout_s": serving.request_timeout_seconds,
         "prefill_chunk_tokens": serving.prefill_chunk_tokens,
+        "share_prefixes": serving.prefix_sharing,
     }
 
 

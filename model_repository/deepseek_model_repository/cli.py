@@ -39,6 +39,8 @@ from .repository import (DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL, Reposi
 @click.option("--prefill-chunk-tokens", type=click.IntRange(min=1), default=DEFAULT_PREFILL_TOKENS, show_default=True,
               help="Text generation: prompt tokens prefilled per scheduler iteration; a longer prompt is prefilled in "
               "chunks, the running sequences decoding between them.")
+@click.option("--no-prefix-sharing", is_flag=True,
+              help="Text generation: prefill every prompt whole, never copying its start from another sequence's cache.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per replica.")
 @click.option("--instance-count", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--runtime", type=click.Choice(["triton", "local"]), default="triton", show_default=True)
@@ -55,6 +57,7 @@ def repository(
     engine_threads: int,
     request_timeout_seconds: float,
     prefill_chunk_tokens: int,
+    no_prefix_sharing: bool,
     gpus: int,
     instance_count: int,
     runtime: str,
@@ -86,6 +89,7 @@ def repository(
             engine_threads=engine_threads,
             request_timeout_s=request_timeout_seconds,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            share_prefixes=not no_prefix_sharing,
             link=not copy_files,
         )
     except RepositoryError as exc:

@@ -105,6 +105,7 @@ def render_configs(
     engine_threads: int = 0,
     request_timeout_s: float = 0,
     prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS,
+    share_prefixes: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The config dicts of every model in the repository, keyed by model name (pure: no I/O)."""
     if runtime not in ("triton", "local"):
@@ -147,7 +148,8 @@ def render_configs(
                         "default_max_tokens": str(default_max_tokens), "stream_interval": str(stream_interval),
                         "engine_threads": str(engine_threads), "device": "cuda" if gpus > 0 else "cpu",
                         "request_timeout_s": repr(float(request_timeout_s)),
-                        "prefill_chunk_tokens": str(prefill_chunk_tokens)},
+                        "prefill_chunk_tokens": str(prefill_chunk_tokens),
+                        "share_prefixes": "true" if share_prefixes else "false"},
         )
         for c in configs.values():
             cfg.to_proto(c)
@@ -238,6 +240,7 @@ def write_repository(
     engine_threads: int = 0,
     request_timeout_s: float = 0,
     prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS,
+    share_prefixes: bool = True,
 ) -> Path:
     """Write (or replace) this engine's models in ``output_dir`` and return it.
 
@@ -266,6 +269,7 @@ def write_repository(
         engine_threads=engine_threads,
         request_timeout_s=request_timeout_s,
         prefill_chunk_tokens=prefill_chunk_tokens,
+        share_prefixes=share_prefixes,
     )
     names = ModelNames.of(model_name)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -326,6 +326,13 @@ class ServingSpec(_Model):
         "is this plus 10 s. Set it at least as long as your longest generation (or serving.requestTimeoutSeconds), "
         "or requests still running when it passes are cut off.",
     )
+    prefix_sharing: bool = Field(
+        default=True,
+        description="Text generation: when a prompt that joins starts with tokens another sequence's KV cache already "
+        "holds (a shared system prompt, a conversation's earlier turns, the same prompt again), copy their keys and "
+        "values into its slot instead of prefilling them (at least 16 tokens; its last token is always prefilled). "
+        "The completions are the same either way; false prefills every prompt whole.",
+    )
     prefill_chunk_tokens: int = Field(
         default=DEFAULT_PREFILL_TOKENS,
         ge=1,

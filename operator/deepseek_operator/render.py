@@ -310,6 +310,8 @@ def repository_command(model: DeepSeekModel, spec_key: str) -> list[str]:
         args += ["--engine-threads", str(serving.engine_threads)]
     if serving.request_timeout_seconds:
         args += ["--request-timeout-seconds", f"{serving.request_timeout_seconds:g}"]
+    if not serving.prefix_sharing:
+        args += ["--no-prefix-sharing"]
     if serving.prefill_chunk_tokens != DEFAULT_PREFILL_TOKENS:
         args += ["--prefill-chunk-tokens", str(serving.prefill_chunk_tokens)]
     args += ["--gpus", str(serving.gpus_per_replica)]

@@ -530,6 +530,38 @@ def test_a_repetition_penalty_gives_transformers_text_and_bad_penalties_are_refu
         assert status == 400 and message in body, body
 
 
+def test_a_prompt_sent_again_while_the_first_decodes_copies_its_start_and_completes_as_transformers(server, engines,
+                                                                                                    cache_dir):
+    """The same 20-odd-token prompt twice, the second while the first streams: the second copies all but its last
+    prompt token from the first's cache (deepseek_scheduler_prefix_shared_tokens_total), and its text is
+    transformers'."""
+    from tokenizers import Tokenizer
+
+    name = "tiny-qwen2"
+    prompt = " ".join(WORDS)
+    ids = Tokenizer.from_file(str(engines[name] / "tokenizer" / "tokenizer.json")).encode(prompt).ids
+    assert len(ids) > 17
+    [want] = reference(engines[name], cache_dir / "tiny-models" / "qwen2-text-generation", [(prompt, 10)])
+    before = settled_scheduler_metric(server, "prefix_shared_tokens_total", name)
+    streaming, started = GenerationClient(server.endpoints["grpc"], name), threading.Event()
+
+    def first():
+        for _ in streaming.stream(prompt, max_tokens=200):
+            started.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    client = GenerationClient(server.endpoints["grpc"], name)
+    try:
+        assert started.wait(30)
+        assert client.generate(prompt, max_tokens=10) == want
+    finally:
+        thread.join(60)
+        client.close()
+        streaming.close()
+    assert settled_scheduler_metric(server, "prefix_shared_tokens_total", name) - before == len(ids) - 1
+
+
 def test_the_readmes_client_example_runs(server, capsys):
     """The README's Python client example, pointed at this server's ports and a served model."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()

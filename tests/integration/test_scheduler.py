@@ -774,3 +774,48 @@ def test_penalties_change_the_greedy_choice_as_transformers_and_openai_define_th
     assert seqs["none"].generated == greedy(model, prompt, 16)
     assert seqs["repetition"].generated == repeated != seqs["none"].generated
     assert seqs["openai"].generated == openai_reference(0.7, 0.4, 16) != seqs["none"].generated
+
+
+@pytest.mark.parametrize("arch, runtime", [("qwen2", "pytorch"), ("deepseek_v3", "onnxruntime")])
+def test_prompts_that_start_like_a_cached_sequence_copy_that_start_and_equal_transformers(cache_dir, arch, runtime):
+    """While one sequence decodes, three join: one sharing 18 tokens of its prompt, one its whole prompt, one its
+    prompt and first completion tokens. Each copies the shared start from its cache (the last prompt token is always
+    prefilled) and completes as transformers does alone; with sharing off nothing is copied and the text is the
+    same."""
+    import json
+
+    model = hf_model(tiny_model(cache_dir, arch))
+    if runtime == "pytorch":
+        runner = TorchRunner(model, 4, CAPACITY)
+    else:
+        engine = build(tiny_resource(cache_dir, f"sched-{arch.replace('_', '-')}", arch=arch), cache_dir)
+        runner = open_runner(engine, json.loads((engine / "model-info.json").read_text()), 4, CAPACITY)
+    base = [3 + (i * 41) % 1900 for i in range(24)]
+    results = {}
+    for share in (True, False):
+        shared: list = []
+
+        class Shared(NoMetrics):
+            def prefix_shared(self, tokens):
+                shared.append(tokens)
+
+        scheduler = Scheduler(runner, eos_ids=[1], metrics=Shared(), share_prefixes=share).start()
+        started, done = threading.Event(), threading.Semaphore(0)
+        first = Sequence(base, Sampling(max_tokens=20), on_finish=lambda s, e: done.release(),
+                         on_token=lambda s, t: len(s.generated) >= 6 and started.set())
+        try:
+            scheduler.submit(first)
+            assert started.wait(60)
+            joining = [base[:18] + [7, 8, 9, 10], list(base), base + list(first.generated[:4])]
+            seqs = [Sequence(p, Sampling(max_tokens=8), on_finish=lambda s, e: done.release()) for p in joining]
+            for seq in seqs:
+                scheduler.submit(seq)
+            for _ in range(4):
+                assert done.acquire(timeout=60)
+        finally:
+            scheduler.stop()
+        results[share] = [list(first.generated)] + [list(s.generated) for s in seqs]
+        assert sorted(shared) == ([18, 23, 27] if share else [])
+        assert results[share] == [greedy(model, base, 20)] + [greedy(model, p, 8) for p in joining]
+        assert int(runner.cache.lengths.sum()) == 0
+    assert results[True] == results[False]

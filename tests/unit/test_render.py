@@ -280,6 +280,7 @@ def test_a_prefill_chunk_reaches_the_repository_and_the_default_writes_no_flag()
         return deployment["spec"]["template"]["spec"]["initContainers"][0]["command"]
 
     assert "--prefill-chunk-tokens" not in command({})  # the Deployments of CRs without it keep their pod template
+    assert "--no-prefix-sharing" not in command({}) and "--no-prefix-sharing" in command({"serving.prefixSharing": False})
     got = command({"serving.prefillChunkTokens": 256})
     assert got[got.index("--prefill-chunk-tokens") + 1] == "256"
 
@@ -302,7 +303,8 @@ def test_the_local_mode_writes_the_repository_the_init_container_writes():
     model = make_model("r1", {"serving.dynamicBatching": {"maxQueueDelayMicroseconds": 250,
                                                            "preferredBatchSizes": [4, 8]},
                               "serving.streamInterval": 4, "serving.engineThreads": 3,
-                              "serving.requestTimeoutSeconds": 90, "serving.prefillChunkTokens": 512, **CPU})
+                              "serving.requestTimeoutSeconds": 90, "serving.prefillChunkTokens": 512,
+                              "serving.prefixSharing": False, **CPU})
     command = render.repository_command(model, "key123")
     options = local.repository_options(model)
 
@@ -315,6 +317,7 @@ def test_the_local_mode_writes_the_repository_the_init_container_writes():
     assert flag("--engine-threads") == [str(options["engine_threads"])] == ["3"]
     assert [float(v) for v in flag("--request-timeout-seconds")] == [options["request_timeout_s"]] == [90]
     assert flag("--prefill-chunk-tokens") == [str(options["prefill_chunk_tokens"])] == ["512"]
+    assert "--no-prefix-sharing" in command and options["share_prefixes"] is False
 
 
 @pytest.mark.parametrize("patch", [{}, CPU, AUTOSCALED])

@@ -219,6 +219,16 @@ def test_a_prefill_chunk_goes_to_the_scheduler_model_and_below_one_token_is_refu
     assert result.exit_code != 0 and "--prefill-chunk-tokens" in result.output
 
 
+def test_prefix_sharing_is_on_unless_turned_off(tmp_path):
+    engine = engine_dir(tmp_path)
+    c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton"))
+    assert c["m_stream"].parameters["share_prefixes"].string_value == "true"
+    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo2"),
+                                             "--model-name", "m", "--no-prefix-sharing"])
+    assert result.exit_code == 0, result.output
+    assert configs(tmp_path / "repo2")["m_stream"].parameters["share_prefixes"].string_value == "false"
+
+
 def test_a_request_timeout_goes_to_the_scheduler_model_and_below_zero_is_refused(tmp_path):
     engine = engine_dir(tmp_path)
     c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton"))

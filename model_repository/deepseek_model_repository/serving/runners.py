@@ -170,6 +170,13 @@ class KvCache:
         self.lengths[target] = n
         self.lengths[source] = 0
 
+    def copy_prefix(self, source: int, target: int, n: int) -> None:
+        """Copy the first ``n`` positions of one slot into another, which then holds just those."""
+        for layer in self.layers:
+            for tensor in layer:
+                tensor[target, :, :n] = tensor[source, :, :n]
+        self.lengths[target] = n
+
     def clear(self, slot: int) -> None:
         self.lengths[slot] = 0
 

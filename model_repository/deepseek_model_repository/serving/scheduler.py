@@ -58,6 +58,8 @@ STALL_S = 60.0
 DEFAULT_PREFILL_TOKENS = 2048
 #: Padding a prefill call may carry beyond a quarter of its real tokens (:func:`prefill_groups`).
 PREFILL_PAD_SLACK = 64
+#: The shortest start of a prompt worth copying from another sequence's cache rather than prefilling.
+PREFIX_MIN_TOKENS = 16
 
 #: The phases of an engine call, as the metrics label them.
 PREFILL, DECODE = "prefill", "decode"
@@ -177,6 +179,9 @@ class Metrics(Protocol):
     def ended(self, outcome: str) -> None:
         """A sequence ended; ``outcome`` is one of :data:`OUTCOMES`."""
 
+    def prefix_shared(self, tokens: int) -> None:
+        """An admitted prompt's first ``tokens`` were copied from another sequence's cache, not prefilled."""
+
     def publish(self) -> None: ...
 
 
@@ -200,6 +205,9 @@ class NoMetrics:
         pass
 
     def ended(self, outcome):
+        pass
+
+    def prefix_shared(self, tokens):
         pass
 
     def publish(self):
@@ -244,6 +252,16 @@ def penalize(logits: np.ndarray, seq: "Sequence") -> None:
         logits[ids[keep]] -= s.frequency_penalty * counts[keep] + s.presence_penalty
 
 
+def common_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
+    n = min(limit, len(a), len(b))
+    if n <= 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    differ = np.flatnonzero(x != y)
+    return int(differ[0]) if differ.size else n
+
+
 def log_probability(logits: np.ndarray, token: int) -> float:
     """log softmax(logits)[token], in float64."""
     x = np.asarray(logits, dtype=np.float64)
@@ -274,7 +292,8 @@ class Scheduler:
     """Admits, steps and retires sequences on one runner, in a thread of its own."""
 
     def __init__(self, runner: Runner, eos_ids: Seq[int], *, metrics: Optional[Metrics] = None,
-                 max_prefill_tokens: Optional[int] = None, client_poll_s: float = CLIENT_POLL_S,
+                 max_prefill_tokens: Optional[int] = None, share_prefixes: bool = True,
+                 client_poll_s: float = CLIENT_POLL_S,
                  publish_interval_s: float = PUBLISH_INTERVAL_S, stall_s: float = STALL_S):
         self.runner = runner
         self.cache = runner.cache
@@ -284,6 +303,8 @@ class Scheduler:
             raise ValueError(f"prefill chunk of {max_prefill_tokens} tokens: it must be at least 1")
         #: Prompt tokens prefilled per iteration at most; a longer prompt is prefilled over several iterations.
         self.max_prefill_tokens = max_prefill_tokens or DEFAULT_PREFILL_TOKENS
+        #: Copy the start of an admitted prompt from another sequence's cache where it holds the same tokens.
+        self.share_prefixes = share_prefixes
         self.waiting: collections.deque[Sequence] = collections.deque()
         #: Sequences that decode, in slots [0, len(running)).
         self.running: list[Sequence] = []
@@ -437,6 +458,7 @@ class Scheduler:
             budget -= chunks[-1]
         free = self.cache.slots - len(self.running) - len(self.prefilling)
         admitted: list[Sequence] = []
+        held, budget_left = len(chunks), budget
         with self._cond:
             left, self._left = self._left, []  # ended while they waited: answered below, outside the queue's lock
             while self.waiting and len(admitted) < free and budget > 0:
@@ -454,14 +476,40 @@ class Scheduler:
             seq.slot = len(self.running) + len(self.prefilling)
             seq.prefilled = 0
             self.cache.clear(seq.slot)
+            if self.share_prefixes:
+                self._share_prefix(seq)
             self.prefilling.append(seq)
             self.metrics.admitted(now - seq.arrived, len(seq.prompt_ids))
+        # The admitted prompts' chunks again, now that shared prefixes are in the cache (they can only be shorter).
+        chunks, budget = chunks[:held], budget_left
+        for seq in admitted:
+            if budget <= 0:
+                break
+            chunks.append(min(len(seq.prompt_ids) - seq.prefilled, budget))
+            budget -= chunks[-1]
         if not chunks:
             return
         rows = self.prefilling[:len(chunks)]  # slots [len(running), len(running) + len(rows))
         for first, stop in prefill_groups(chunks):
             if not self._prefill(rows[first:stop], chunks[first:stop]):
                 break
+
+    def _share_prefix(self, seq: Sequence) -> None:
+        """Copy into ``seq``'s slot the longest start of its prompt that another sequence's cache already holds (the
+        same tokens at the same positions have the same keys and values), when it is at least
+        :data:`PREFIX_MIN_TOKENS`; the last prompt token is always prefilled, for the logits of the first token."""
+        best, source = 0, None
+        limit = len(seq.prompt_ids) - 1
+        for other in self.running + self.prefilling:
+            cached = int(self.cache.lengths[other.slot])
+            tokens = other.prompt_ids if cached <= len(other.prompt_ids) else other.prompt_ids + other.generated
+            n = common_prefix(seq.prompt_ids, tokens, min(limit, cached))
+            if n > best:
+                best, source = n, other
+        if source is not None and best >= PREFIX_MIN_TOKENS:
+            self.cache.copy_prefix(source.slot, seq.slot, best)
+            seq.prefilled = best
+            self.metrics.prefix_shared(best)
 
     def _prefill(self, rows: list[Sequence], chunks: list[int]) -> bool:
         """One engine call: ``chunks[r]`` more prompt tokens of each of ``rows``, the first prefilling sequences (in

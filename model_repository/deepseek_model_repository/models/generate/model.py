@@ -65,9 +65,11 @@ class SchedulerMetrics:
             family("generated_tokens_total", "Tokens generated", counter),
             family("engine_steps_total", "Engine calls: prefills and decode steps", counter),
             family("slots", "Sequences that can decode together (the KV cache's slots)", gauge),
-            family("prompt_tokens_total", "Prompt tokens prefilled", counter),
+            family("prompt_tokens_total", "Prompt tokens of the admitted sequences, shared prefixes included", counter),
+            family("prefix_shared_tokens_total", "Prompt tokens copied from another sequence's KV cache instead of "
+                   "prefilled", counter),
         ]
-        self.waiting, self.running, self.cache, self.generated, self.steps, self.slots, self.prompt = (
+        self.waiting, self.running, self.cache, self.generated, self.steps, self.slots, self.prompt, self.shared = (
             f.Metric(labels=self.labels) for f in self.families)
         ended = family("sequences_ended_total", "Sequences ended, by outcome: stop (end-of-sentence token or a stop "
                        "string), length (max_tokens or the context), cancelled (the client went away), timed_out "
@@ -87,7 +89,7 @@ class SchedulerMetrics:
         ]
         (self.ttft, _), (self.itl, _), (self.queue, _), *steps = self.histograms
         self.step_seconds = {phase: local for phase, (local, _) in zip((PREFILL, DECODE), steps)}
-        self._tokens = self._steps = self._prompt_tokens = 0
+        self._tokens = self._steps = self._prompt_tokens = self._shared_tokens = 0
         self._gauges = self._sent_gauges = None
 
     def _histogram(self, family, name, description, buckets, phases=None):
@@ -130,6 +132,9 @@ class SchedulerMetrics:
     def ended(self, outcome):
         self._ended[outcome] += 1
 
+    def prefix_shared(self, tokens):
+        self._shared_tokens += tokens
+
     # ---- sent to Triton
     def publish(self):
         if self._gauges is not None and self._gauges != self._sent_gauges:
@@ -146,6 +151,9 @@ class SchedulerMetrics:
         prompt, self._prompt_tokens = self._prompt_tokens, 0
         if prompt:
             self.prompt.increment(prompt)
+        shared, self._shared_tokens = self._shared_tokens, 0
+        if shared:
+            self.shared.increment(shared)
         for outcome, n in self._ended.items():
             if n:
                 self.outcomes[outcome].increment(n)
@@ -213,8 +221,10 @@ class TritonPythonModel:
         self.metrics.slots.set(runner.cache.slots)
         #: serving.prefillChunkTokens: prompt tokens one iteration prefills; longer prompts go in chunks.
         chunk = int(params.get("prefill_chunk_tokens", DEFAULT_PREFILL_TOKENS))
+        #: serving.prefixSharing: copy a prompt's start from another sequence's cache where it holds it.
+        share = params.get("share_prefixes", "true") == "true"
         self.scheduler = Scheduler(runner, info.get("eos_token_ids", []), metrics=self.metrics,
-                                   max_prefill_tokens=chunk).start()
+                                   max_prefill_tokens=chunk, share_prefixes=share).start()
 
     def execute(self, requests):
         """Check, tokenize and queue each request; the scheduler answers them later."""
