@@ -500,8 +500,13 @@ class Scheduler:
         :data:`PREFIX_MIN_TOKENS`; the last prompt token is always prefilled, for the logits of the first token."""
         best, source = 0, None
         limit = len(seq.prompt_ids) - 1
+        if limit < PREFIX_MIN_TOKENS:
+            return
+        start = seq.prompt_ids[:PREFIX_MIN_TOKENS]
         for other in self.running + self.prefilling:
             cached = int(self.cache.lengths[other.slot])
+            if cached < PREFIX_MIN_TOKENS or other.prompt_ids[:PREFIX_MIN_TOKENS] != start:
+                continue  # the cheap test first: most prompts differ within their first tokens
             tokens = other.prompt_ids if cached <= len(other.prompt_ids) else other.prompt_ids + other.generated
             n = common_prefix(seq.prompt_ids, tokens, min(limit, cached))
             if n > best:
