@@ -58,6 +58,7 @@ SCHEDULER_METRICS = {
     "deepseek_scheduler_engine_steps_total",
     "deepseek_scheduler_sequences_ended_total",
     "deepseek_scheduler_prompt_tokens_total",
+    "deepseek_scheduler_prefix_shared_tokens_total",
     *(f"deepseek_scheduler_{h}_{part}" for h in ("time_to_first_token_seconds", "inter_token_latency_seconds",
                                                  "queue_time_seconds", "engine_step_seconds")
       for part in ("bucket", "sum", "count")),
@@ -464,6 +465,7 @@ def test_dashboard_covers_rps_latency_queue_gpu_replicas_and_builds():
                    "deepseek_scheduler_inter_token_latency_seconds_bucket", "deepseek_scheduler_generated_tokens_total",
                    "deepseek_scheduler_engine_step_seconds_sum", "deepseek_scheduler_engine_step_seconds_bucket",
                    "deepseek_scheduler_sequences_ended_total", "deepseek_scheduler_queue_time_seconds_bucket",
+                   "deepseek_scheduler_prefix_shared_tokens_total",
                    autoscaling.SCHEDULER_QUEUE_RECORD):
         assert series in joined, series
     assert autoscaling.GPU_UTIL_METRIC in joined  # GPU utilization
