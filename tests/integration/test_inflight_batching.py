@@ -24,7 +24,8 @@ from tritonclient.utils import InferenceServerException
 
 from deepseek_model_repository.client import (GenerationClient, ServingError, details_of, generation_inputs,
                                               text_of)
-from triton_harness import build, scheduler_metric, serve_engines, settled_scheduler_metric, tiny_resource
+from triton_harness import (build, generate_or_error, scheduler_metric, serve_engines, settled_scheduler_metric,
+                            tiny_resource)
 
 pytestmark = [
     pytest.mark.slow,
@@ -192,15 +193,7 @@ def test_a_server_told_to_stop_finishes_every_request_it_holds_streamed_and_beyo
     streamed = [i % 6 == 0 for i in range(len(jobs))]
     with serve_engines({name: engines[name]}, cache_dir, server_name="drain", max_queue_delay_us=0) as drained:
         def call(job, stream=False):
-            client = GenerationClient(drained.endpoints["grpc"], name)
-            try:
-                if stream:
-                    return "".join(client.stream(job[0], max_tokens=job[1]))
-                return client.generate(job[0], max_tokens=job[1])
-            except ServingError as exc:
-                return exc
-            finally:
-                client.close()
+            return generate_or_error(drained, name, job[0], job[1], stream)
 
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
             futures = [pool.submit(call, job, stream) for job, stream in zip(jobs, streamed)]

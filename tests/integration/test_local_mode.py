@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from deepseek_model_repository.client import GenerationClient, ServingError, generation_inputs, text_of
 from deepseek_local import local
-from triton_harness import EXAMPLE, model_stats, settled_scheduler_metric
+from triton_harness import EXAMPLE, generate_or_error, model_stats, settled_scheduler_metric
 
 pytestmark = [
     pytest.mark.slow,
@@ -222,13 +222,7 @@ def test_bad_requests_batched_with_good_ones_fail_alone(server, reference):
     jobs = [(PROMPTS[i % len(PROMPTS)], MAX_TOKENS) for i in range(8)] + [("", MAX_TOKENS), ("hi", 0)] * 2
 
     def call(job):
-        client = GenerationClient(server.endpoints["grpc"], NAME)
-        try:
-            return client.generate(job[0], max_tokens=job[1])
-        except ServingError as exc:
-            return exc
-        finally:
-            client.close()
+        return generate_or_error(server, NAME, job[0], job[1])
 
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(call, jobs))

@@ -69,6 +69,20 @@ def run_all(scheduler: Scheduler, jobs: list[tuple[list[int], int]], stagger: fl
     return results
 
 
+def run_to_their_end(scheduler: Scheduler, seqs: list[Sequence]) -> None:
+    """Start ``scheduler``, submit ``seqs`` at once, wait for every one to finish, and stop it."""
+    done = threading.Semaphore(0)
+    scheduler.start()
+    try:
+        for seq in seqs:
+            seq.on_finish = lambda s, e: done.release()
+            scheduler.submit(seq)
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+
+
 def mixed_jobs(seed: int, n: int = 10) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     return [([rng.randrange(3, 2000) for _ in range(rng.randint(1, 14))], rng.randint(1, 18)) for _ in range(n)]
@@ -710,19 +724,10 @@ def test_a_sequences_cumulative_logprob_is_the_sum_of_its_tokens_log_probabiliti
     import torch
 
     model = hf_model(tiny_model(cache_dir, "qwen2"))
-    scheduler = Scheduler(TorchRunner(model, 2, CAPACITY), eos_ids=[1]).start()
     prompt = [5, 6, 7, 8]
     seqs = [Sequence(prompt, Sampling(max_tokens=10), logprobs=True),
             Sequence(prompt, Sampling(max_tokens=10, temperature=0.8, top_k=50, seed=7), logprobs=True)]
-    done = threading.Semaphore(0)
-    for seq in seqs:
-        seq.on_finish = lambda s, e: done.release()
-        scheduler.submit(seq)
-    try:
-        for _ in seqs:
-            assert done.acquire(timeout=60)
-    finally:
-        scheduler.stop()
+    run_to_their_end(Scheduler(TorchRunner(model, 2, CAPACITY), eos_ids=[1]), seqs)
     for seq in seqs:
         ids = prompt + list(seq.generated)
         with torch.no_grad():
@@ -761,16 +766,7 @@ def test_penalties_change_the_greedy_choice_as_transformers_and_openai_define_th
     seqs = {"none": Sequence(prompt, Sampling(max_tokens=16)),
             "repetition": Sequence(prompt, Sampling(max_tokens=16, repetition_penalty=1.3)),
             "openai": Sequence(prompt, Sampling(max_tokens=16, presence_penalty=0.7, frequency_penalty=0.4))}
-    scheduler = Scheduler(TorchRunner(model, 3, CAPACITY), eos_ids=[1]).start()
-    done = threading.Semaphore(0)
-    for seq in seqs.values():
-        seq.on_finish = lambda s, e: done.release()
-        scheduler.submit(seq)
-    try:
-        for _ in seqs:
-            assert done.acquire(timeout=60)
-    finally:
-        scheduler.stop()
+    run_to_their_end(Scheduler(TorchRunner(model, 3, CAPACITY), eos_ids=[1]), list(seqs.values()))
     assert seqs["none"].generated == greedy(model, prompt, 16)
     assert seqs["repetition"].generated == repeated != seqs["none"].generated
     assert seqs["openai"].generated == openai_reference(0.7, 0.4, 16) != seqs["none"].generated

@@ -140,3 +140,18 @@ def settled_scheduler_metric(server: local.LocalServer, name: str, model: str, q
         elif time.monotonic() - since >= quiet_s:
             break
     return value
+
+
+def generate_or_error(server: local.LocalServer, model: str, prompt: str, max_tokens: int, stream: bool = False):
+    """The completion over gRPC (plain or streamed), or the ServingError the server answered with."""
+    from deepseek_model_repository.client import GenerationClient, ServingError
+
+    client = GenerationClient(server.endpoints["grpc"], model)
+    try:
+        if stream:
+            return "".join(client.stream(prompt, max_tokens=max_tokens))
+        return client.generate(prompt, max_tokens=max_tokens)
+    except ServingError as exc:
+        return exc
+    finally:
+        client.close()

@@ -204,18 +204,22 @@ def test_preferred_batch_size_above_engine_max_is_refused(tmp_path):
         write_repository(engine_dir(tmp_path), tmp_path / "repo", "m", runtime="triton", preferred_batch_sizes=[16])
 
 
+def cli_repository(engine, output, *flags):
+    """`deepseek-operator repository` for model m of ``engine`` into ``output``, with ``flags``."""
+    return CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(output), "--model-name", "m",
+                                           *flags])
+
+
 def test_a_prefill_chunk_goes_to_the_scheduler_model_and_below_one_token_is_refused(tmp_path):
     engine = engine_dir(tmp_path)
     c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton"))
     assert int(c["m_stream"].parameters["prefill_chunk_tokens"].string_value) == DEFAULT_PREFILL_TOKENS
     with pytest.raises(RepositoryError, match="prefill chunk of 0 tokens must be at least 1"):
         write_repository(engine, tmp_path / "repo2", "m", runtime="triton", prefill_chunk_tokens=0)
-    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo3"),
-                                             "--model-name", "m", "--prefill-chunk-tokens", "256"])
+    result = cli_repository(engine, tmp_path / "repo3", "--prefill-chunk-tokens", "256")
     assert result.exit_code == 0, result.output
     assert configs(tmp_path / "repo3")["m_stream"].parameters["prefill_chunk_tokens"].string_value == "256"
-    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo4"),
-                                             "--model-name", "m", "--prefill-chunk-tokens", "0"])
+    result = cli_repository(engine, tmp_path / "repo4", "--prefill-chunk-tokens", "0")
     assert result.exit_code != 0 and "--prefill-chunk-tokens" in result.output
 
 
@@ -223,8 +227,7 @@ def test_prefix_sharing_is_on_unless_turned_off(tmp_path):
     engine = engine_dir(tmp_path)
     c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton"))
     assert c["m_stream"].parameters["share_prefixes"].string_value == "true"
-    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo2"),
-                                             "--model-name", "m", "--no-prefix-sharing"])
+    result = cli_repository(engine, tmp_path / "repo2", "--no-prefix-sharing")
     assert result.exit_code == 0, result.output
     assert configs(tmp_path / "repo2")["m_stream"].parameters["share_prefixes"].string_value == "false"
 
@@ -237,8 +240,7 @@ def test_a_request_timeout_goes_to_the_scheduler_model_and_below_zero_is_refused
     assert float(c["m_stream"].parameters["request_timeout_s"].string_value) == 2.5
     with pytest.raises(RepositoryError, match="request timeout -1 s must be 0"):
         write_repository(engine, tmp_path / "repo2", "m", runtime="triton", request_timeout_s=-1)
-    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo3"),
-                                             "--model-name", "m", "--request-timeout-seconds", "2.5"])
+    result = cli_repository(engine, tmp_path / "repo3", "--request-timeout-seconds", "2.5")
     assert result.exit_code == 0, result.output
     assert float(configs(tmp_path / "repo3")["m_stream"].parameters["request_timeout_s"].string_value) == 2.5
 
@@ -250,8 +252,7 @@ def test_a_stream_interval_goes_to_the_scheduler_model_and_below_one_is_refused(
     assert "stream_interval" not in c["m"].parameters  # the relay answers plain requests in one response
     with pytest.raises(RepositoryError, match="stream interval 0 must be at least 1 token"):
         write_repository(engine, tmp_path / "repo2", "m", runtime="triton", stream_interval=0)
-    result = CliRunner().invoke(repository, ["--engine-dir", str(engine), "--output", str(tmp_path / "repo3"),
-                                             "--model-name", "m", "--stream-interval", "0"])
+    result = cli_repository(engine, tmp_path / "repo3", "--stream-interval", "0")
     assert result.exit_code != 0 and "--stream-interval" in result.output
 
 
