@@ -76,7 +76,6 @@ def generation_inputs(
     return inputs
 
 
-
 def details_of(result) -> dict:
     """The detail outputs a response carries: {"finish_reason": "stop", "num_input_tokens": 5, ...}."""
     out = {}

@@ -286,6 +286,13 @@ ENGINE_THREADS_ON_GPU = (
 )
 
 
+#: A stopping Triton pod waits this long (a preStop hook) before Triton is told to stop, so that the Service's
+#: endpoints drop it first and no new request reaches a server that refuses it; then Triton drains for
+#: ``serving.drainSeconds``, and the pod's grace period allows for both and this much more for Triton's exit.
+PRESTOP_SECONDS = 5
+EXIT_MARGIN_SECONDS = 5
+
+
 class ServingSpec(_Model):
     """How Triton is deployed. Changes here roll the Deployment and never rebuild the engine."""
 
@@ -321,9 +328,9 @@ class ServingSpec(_Model):
         le=86400,
         description="How long a replica that is told to stop (a scale-down, a rollout, a node drain) goes on serving "
         "the requests it already holds, queued and generating, before it exits (Triton's --exit-timeout-secs). "
-        "First it waits 5 s (a preStop hook that runs sleep in the Triton image) for the Service to stop sending it "
-        "requests; then Triton refuses new ones and reports not ready. The pod's terminationGracePeriodSeconds "
-        "is this plus 10 s. Set it at least as long as your longest generation (or serving.requestTimeoutSeconds), "
+        f"First it waits {PRESTOP_SECONDS} s (a preStop hook that runs sleep in the Triton image) for the Service to "
+        "stop sending it requests; then Triton refuses new ones and reports not ready. The pod's "
+        f"terminationGracePeriodSeconds is this plus {PRESTOP_SECONDS + EXIT_MARGIN_SECONDS} s. Set it at least as long as your longest generation (or serving.requestTimeoutSeconds), "
         "or requests still running when it passes are cut off.",
     )
     prefix_sharing: bool = Field(

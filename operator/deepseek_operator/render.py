@@ -16,7 +16,8 @@ from deepseek_model_repository.repository import DEFAULT_PREFILL_TOKENS, DEFAULT
 
 from . import autoscaling, engine_key, naming
 from deepseek_contract.engine import gpu_type_for
-from .api import (API_VERSION, BUILDER_RESOURCES, CREDENTIALS_MESSAGE, CREDENTIALS_PATTERN, KIND, SpecError, REPOSITORY_RESOURCES, TRITON_RESOURCES, DeepSeekModel,
+from .api import (API_VERSION, BUILDER_RESOURCES, CREDENTIALS_MESSAGE, CREDENTIALS_PATTERN, EXIT_MARGIN_SECONDS, KIND,
+                  PRESTOP_SECONDS, SpecError, REPOSITORY_RESOURCES, TRITON_RESOURCES, DeepSeekModel,
                   ResourceRequirements)
 from .config import OperatorConfig
 
@@ -79,11 +80,6 @@ def _container_security_context() -> dict[str, Any]:
 
 
 #: The writable scratch every container gets (HOME and caches point into it): an emptyDir at /tmp.
-#: A stopping Triton pod waits this long (a preStop hook) before Triton is told to stop, so that the Service's
-#: endpoints drop it first and no new request reaches a server that refuses it; then Triton drains for
-#: ``serving.drainSeconds``, and the pod's grace period allows for both and for Triton's exit.
-PRESTOP_SECONDS = 5
-EXIT_MARGIN_SECONDS = 5
 SCRATCH_VOLUME = {"name": "tmp", "emptyDir": {}}
 SCRATCH_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 SCRATCH_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}]

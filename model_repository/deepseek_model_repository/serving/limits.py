@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from .scheduler import Sampling
 
-#: Inputs of the client-facing text-generation models.
 #: Outputs of the text-generation models: the completion, and what a request may ask about it with the BOOL input
 #: ``return_<name>`` (the names of Triton's vLLM backend, so its clients work here): how it ended (``stop``,
 #: ``length`` or ``cancelled``, as ``deepseek_scheduler_sequences_ended_total`` labels them; on the final
@@ -29,6 +28,7 @@ GENERATION_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
 )
 OUTPUT_NAMES = tuple(name for name, *_ in GENERATION_OUTPUTS)
 DETAILS = OUTPUT_NAMES[1:]
+#: Inputs of the client-facing text-generation models.
 GENERATION_INPUTS: tuple[tuple[str, str, bool, tuple[int, ...]], ...] = (
     # name, Triton data type, optional, dims (without the batch dimension)
     ("text_input", "TYPE_STRING", False, (1,)),
@@ -212,8 +212,8 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
                         lambda v: None if -2.0 <= v <= 2.0 else "must be between -2 and 2")
     for row in range(n):
         if min_tokens[row] > max_tokens[row]:
-            raise RequestError(f"min_tokens {min_tokens[row]} is more than max_tokens {max_tokens[row]}: ask for at "
-                               "most as many tokens at least as at most")
+            raise RequestError(f"min_tokens {min_tokens[row]} is more than max_tokens {max_tokens[row]}: send a "
+                               "min_tokens of at most max_tokens")
     stop = stop_strings(pb_utils, request)
     details = tuple(name for name in DETAILS
                     if any(_values(pb_utils, request, f"return_{name}", n, False, bool, lambda v: None)))

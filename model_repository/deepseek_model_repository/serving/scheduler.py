@@ -269,6 +269,19 @@ def log_probability(logits: np.ndarray, token: int) -> float:
     return float(x[token] - top - np.log(np.sum(np.exp(x - top))))
 
 
+def prefill_chunks(remaining: Seq[int], budget: int) -> list[int]:
+    """This iteration's prompt tokens for each sequence being prefilled, in order (``remaining``: each one's prompt
+    tokens not in the cache yet), within ``budget``: every one its rest until the budget runs out, which can cut only
+    the last one short."""
+    chunks = []
+    for n in remaining:
+        if budget <= 0:
+            break
+        chunks.append(min(n, budget))
+        budget -= chunks[-1]
+    return chunks
+
+
 def prefill_groups(chunks: Seq[int]) -> list[tuple[int, int]]:
     """The engine calls of one iteration's prefill: ranges ``[first, stop)`` of its rows, in order.
 
@@ -449,26 +462,20 @@ class Scheduler:
         """Move waiting sequences into free slots, and prefill: at most ``max_prefill_tokens`` prompt tokens, the
         sequences already being prefilled first, then the newly admitted, oldest first.  Those whose whole prompt is
         in the cache take their first token and join the running sequences."""
-        budget = self.max_prefill_tokens
-        chunks: list[int] = []  # this iteration's prompt tokens of prefilling[0], prefilling[1], ...
-        for seq in self.prefilling:
-            if budget <= 0:
-                break
-            chunks.append(min(len(seq.prompt_ids) - seq.prefilled, budget))
-            budget -= chunks[-1]
+        # Admit while this iteration's budget has room, counting each admitted prompt whole (a shared prefix can only
+        # make it shorter).
+        room = self.max_prefill_tokens - sum(len(s.prompt_ids) - s.prefilled for s in self.prefilling)
         free = self.cache.slots - len(self.running) - len(self.prefilling)
         admitted: list[Sequence] = []
-        held, budget_left = len(chunks), budget
         with self._cond:
             left, self._left = self._left, []  # ended while they waited: answered below, outside the queue's lock
-            while self.waiting and len(admitted) < free and budget > 0:
+            while self.waiting and len(admitted) < free and room > 0:
                 seq = self.waiting.popleft()
                 if seq.gone or seq.expired or seq.poll_error is not None:
                     left.append(seq)
                     continue
                 admitted.append(seq)
-                chunks.append(min(len(seq.prompt_ids), budget))
-                budget -= chunks[-1]
+                room -= len(seq.prompt_ids)
         for seq in left:
             self._dropped(seq, answer=True)
         now = time.monotonic()
@@ -480,13 +487,7 @@ class Scheduler:
                 self._share_prefix(seq)
             self.prefilling.append(seq)
             self.metrics.admitted(now - seq.arrived, len(seq.prompt_ids))
-        # The admitted prompts' chunks again, now that shared prefixes are in the cache (they can only be shorter).
-        chunks, budget = chunks[:held], budget_left
-        for seq in admitted:
-            if budget <= 0:
-                break
-            chunks.append(min(len(seq.prompt_ids) - seq.prefilled, budget))
-            budget -= chunks[-1]
+        chunks = prefill_chunks([len(s.prompt_ids) - s.prefilled for s in self.prefilling], self.max_prefill_tokens)
         if not chunks:
             return
         rows = self.prefilling[:len(chunks)]  # slots [len(running), len(running) + len(rows))

@@ -40,8 +40,9 @@ class SchedulerMetrics:
     (``deepseek_operator.autoscaling``); ``..._sequences_running`` is the batch; ``..._kv_cache_utilization`` is the
     fraction of cache positions in use; ``..._time_to_first_token_seconds`` and ``..._inter_token_latency_seconds``
     are histograms; ``..._generated_tokens_total`` counts tokens and ``..._engine_steps_total`` engine calls;
-    ``..._queue_time_seconds`` is a histogram of the wait for a slot and ``..._prompt_tokens_total`` counts the prompt
-    tokens prefilled; ``..._sequences_ended_total`` counts sequences by how they ended (label ``outcome``: stop, length, cancelled,
+    ``..._queue_time_seconds`` is a histogram of the wait for a slot, ``..._prompt_tokens_total`` counts the admitted
+    prompts' tokens and ``..._prefix_shared_tokens_total`` those of them copied from another sequence's cache rather
+    than prefilled; ``..._sequences_ended_total`` counts sequences by how they ended (label ``outcome``: stop, length, cancelled,
     timed_out, failed);
     ``..._engine_step_seconds`` is a histogram of each engine call's time, labelled ``phase`` (prefill or decode), whose
     ``_sum`` rate is the fraction of the time the engine runs.
@@ -268,7 +269,7 @@ class TritonPythonModel:
         def on_token(seq, token):
             delta = text.step(seq.generated)
             if delta:
-                sender.send(text_response([delta], details, [seq], covered(seq)) if details else text_response([delta]))
+                sender.send(text_response([delta], details, [seq], covered(seq)))
             return text.stopped
 
         def on_finish(seq, error):
@@ -336,7 +337,7 @@ class TritonPythonModel:
                              cancelled=cancelled, answer_when_gone=answer_when_gone, timeout_s=timeout_s,
                              logprobs="cumulative_logprob" in details)
                     for row, (p, stopper) in enumerate(zip(prompts, stoppers)))
-        return list(seqs)
+        return seqs
 
     def _cancel_relayed(self, relay_id):
         """The relay's client went away: its sequences leave at the scheduler's next look (unknown: it ended)."""
