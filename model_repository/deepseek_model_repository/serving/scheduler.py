@@ -132,12 +132,19 @@ class Sequence:
     #: Sum the log-probabilities of its tokens into ``cumulative_logprob`` (the model's raw distribution).
     logprobs: bool = False
     cumulative_logprob: float = 0.0
-    rng: np.random.Generator = field(init=False)
+    _rng: Optional[np.random.Generator] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.sampling.seed)
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"a request's timeout must be positive, got {self.timeout_s} s")
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The sequence's random generator, made when it first samples (seeding one from the system's entropy costs
+        more than a greedy sequence's whole admission)."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.sampling.seed)
+        return self._rng
 
     def past_deadline(self, now: float) -> bool:
         return self.timeout_s is not None and now - self.arrived >= self.timeout_s
