@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StopText, StreamedText
+from deepseek_model_repository.serving.responder import Responder
 from deepseek_model_repository.serving.triton import (FAILED, TIMED_OUT, client_gone, dump_threads_on_signal,
                                                       error_response, model_parameters, request_timeout_s)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
@@ -224,6 +225,8 @@ class TritonPythonModel:
         chunk = int(params.get("prefill_chunk_tokens", DEFAULT_PREFILL_TOKENS))
         #: serving.prefixSharing: copy a prompt's start from another sequence's cache where it holds it.
         share = params.get("share_prefixes", "true") == "true"
+        #: Sends plain requests' responses, so that the scheduler's thread goes on to its next step.
+        self.responder = Responder()
         self.scheduler = Scheduler(runner, info.get("eos_token_ids", []), metrics=self.metrics,
                                    max_prefill_tokens=chunk, share_prefixes=share).start()
 
@@ -287,7 +290,6 @@ class TritonPythonModel:
         A relayed request (``relay_id``) is told apart from its client by the relay: the relay's request is never
         cancelled, so its sequences are dropped when the relay names it in a cancel (and still answered, since the
         relay waits for the answer)."""
-        texts = [None] * len(prompts)
         seqs = []
         errors = []  # (message, whether the request's timeout passed)
         pending = [len(prompts)]
@@ -298,29 +300,33 @@ class TritonPythonModel:
                 self._relayed[str(relay_id)] = gone
             cancelled, answer_when_gone = gone.is_set, True
 
-        def finisher(row, stopper):
-            def on_finish(seq, error):
-                if error:
-                    errors.append((error, seq.expired))
-                if stopper is None:
-                    texts[row] = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-                else:
-                    stopper.rest(seq.generated)
-                    texts[row] = stopper.text
-                pending[0] -= 1
-                if pending[0] == 0:
-                    if relay_id is not None:
-                        with self._relayed_lock:
-                            self._relayed.pop(str(relay_id), None)
-                    if errors:
-                        message, expired = errors[0]
-                        response = error_response(message, TIMED_OUT if expired else FAILED,
-                                                  relayed=relay_id is not None)
-                    else:
-                        response = text_response(texts, details, seqs)
-                    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        def text_of(seq, stopper):
+            if stopper is None:
+                return self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            stopper.rest(seq.generated)
+            return stopper.text
 
-            return on_finish
+        def answer():
+            """The request's one response: its texts (decoded here, on the responder's thread) or its first error."""
+            if errors:
+                message, expired = errors[0]
+                response = error_response(message, TIMED_OUT if expired else FAILED, relayed=relay_id is not None)
+            else:
+                try:
+                    response = text_response([text_of(s, st) for s, st in zip(seqs, stoppers)], details, seqs)
+                except Exception as exc:  # noqa: BLE001 - the client still gets an answer
+                    response = error_response(f"generation failed: {exc}", FAILED, relayed=relay_id is not None)
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+        def on_finish(seq, error):
+            if error:
+                errors.append((error, seq.expired))
+            pending[0] -= 1
+            if pending[0] == 0:
+                if relay_id is not None:
+                    with self._relayed_lock:
+                        self._relayed.pop(str(relay_id), None)
+                self.responder.submit(answer)
 
         def watcher(stopper):
             """Look at each token's text for a stop string (only for prompts with stop strings)."""
@@ -333,10 +339,10 @@ class TritonPythonModel:
             return on_token
 
         stoppers = [StopText(self.tokenizer, p.stop) if p.stop else None for p in prompts]
-        seqs.extend(Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=finisher(row, stopper),
+        seqs.extend(Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=on_finish,
                              cancelled=cancelled, answer_when_gone=answer_when_gone, timeout_s=timeout_s,
                              logprobs="cumulative_logprob" in details)
-                    for row, (p, stopper) in enumerate(zip(prompts, stoppers)))
+                    for p, stopper in zip(prompts, stoppers))
         return seqs
 
     def _cancel_relayed(self, relay_id):
@@ -347,5 +353,6 @@ class TritonPythonModel:
             gone.set()
 
     def finalize(self):
-        """Stop the scheduler: sequences still queued or running get an error."""
+        """Stop the scheduler: sequences still queued or running get an error; then send what the responder holds."""
         self.scheduler.stop()
+        self.responder.close()
