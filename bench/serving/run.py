@@ -182,8 +182,12 @@ class Window:
             seconds, calls = self.engine.get(phase, (0.0, 0))
             return seconds / calls * 1000.0 if calls else None
 
+        def per_s(phase):
+            return self.engine.get(phase, (0.0, 0))[1] / wall if wall > 0 else None
+
         busy = sum(seconds for seconds, _ in self.engine.values())
         return {"prefill_ms": mean_ms(PREFILL), "decode_step_ms": mean_ms(DECODE),
+                "prefills_per_s": per_s(PREFILL), "decode_steps_per_s": per_s(DECODE),
                 "busy": busy / wall if wall > 0 else None}
 
     def _tokens_per_s(self, start: float, deadline: float) -> float:
@@ -255,6 +259,8 @@ def summarize(windows: list[Window]) -> dict[str, Any]:
         "engine_decode_step_ms": engine_median("decode_step_ms", 2),
         "engine_prefill_ms": engine_median("prefill_ms", 2),
         "engine_busy": engine_median("busy", 3),
+        "engine_prefills_per_s": engine_median("prefills_per_s", 1),
+        "engine_decode_steps_per_s": engine_median("decode_steps_per_s", 1),
         # Cores each process used over the round, median over rounds (cpu_by_role).
         "cpu_cores": {role: round(float(np.median([c[role] for c in cores if role in c])), 3)
                       for role in sorted({r for c in cores for r in c})} or None,
