@@ -881,6 +881,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     import onnxruntime  # noqa: F401 - fail early where the builder extra is missing
+    if "transformers" in args.systems:
+        from transformers.utils.import_utils import is_serve_available
+        if not is_serve_available():  # found out only at (c)'s turn, some minutes into the run, otherwise
+            parser.error("transformers serve lacks its serving dependencies (fastapi, uvicorn, openai): install the "
+                         "bench extra (pip install -e '.[bench]', as make bench does), or leave transformers out of "
+                         "--systems")
     from tokenizers import Tokenizer
 
     from deepseek_local import local
