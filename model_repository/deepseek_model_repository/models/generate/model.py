@@ -92,7 +92,9 @@ class SchedulerMetrics:
         (self.ttft, _), (self.itl, _), (self.queue, _), *steps = self.histograms
         self.step_seconds = {phase: local for phase, (local, _) in zip((PREFILL, DECODE), steps)}
         self._tokens = self._steps = self._prompt_tokens = self._shared_tokens = 0
-        self._gauges = self._sent_gauges = None
+        #: What Triton holds: a new gauge reads 0, so the scheduler's first (idle) publication sends nothing, and its
+        #: thread makes no round trip to Triton's process while ``initialize`` is still being answered.
+        self._gauges = self._sent_gauges = (0, 0, 0.0)
 
     def _histogram(self, family, name, description, buckets, phases=None):
         """A classic histogram as counters (``_bucket`` by ``le``, ``_sum``, ``_count``), fed from a local one;
@@ -139,9 +141,9 @@ class SchedulerMetrics:
 
     # ---- sent to Triton
     def publish(self):
-        if self._gauges is not None and self._gauges != self._sent_gauges:
+        if self._gauges != self._sent_gauges:
             for metric, value, sent in zip((self.waiting, self.running, self.cache), self._gauges,
-                                           self._sent_gauges or (None,) * 3):
+                                           self._sent_gauges):
                 if value != sent:
                     metric.set(value)
             self._sent_gauges = self._gauges
