@@ -56,3 +56,38 @@ def test_a_job_submitted_after_close_runs_at_once_on_the_callers_thread():
     where = []
     responder.submit(lambda: where.append(threading.current_thread()))
     assert where == [threading.current_thread()]
+
+
+
+def test_a_submit_that_close_overtakes_is_not_lost():
+    """close arriving while a submit is on its way into the queue: the job still runs (before the thread ends)."""
+    responder = Responder()
+    entered, proceed, ran = threading.Event(), threading.Event(), []
+
+    def target():
+        ran.append("target")
+
+    class PausingQueue:  # holds the target's way into the queue until the test lets it go
+        def __init__(self, inner):
+            self.inner = inner
+
+        def put(self, item):
+            if item is target:
+                entered.set()
+                proceed.wait(5)
+            self.inner.put(item)
+
+        def get(self):
+            return self.inner.get()
+
+    responder._jobs = PausingQueue(responder._jobs)
+    submitter = threading.Thread(target=responder.submit, args=(target,))
+    submitter.start()
+    assert entered.wait(5)
+    closer = threading.Thread(target=responder.close)
+    closer.start()
+    closer.join(0.2)  # close must wait for the submit in flight, not overtake it
+    proceed.set()
+    submitter.join(5)
+    closer.join(5)
+    assert ran == ["target"]

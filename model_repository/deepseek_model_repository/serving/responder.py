@@ -24,20 +24,23 @@ class Responder:
     def __init__(self, name: str = "deepseek-responder"):
         self._jobs: queue.SimpleQueue[Optional[Callable[[], None]]] = queue.SimpleQueue()
         self._closed = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Callable[[], None]) -> None:
         """Queue ``job``; after :meth:`close` it runs at once, on the caller's thread (nothing is left unsent)."""
-        if self._closed:
-            self._call(job)
-            return
-        self._jobs.put(job)
+        with self._lock:  # a job queued after close's sentinel would never run
+            if not self._closed:
+                self._jobs.put(job)
+                return
+        self._call(job)
 
     def close(self, timeout: float = 30.0) -> None:
         """Run the jobs already queued, then stop the thread (waiting at most ``timeout`` seconds for it)."""
-        self._closed = True
-        self._jobs.put(None)
+        with self._lock:
+            self._closed = True
+            self._jobs.put(None)
         self._thread.join(timeout)
 
     def _run(self) -> None:
