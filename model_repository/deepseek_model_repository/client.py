@@ -95,29 +95,43 @@ def text_of(result) -> str:
 
 
 class GenerationClient:
-    """Unary calls to model NAME, streaming calls to NAME_stream, over gRPC."""
+    """Unary calls to model NAME, streaming calls to NAME_stream, over gRPC.
 
-    def __init__(self, url: str, model: str):
+    ``client_timeout_s``: the longest this client waits for a plain request's response, or for a whole stream
+    (gRPC's deadline; None: as long as the server takes). A call that runs past it raises :class:`ServingError`
+    and is cancelled, and the server frees its slot (model_repository/ENGINE_FORMAT.md). A request's
+    ``request_timeout_s`` is the server's own bound instead, answered with an error from the server.
+    """
+
+    def __init__(self, url: str, model: str, client_timeout_s: Optional[float] = None):
+        if client_timeout_s is not None and not client_timeout_s > 0:
+            raise ValueError(f"client_timeout_s {client_timeout_s!r}: give the seconds to wait, more than 0, or None")
         self.model = model
+        self.client_timeout_s = client_timeout_s
         self.client = grpcclient.InferenceServerClient(url)
 
     def generate(self, prompt: str, request_timeout_s: Optional[float] = None, **controls) -> str:
         """The whole completion; ``request_timeout_s``: the longest the server may take (its ``timeout``)."""
-        try:
-            return text_of(self.client.infer(self.model, generation_inputs(grpcclient, prompt, **controls),
-                                             timeout=_micros(request_timeout_s)))
-        except InferenceServerException as exc:
-            raise ServingError(exc.message()) from None
+        return text_of(self._infer(generation_inputs(grpcclient, prompt, **controls), request_timeout_s))
 
     def generate_with_details(self, prompt: str, request_timeout_s: Optional[float] = None,
                               details: Sequence[str] = DETAILS, **controls) -> tuple[str, dict]:
         """The whole completion and the ``details`` asked for (see :func:`details_of`)."""
-        try:
-            result = self.client.infer(self.model, generation_inputs(grpcclient, prompt, details=details, **controls),
-                                       timeout=_micros(request_timeout_s))
-        except InferenceServerException as exc:
-            raise ServingError(exc.message()) from None
+        result = self._infer(generation_inputs(grpcclient, prompt, details=details, **controls), request_timeout_s)
         return text_of(result), details_of(result)
+
+    def _infer(self, inputs: list, request_timeout_s: Optional[float]):
+        try:
+            return self.client.infer(self.model, inputs, timeout=_micros(request_timeout_s),
+                                     client_timeout=self.client_timeout_s)
+        except InferenceServerException as exc:
+            raise ServingError(self._message(exc)) from None
+
+    def _message(self, exc: InferenceServerException) -> str:
+        if self.client_timeout_s is not None and "DEADLINE_EXCEEDED" in str(exc.status()):
+            return (f"no response within this client's {self.client_timeout_s:g} s (client_timeout_s); the request "
+                    "was cancelled")
+        return exc.message()
 
     def stream(self, prompt: str, timeout: float = 300.0, request_timeout_s: Optional[float] = None,
                **controls) -> Iterator[str]:
@@ -128,7 +142,7 @@ class GenerationClient:
         def callback(result=None, error=None) -> None:
             pieces.put((result, error))
 
-        self.client.start_stream(callback=callback)
+        self.client.start_stream(callback=callback, stream_timeout=self.client_timeout_s)
         try:
             self.client.async_stream_infer(
                 f"{self.model}_stream",
@@ -139,7 +153,8 @@ class GenerationClient:
             while True:
                 result, error = pieces.get(timeout=timeout)
                 if error is not None:
-                    raise ServingError(error.message() if hasattr(error, "message") else str(error))
+                    raise ServingError(self._message(error) if isinstance(error, InferenceServerException)
+                                       else str(error))
                 response = result.get_response()
                 final = response.parameters.get("triton_final_response")
                 if result.as_numpy("text_output") is not None:

@@ -309,6 +309,29 @@ def test_a_plain_request_whose_client_goes_away_frees_its_slot(server):
     assert generated < whole, f"the request ran to its end ({generated:.0f} tokens) after its client went away"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_generation_clients_own_deadline_cancels_the_request_and_frees_its_slot(server, stream):
+    """GenerationClient's ``client_timeout_s`` is gRPC's deadline: past it the call raises a ServingError that names
+    the setting, and the server drops the sequence rather than finishing it."""
+    name = "tiny-llama"
+    tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+    client = GenerationClient(server.endpoints["grpc"], name, client_timeout_s=0.05)
+    try:
+        with pytest.raises(ServingError, match=r"within this client's 0.05 s \(client_timeout_s\)"):
+            if stream:
+                "".join(client.stream("the of and", max_tokens=250))
+            else:
+                client.generate("the of and", max_tokens=250)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 20
+    while scheduler_metric(server, "sequences_running", name) > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler_metric(server, "sequences_running", name) == 0
+    generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
+    assert generated < 250, f"the request ran to its end ({generated:.0f} tokens) after its deadline"
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc", "grpc-stream"])
 def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(server, protocol):
     """tritonclient's ``timeout`` (microseconds, sent to the server) bounds a generation: an HTTP client that
