@@ -93,6 +93,8 @@ class LocalServer:
     pgid: int = 0
     #: The prefix of the server's Python-backend shared memory regions in /dev/shm.
     shm_prefix: str = ""
+    #: Seconds tritonserver drains the requests it holds once told to stop (``--exit-timeout-secs``).
+    exit_timeout_s: int = EXIT_TIMEOUT_S
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -259,7 +261,7 @@ def remove_shm(prefix: str) -> int:
 def end_server(cache_dir: Path, server: LocalServer) -> int:
     """End the server's process group (stubs included), remove its shared memory and state; returns the
     number of processes that were still running."""
-    ended = stop_group(server.pgid or server.pid)
+    ended = stop_group(server.pgid or server.pid, timeout=server.exit_timeout_s + 15)
     remove_shm(server.shm_prefix)
     state_file(cache_dir, server.name).unlink(missing_ok=True)
     return ended
@@ -340,7 +342,7 @@ def server_env(install: TritonInstall) -> dict[str, str]:
 
 def start_triton(
     repository: Path, workdir: Path, *, http_port: int, grpc_port: int, metrics_port: int, log_path: Path,
-    shm_prefix: str = "",
+    shm_prefix: str = "", exit_timeout_s: int = EXIT_TIMEOUT_S,
 ) -> int:
     """Start tritonserver in a session and process group of its own (it outlives this command, and its
     Python stubs join its group); return its pid, which is also the group's id."""
@@ -356,7 +358,7 @@ def start_triton(
         f"--http-port={http_port}",
         f"--grpc-port={grpc_port}",
         f"--metrics-port={metrics_port}",
-        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+        f"--exit-timeout-secs={exit_timeout_s}",
         "--log-verbose=0",
     ] + server_flags() + ([f"--backend-config=python,shm-region-prefix-name={shm_prefix}"] if shm_prefix else [])
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -488,8 +490,10 @@ def serve_repository(
     metrics_port: int = DEFAULT_PORTS["metrics"],
     engine_dir: str = "",
     task: str = "text-generation",
+    exit_timeout_s: int = EXIT_TIMEOUT_S,
 ) -> LocalServer:
-    """Start Triton on an existing repository, wait for ``models``, record the state; ports 0 pick free ones."""
+    """Start Triton on an existing repository, wait for ``models``, record the state; ports 0 pick free ones.
+    ``exit_timeout_s``: how long it drains the requests it holds when told to stop."""
     ports = {}
     for what, port in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)):
         if port == 0:
@@ -502,12 +506,12 @@ def serve_repository(
     shm_prefix = f"deepseek_local_{uuid.uuid4().hex[:12]}_"
     pid = start_triton(
         Path(repository).resolve(), workdir, http_port=ports["http"], grpc_port=ports["grpc"],
-        metrics_port=ports["metrics"], log_path=log_path, shm_prefix=shm_prefix,
+        metrics_port=ports["metrics"], log_path=log_path, shm_prefix=shm_prefix, exit_timeout_s=exit_timeout_s,
     )
     server = LocalServer(
         name=name, pid=pid, http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"],
         repository=str(Path(repository).resolve()), log=str(log_path), engine_dir=engine_dir, task=task,
-        started_at=time.time(), pgid=pid, shm_prefix=shm_prefix,
+        started_at=time.time(), pgid=pid, shm_prefix=shm_prefix, exit_timeout_s=exit_timeout_s,
     )
     write_state(cache_dir, server)
     try:

@@ -32,6 +32,10 @@ from deepseek_local import local
 from deepseek_operator import api
 
 EXAMPLE = local.EXAMPLES_DIR / local.DEFAULT_EXAMPLE
+#: The longest a test's client waits for one answer (gRPC's deadline): a request still unanswered then is a hang (a
+#: server that ended without answering it), which fails the test with a ServingError that says so instead of holding
+#: its worker until pytest's timeout.
+CLIENT_TIMEOUT_S = 120.0
 
 
 def tiny_model(cache_dir: Path, arch: str = "deepseek_v3", task: str = "text-generation") -> Path:
@@ -81,10 +85,11 @@ def build(resource: api.DeepSeekModel, cache_dir: Path) -> Path:
 @contextmanager
 def serve_engines(
     engines: dict[str, Path], cache_dir: Path, server_name: str = "harness",
-    model_options: Optional[dict[str, dict[str, Any]]] = None, **repository_options: Any
+    model_options: Optional[dict[str, dict[str, Any]]] = None, exit_timeout_s: int = local.EXIT_TIMEOUT_S,
+    **repository_options: Any
 ) -> Iterator[local.LocalServer]:
     """One Triton serving several engines: ``{model name: engine dir}``; options go to write_repository, and
-    ``model_options`` adds options for one model name."""
+    ``model_options`` adds options for one model name; ``exit_timeout_s``: how long it drains when told to stop."""
     repo = local.state_dir(Path(cache_dir)) / server_name / "repository"
     models = []
     for name, engine_dir in engines.items():
@@ -93,7 +98,7 @@ def serve_engines(
         names = ModelNames.of(name)
         models += [m for m in (names.engine, names.stream, names.client) if (repo / m).is_dir()]
     server = local.serve_repository(server_name, repo, Path(cache_dir), models=models, http_port=0, grpc_port=0,
-                                    metrics_port=0)
+                                    metrics_port=0, exit_timeout_s=exit_timeout_s)
     try:
         yield server
     finally:
@@ -146,7 +151,7 @@ def generate_or_error(server: local.LocalServer, model: str, prompt: str, max_to
     """The completion over gRPC (plain or streamed), or the ServingError the server answered with."""
     from deepseek_model_repository.client import GenerationClient, ServingError
 
-    client = GenerationClient(server.endpoints["grpc"], model)
+    client = GenerationClient(server.endpoints["grpc"], model, client_timeout_s=CLIENT_TIMEOUT_S)
     try:
         if stream:
             return "".join(client.stream(prompt, max_tokens=max_tokens))
