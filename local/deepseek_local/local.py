@@ -51,6 +51,7 @@ from deepseek_operator import api, engine_key
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 READY_TIMEOUT_S = 300.0
+#: --exit-timeout-secs of a server started from a repository alone; `up` gives a CR's serving.drainSeconds.
 EXIT_TIMEOUT_S = 5
 #: How long the processes of a server whose tritonserver is gone get after SIGTERM before SIGKILL (Python
 #: stubs whose server died do not exit on SIGTERM).
@@ -584,6 +585,7 @@ def _up_locked(resource: api.DeepSeekModel, cache_dir: Path, http_port: int, grp
         models=[m for m in (names.engine, names.stream, names.client) if (Path(repo) / m).is_dir()],
         http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
         engine_dir=str(engine_dir), task=resource.spec.model.task,
+        exit_timeout_s=resource.spec.serving.drain_seconds,  # as the cluster's --exit-timeout-secs
     )
 
 

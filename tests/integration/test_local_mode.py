@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -96,6 +97,13 @@ def test_up_builds_the_default_cr_from_the_embedded_tiny_model(server, cache_dir
     assert info["backend"] == "onnxruntime" and info["task"] == "text-generation"
     assert engine.parent == cache_dir / "engines"
     assert (cache_dir / "tiny-models" / "deepseek_v3-text-generation" / "config.json").exists()
+
+
+def test_up_drains_for_the_crs_drain_seconds_as_a_cluster_does(server, cache_dir):
+    """The CR's serving.drainSeconds is Triton's --exit-timeout-secs here too, and down waits for it."""
+    drain = local.load_default_resource(cache_dir).spec.serving.drain_seconds
+    assert server.exit_timeout_s == drain
+    assert re.search(rf"\|\s*exit_timeout\s*\|\s*{drain}\s*\|", Path(server.log).read_text())
 
 
 def test_greedy_completions_equal_transformers_over_http_and_grpc(server, reference):

@@ -9,4 +9,3 @@ from deepseek_model_repository.client import GenerationClient
 def test_a_client_timeout_that_is_not_a_positive_number_of_seconds_is_refused(seconds):
     with pytest.raises(ValueError, match="client_timeout_s .*more than 0, or None"):
         GenerationClient("127.0.0.1:1", "m", client_timeout_s=seconds)
-

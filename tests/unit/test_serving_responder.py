@@ -58,7 +58,6 @@ def test_a_job_submitted_after_close_runs_at_once_on_the_callers_thread():
     assert where == [threading.current_thread()]
 
 
-
 def test_a_submit_that_close_overtakes_is_not_lost():
     """close arriving while a submit is on its way into the queue: the job still runs (before the thread ends)."""
     responder = Responder()
