@@ -293,13 +293,17 @@ def engine_delta(before: dict[str, list[float]], after: dict[str, list[float]]) 
 
 
 async def scrape_engine(metrics_url: str, model: str, settle_s: float = 0.05, timeout: float = 3.0) -> dict:
-    """:func:`engine_totals` once two reads ``settle_s`` apart agree (the scheduler publishes when it goes idle)."""
+    """:func:`engine_totals` once two reads ``settle_s`` apart agree, the first of them after the scheduler's idle
+    publication (it publishes once it has been idle for ``IDLE_PUBLISH_S``)."""
     import urllib.request
+
+    from deepseek_model_repository.serving.metrics import IDLE_PUBLISH_S
 
     def read():
         with urllib.request.urlopen(metrics_url, timeout=10) as r:
             return engine_totals(r.read().decode(), model)
 
+    await asyncio.sleep(2 * IDLE_PUBLISH_S)
     last = await asyncio.to_thread(read)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

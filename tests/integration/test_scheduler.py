@@ -575,13 +575,51 @@ def test_the_decode_loop_neither_polls_clients_nor_publishes_metrics_per_token(c
         scheduler.submit(seq)
         assert done.wait(60)
         deadline = time.monotonic() + 10
-        while metrics.published < 40 and time.monotonic() < deadline:  # the loop publishes as it goes idle
+        while metrics.published < 40 and time.monotonic() < deadline:  # the loop publishes once idle
             time.sleep(0.01)
     finally:
         scheduler.stop()
     assert len(seq.generated) == 40 and scheduler.steps == 39
     assert polls == []
     assert metrics.published == 40 and metrics.publishes <= 3
+
+
+def test_a_request_that_comes_as_the_loop_goes_idle_is_not_held_by_a_publication(cache_dir):
+    """A closed-loop client's next request comes just after its answer.  The loop publishes only once it has been
+    idle for ``idle_publish_s``, and outside the queue's lock, so that request neither waits in ``submit`` nor for
+    the publication's round trips (here a publication that takes 2 s); an idle loop still publishes."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    runner = TorchRunner(model, 2, CAPACITY)
+
+    class Slow(NoMetrics):
+        def __init__(self):
+            self.counted = self.published = 0
+
+        def tokens(self, count):
+            self.counted += count
+
+        def publish(self):
+            time.sleep(2.0)
+            self.published, self.counted = self.published + self.counted, 0
+
+    metrics = Slow()
+    scheduler = Scheduler(runner, eos_ids=[], metrics=metrics, publish_interval_s=30.0, idle_publish_s=1.0).start()
+    try:
+        first = threading.Event()
+        scheduler.submit(Sequence([5, 6, 7], Sampling(max_tokens=4), on_finish=lambda s, e: first.set()))
+        assert first.wait(60)
+        second, began = threading.Event(), time.monotonic()
+        scheduler.submit(Sequence([8, 9], Sampling(max_tokens=4), on_finish=lambda s, e: second.set()))
+        submitted = time.monotonic() - began
+        assert second.wait(60)
+        took = time.monotonic() - began
+        deadline = time.monotonic() + 10
+        while metrics.published < 8 and time.monotonic() < deadline:  # idle now: the loop publishes after 1 s
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert submitted < 0.5 and took < 1.5, (submitted, took)
+    assert metrics.published == 8
 
 
 def test_each_engine_call_is_timed_by_phase(cache_dir):

@@ -132,8 +132,9 @@ def settled_scheduler_metric(server: local.LocalServer, name: str, model: str, q
                              timeout: float = 10.0, **labels: str) -> float:
     """:func:`scheduler_metric` once it has stopped changing for ``quiet_s``.
 
-    The scheduler publishes its metrics in batches, at most every ``PUBLISH_INTERVAL_S`` and when it goes idle
-    (``deepseek_model_repository.serving.metrics``), so a value read the moment a response arrives may lag.
+    The scheduler publishes its metrics in batches, at most every ``PUBLISH_INTERVAL_S`` and once it has been idle
+    for ``IDLE_PUBLISH_S`` (``deepseek_model_repository.serving.metrics``), so a value read the moment a response
+    arrives may lag.
     """
     deadline = time.monotonic() + timeout
     value, since = scheduler_metric(server, name, model, **labels), time.monotonic()

@@ -3,7 +3,8 @@
 Every update through the Python backend's custom-metrics API is a round trip to Triton's process.
 One per token (a histogram observation, a counter increment) cost the scheduler's thread about as
 much time as the engine itself on CPU (bench/serving/README.md), so the scheduler counts here and
-publishes what changed at most every :data:`PUBLISH_INTERVAL_S` seconds, and whenever it goes idle.
+publishes what changed at most every :data:`PUBLISH_INTERVAL_S` seconds, and once it has been idle for
+:data:`IDLE_PUBLISH_S`.
 
 Histograms are kept in Prometheus's classic layout, cumulative ``_bucket`` series labelled ``le``
 with ``_sum`` and ``_count``, so a batch of observations is a handful of increments, not one round
@@ -16,10 +17,14 @@ import bisect
 import math
 from typing import Iterable
 
-#: Seconds between two publications while the scheduler is busy (it publishes at once when it goes idle). A
-#: publication is some 70 round trips to Triton's process (a histogram's buckets are a counter each); at 0.1 s they
-#: took 4% of the scheduler's thread under load (bench/serving/README.md). Prometheus scrapes every 15 to 30 s.
+#: Seconds between two publications while the scheduler is busy. A publication is some 70 round trips to Triton's
+#: process (a histogram's buckets are a counter each); at 0.1 s they took 4% of the scheduler's thread under load
+#: (bench/serving/README.md). Prometheus scrapes every 15 to 30 s.
 PUBLISH_INTERVAL_S = 1.0
+#: Seconds the scheduler waits, once it has no work, before it publishes what it counted since the last publication.
+#: A closed-loop client's next request comes a few milliseconds after its answer: publishing at once held that
+#: request up for the publication's round trips, with the engine idle, after every request (bench/serving/README.md).
+IDLE_PUBLISH_S = 0.05
 
 #: Histogram buckets (seconds) of time to first token and inter-token latency.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -44,7 +44,7 @@ from typing import Callable, Optional, Protocol, Sequence as Seq
 
 import numpy as np
 
-from .metrics import PUBLISH_INTERVAL_S
+from .metrics import IDLE_PUBLISH_S, PUBLISH_INTERVAL_S
 from .runners import Runner, StepLogits
 
 log = logging.getLogger("deepseek_model_repository.scheduler")
@@ -166,7 +166,8 @@ class Metrics(Protocol):
     """What the scheduler reports (the Triton model publishes these through Triton's custom metrics).
 
     Every call but :meth:`publish` only counts; the scheduler calls :meth:`gauges` and then :meth:`publish`,
-    which sends what changed, at most every ``publish_interval_s`` while it is busy and whenever it goes idle.
+    which sends what changed, at most every ``publish_interval_s`` while it is busy, and once it has been idle for
+    ``idle_publish_s``.
     """
 
     def gauges(self, waiting: int, running: int, cache_utilization: float) -> None: ...
@@ -314,7 +315,8 @@ class Scheduler:
     def __init__(self, runner: Runner, eos_ids: Seq[int], *, metrics: Optional[Metrics] = None,
                  max_prefill_tokens: Optional[int] = None, share_prefixes: bool = True,
                  client_poll_s: float = CLIENT_POLL_S,
-                 publish_interval_s: float = PUBLISH_INTERVAL_S, stall_s: float = STALL_S):
+                 publish_interval_s: float = PUBLISH_INTERVAL_S, idle_publish_s: float = IDLE_PUBLISH_S,
+                 stall_s: float = STALL_S):
         self.runner = runner
         self.cache = runner.cache
         self.eos = set(int(t) for t in eos_ids)
@@ -336,7 +338,10 @@ class Scheduler:
         self.stall_s = stall_s
         self.client_poll_s = client_poll_s
         self.publish_interval_s = publish_interval_s
+        self.idle_publish_s = idle_publish_s
         self._published_at = float("-inf")
+        #: Work done since the last publication (the loop publishes when it has been idle, only then).
+        self._unpublished = False
         self._cond = threading.Condition()
         #: Queued sequences the watcher took out of the queue (their timeout passed), for the loop to answer.
         self._left: list[Sequence] = []
@@ -379,11 +384,12 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._busy():
-                    self._publish(idle=True)
-                    self._cond.wait()
+                publish = self._idle()
                 if self._stop:
                     break
+            if publish:  # outside the lock: a request that comes meanwhile is queued, not held in submit
+                self._publish(idle=True)
+                continue
             try:
                 self._admit()
                 self._retire()  # sequences that ended at their first token, or whose client went, leave before the step
@@ -394,10 +400,22 @@ class Scheduler:
                 for seq in self.running + self.prefilling:
                     self._finish(seq, f"generation failed: {exc}", FAILED)
             self._retire()
+            self._unpublished = True
             self._publish()
             self.iterations += 1
         for seq in self.running + self.prefilling + list(self.waiting) + self._left:
             self._finish(seq, "the server is shutting down", FAILED)
+
+    def _idle(self) -> bool:
+        """Under the lock, wait while there is no work: True once the loop has been idle for ``idle_publish_s`` with
+        something unpublished, False when there is work or a stop.  Not publishing at once on going idle keeps a
+        closed-loop client's next request, which comes a few milliseconds later, from waiting on the publication."""
+        while not self._stop and not self._busy():
+            if not self._unpublished:
+                self._cond.wait()
+            elif not self._cond.wait(self.idle_publish_s) and not self._stop and not self._busy():
+                return True
+        return False
 
     def _busy(self) -> bool:
         return bool(self.waiting or self.running or self.prefilling or self._left)
@@ -453,11 +471,12 @@ class Scheduler:
         return moved
 
     def _publish(self, idle: bool = False) -> None:
-        """Hand the metrics over to be sent: every ``publish_interval_s`` while busy, and on going idle."""
+        """Hand the metrics over to be sent: every ``publish_interval_s`` while busy, and when idle (``_idle``)."""
         now = time.monotonic()
         if not idle and now - self._published_at < self.publish_interval_s:
             return
         self._published_at = now
+        self._unpublished = False
         try:
             # A sequence being prefilled holds its slot: it counts as running.
             self.metrics.gauges(len(self.waiting), len(self.running) + len(self.prefilling), self.cache_utilization())

@@ -49,8 +49,8 @@ class SchedulerMetrics:
     ``_sum`` rate is the fraction of the time the engine runs.
 
     Each update of a Triton metric is a round trip to Triton's process, so the scheduler's events are counted
-    here and :meth:`publish` sends what changed; the scheduler calls it at most every ``PUBLISH_INTERVAL_S`` and
-    when it goes idle (:mod:`deepseek_model_repository.serving.metrics`).
+    here and :meth:`publish` sends what changed; the scheduler calls it at most every ``PUBLISH_INTERVAL_S``, and
+    once it has been idle for ``IDLE_PUBLISH_S`` (:mod:`deepseek_model_repository.serving.metrics`).
     """
 
     def __init__(self, model_name):
