@@ -136,11 +136,14 @@ def render_configs(
     inputs, outputs = client_model_inputs(info), client_model_outputs(info)
     if info["task"] == "text-generation":
         # In-flight batching: the scheduler model owns the engine and its KV cache (one per replica);
-        # Triton's queue only hands requests over, so preferred batch sizes have no meaning here.
+        # Triton's queue only hands requests over, so preferred batch sizes have no meaning here.  The queue
+        # delay holds a request once, at the scheduler's model: the relay passes plain requests on at once
+        # (held at both, a plain request waited twice the delay).
         handover = cfg.Batching(max_batch_size=int(info["max_batch_size"]), dynamic=dynamic_batching,
                                 max_queue_delay_us=max_queue_delay_us)
+        relay = cfg.Batching(max_batch_size=handover.max_batch_size, dynamic=dynamic_batching, max_queue_delay_us=0)
         configs[names.client] = cfg.python_model_config(
-            names.client, inputs, outputs, handover, parameters={"scheduler_model": names.stream}
+            names.client, inputs, outputs, relay, parameters={"scheduler_model": names.stream}
         )
         configs[names.stream] = cfg.python_model_config(
             names.stream, inputs, outputs, handover, decoupled=True,

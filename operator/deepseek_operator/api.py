@@ -245,8 +245,8 @@ class DynamicBatchingSpec(_Model):
         ge=0,
         le=10_000_000,
         description="How long a request may wait for others to form a larger batch, in microseconds. For "
-        "text generation, how long Triton holds a request before handing it to the in-flight scheduler "
-        "(0 hands it over at once; the scheduler batches by itself).",
+        "text generation, how long Triton holds a request before handing it to the in-flight scheduler, "
+        "streamed or plain (0 hands it over at once; the scheduler batches by itself).",
     )
     preferred_batch_sizes: list[int] = Field(
         default_factory=list,

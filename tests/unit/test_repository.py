@@ -92,8 +92,8 @@ def test_text_generation_is_a_relay_and_a_scheduler_that_owns_the_engine(tmp_pat
         assert [list(i.dims) for i in c[name].input] == [[1]] * 7 + [[-1]] + [[1]] * 9  # any number of stop strings
         assert [o.name for o in c[name].output] == ["text_output", "finish_reason", "num_input_tokens",
                                                     "num_output_tokens", "cumulative_logprob"]
-        # Triton's queue only hands requests to the scheduler: the delay applies, preferred sizes do not.
-        assert c[name].dynamic_batching.max_queue_delay_microseconds == 300
+        # Triton's queue only hands requests to the scheduler: the delay applies, once, preferred sizes do not.
+        assert c[name].dynamic_batching.max_queue_delay_microseconds == (300 if name == "chat_stream" else 0)
         assert list(c[name].dynamic_batching.preferred_batch_size) == []
         assert c[name].max_batch_size == 8
     assert c["chat"].parameters["scheduler_model"].string_value == "chat_stream"
@@ -178,7 +178,7 @@ def test_rewriting_replaces_own_models_and_keeps_others(tmp_path):
     write_repository(engine, repo, "a", runtime="local", max_queue_delay_us=500)
     c = configs(repo)
     assert set(c) == {"a", "a_stream", "b", "b_stream"}
-    assert c["a"].dynamic_batching.max_queue_delay_microseconds == 500
+    assert c["a_stream"].dynamic_batching.max_queue_delay_microseconds == 500
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]
 
 
@@ -289,7 +289,7 @@ def test_cli_resolves_an_engine_ref(tmp_path):
     assert result.exit_code == 0, result.output
     assert "m, m_stream" in result.output
     c = configs(tmp_path / "repo")
-    assert c["m"].dynamic_batching.max_queue_delay_microseconds == 300
+    assert c["m_stream"].dynamic_batching.max_queue_delay_microseconds == 300
     assert c["m_stream"].parameters["stream_interval"].string_value == "3"
     assert c["m_stream"].parameters["engine_dir"].string_value == str(engine.resolve())
     assert engine.exists()
