@@ -137,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     local.check_runnable(resource)
     engine_dir = local.build_engine(resource, cache_dir, echo=lambda m: print(m, file=sys.stderr))
     batching = resource.spec.serving.dynamic_batching
+    delay_us = batching.queue_delay_us(resource.spec.model.task)
     name = resource.name
     server_name = f"{name}-bench"
     repo = local.state_dir(cache_dir) / server_name / "repository"
     models = {"on": name, "off": f"{name}_nobatch"}
     write_repository(engine_dir, repo, models["on"], runtime="local",
-                     max_queue_delay_us=batching.max_queue_delay_microseconds,
+                     max_queue_delay_us=delay_us,
                      preferred_batch_sizes=batching.preferred_batch_sizes)
     write_repository(engine_dir, repo, models["off"], runtime="local", dynamic_batching=False)
     ready = [m for model in models.values()
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": resource.spec.engine.backend,
         "precision": resource.spec.engine.precision,
         "max_batch_size": resource.spec.engine.max_batch_size,
-        "max_queue_delay_us": batching.max_queue_delay_microseconds,
+        "max_queue_delay_us": delay_us,
         "preferred_batch_sizes": batching.preferred_batch_sizes,
         "max_tokens": args.max_tokens,
         "seconds_per_level": args.seconds,

@@ -35,8 +35,9 @@ def _fail(message: str) -> None:
 @click.option("--model-name", default="deepseek", show_default=True, help="Triton model name in the repository.")
 @click.option("--runtime", type=click.Choice(["triton", "local"]), default="triton", show_default=True,
               help="triton: native engine backend (cluster image); local: the engine in a Python model (local mode).")
-@click.option("--max-queue-delay-us", type=click.IntRange(0), default=1000, show_default=True,
-              help="Dynamic batching: longest wait to form a batch, in microseconds.")
+@click.option("--max-queue-delay-us", type=click.IntRange(0), default=None,
+              help="Dynamic batching: longest wait to form a batch, in microseconds (default: 0 for text generation, "
+              "whose scheduler batches by itself; 1000 for classification and embeddings).")
 @click.option("--preferred-batch-size", "preferred_batch_sizes", type=click.IntRange(1), multiple=True,
               help="Dynamic batching: a batch size to aim for (repeatable).")
 @click.option("--instance-count", type=click.IntRange(1), default=1, show_default=True,

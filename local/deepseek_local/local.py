@@ -557,7 +557,7 @@ def repository_options(resource: api.DeepSeekModel) -> dict[str, Any]:
     container gets the same from its command line, ``render.repository_command``)."""
     serving = resource.spec.serving
     return {
-        "max_queue_delay_us": serving.dynamic_batching.max_queue_delay_microseconds,
+        "max_queue_delay_us": serving.dynamic_batching.queue_delay_us(resource.spec.model.task),
         "preferred_batch_sizes": serving.dynamic_batching.preferred_batch_sizes,
         "stream_interval": serving.stream_interval,
         "engine_threads": serving.engine_threads,

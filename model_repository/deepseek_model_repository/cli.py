@@ -26,7 +26,9 @@ from .repository import (DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL, Reposi
 )
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Repository to write.")
 @click.option("--model-name", required=True, help="The name clients call (the DeepSeekModel's name).")
-@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=None,
+              help="Triton's queue delay in microseconds (default: 0 for text generation, whose scheduler batches by "
+              "itself; 1000 for classification and embeddings).")
 @click.option("--preferred-batch-size", "preferred_batch_sizes", type=click.IntRange(min=1), multiple=True)
 @click.option("--no-dynamic-batching", is_flag=True, help="Serve one request per execution.")
 @click.option("--stream-interval", type=click.IntRange(min=1), default=DEFAULT_STREAM_INTERVAL, show_default=True,
@@ -50,7 +52,7 @@ def repository(
     engine_ref: Optional[Path],
     output: Path,
     model_name: str,
-    max_queue_delay_us: int,
+    max_queue_delay_us: Optional[int],
     preferred_batch_sizes: tuple[int, ...],
     no_dynamic_batching: bool,
     stream_interval: int,

@@ -38,6 +38,16 @@ from .serving.scheduler import DEFAULT_PREFILL_TOKENS
 
 Runtime = Literal["triton", "local"]
 DEFAULT_MAX_TOKENS = 64
+#: Triton's queue delay, in microseconds, where none is given (``serving.dynamicBatching.maxQueueDelayMicroseconds``
+#: unset): classification and embeddings wait up to this long for a larger batch.
+DEFAULT_QUEUE_DELAY_US = 1000
+
+
+def default_queue_delay_us(task: str) -> int:
+    """The queue delay a ``task`` gets by default: text generation hands each request to its scheduler at once (it
+    batches in flight by itself, so a delay only adds to the time to the first token), other tasks
+    :data:`DEFAULT_QUEUE_DELAY_US`."""
+    return 0 if task == "text-generation" else DEFAULT_QUEUE_DELAY_US
 
 
 class RepositoryError(ValueError):
@@ -95,7 +105,7 @@ def render_configs(
     model_name: str,
     *,
     runtime: Runtime,
-    max_queue_delay_us: int = 1000,
+    max_queue_delay_us: Optional[int] = None,
     preferred_batch_sizes: Sequence[int] = (),
     gpus: int = 0,
     instance_count: int = 1,
@@ -130,6 +140,8 @@ def render_configs(
         raise RepositoryError(
             f"preferred batch sizes {bad} must be between 1 and the engine's max batch size ({info['max_batch_size']})"
         )
+    if max_queue_delay_us is None:
+        max_queue_delay_us = default_queue_delay_us(info["task"])
     names = ModelNames.of(model_name)
     engine_dir = str(Path(engine_dir).resolve())
     configs: dict[str, dict[str, Any]] = {}
@@ -232,7 +244,7 @@ def write_repository(
     model_name: str,
     *,
     runtime: Runtime,
-    max_queue_delay_us: int = 1000,
+    max_queue_delay_us: Optional[int] = None,
     preferred_batch_sizes: Sequence[int] = (),
     gpus: int = 0,
     instance_count: int = 1,

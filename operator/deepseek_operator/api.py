@@ -19,7 +19,8 @@ from pydantic.alias_generators import to_camel
 from deepseek_contract import vocabulary
 from deepseek_contract.versions import TRITON_IMAGE
 from deepseek_contract.vocabulary import BACKEND_PRECISIONS, Backend, Precision, Task
-from deepseek_model_repository.repository import DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL
+from deepseek_model_repository.repository import (DEFAULT_PREFILL_TOKENS, DEFAULT_QUEUE_DELAY_US, DEFAULT_STREAM_INTERVAL,
+                                                  default_queue_delay_us)
 
 GROUP = "deepseek.ai"
 VERSION = "v1alpha1"
@@ -240,13 +241,14 @@ class DynamicBatchingSpec(_Model):
     steps), so there only the queue delay applies.
     """
 
-    max_queue_delay_microseconds: int = Field(
-        default=1000,
+    max_queue_delay_microseconds: Optional[int] = Field(
+        default=None,
         ge=0,
         le=10_000_000,
-        description="How long a request may wait for others to form a larger batch, in microseconds. For "
-        "text generation, how long Triton holds a request before handing it to the in-flight scheduler, "
-        "streamed or plain (0 hands it over at once; the scheduler batches by itself).",
+        description="How long a request may wait for others to form a larger batch, in microseconds (default "
+        f"{DEFAULT_QUEUE_DELAY_US}). For text generation, how long Triton holds a request before handing it to the "
+        "in-flight scheduler, streamed or plain (default 0: at once, since the scheduler batches by itself and a "
+        "delay only adds to the time to the first token).",
     )
     preferred_batch_sizes: list[int] = Field(
         default_factory=list,
@@ -255,6 +257,12 @@ class DynamicBatchingSpec(_Model):
         description="Batch sizes the batcher tries to form, each between 1 and engine.maxBatchSize. Not used "
         "for text generation: its scheduler admits requests into free slots between decode steps.",
     )
+
+    def queue_delay_us(self, task: str) -> int:
+        """The queue delay for a model of ``task``: the one set, else that task's default."""
+        if self.max_queue_delay_microseconds is not None:
+            return self.max_queue_delay_microseconds
+        return default_queue_delay_us(task)
 
     @field_validator("preferred_batch_sizes")
     @classmethod

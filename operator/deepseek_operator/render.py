@@ -295,7 +295,7 @@ def repository_command(model: DeepSeekModel, spec_key: str) -> list[str]:
         "--engine-ref", engine_ref_path(spec_key),
         "--output", MODELS_MOUNT,
         "--model-name", naming.triton_model_name(model.name),
-        "--max-queue-delay-us", str(serving.dynamic_batching.max_queue_delay_microseconds),
+        "--max-queue-delay-us", str(serving.dynamic_batching.queue_delay_us(model.spec.model.task)),
     ]
     for size in serving.dynamic_batching.preferred_batch_sizes:
         args += ["--preferred-batch-size", str(size)]

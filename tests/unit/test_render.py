@@ -239,6 +239,23 @@ def test_deployment_init_container_writes_the_repository_for_the_engine_key():
     ]
 
 
+@pytest.mark.parametrize(("task", "patch", "delay"), [
+    ("text-generation", {}, "0"),  # its scheduler batches by itself: a delay only adds to the first token's time
+    ("text-classification", {}, "1000"),
+    ("feature-extraction", {}, "1000"),
+    ("text-generation", {"serving.dynamicBatching": {"maxQueueDelayMicroseconds": 1000}}, "1000"),
+    ("text-classification", {"serving.dynamicBatching": {"maxQueueDelayMicroseconds": 0}}, "0"),
+])
+def test_the_queue_delay_the_init_container_writes_is_the_crs_else_its_tasks_default(task, patch, delay):
+    from deepseek_local import local
+
+    model = make_model("r1", {"model.task": task, **patch})
+    command = render.render_deployment(model, CONFIG, "key123")["spec"]["template"]["spec"]["initContainers"][0][
+        "command"]
+    assert command[command.index("--max-queue-delay-us") + 1] == delay
+    assert str(local.repository_options(model)["max_queue_delay_us"]) == delay
+
+
 def test_a_stream_interval_reaches_the_repository_and_the_default_writes_no_flag():
     """The default leaves the pod template as it was (no rollout on upgrade); another value rolls it."""
     def command(patch):

@@ -170,6 +170,17 @@ def test_dynamic_batching_off(tmp_path):
     assert not any(m.HasField("dynamic_batching") for m in c.values())
 
 
+def test_without_a_queue_delay_text_generation_hands_requests_over_at_once_and_other_tasks_wait_1000_us(tmp_path):
+    """The scheduler batches in flight by itself, so Triton's queue holds text generation's requests for nothing;
+    the dynamic batcher of classification and embeddings keeps its default wait for a larger batch."""
+    chat = write_repository(engine_dir(tmp_path / "chat"), tmp_path / "chat-repo", "chat", runtime="triton")
+    assert {name: c.dynamic_batching.max_queue_delay_microseconds for name, c in configs(chat).items()} == {
+        "chat": 0, "chat_stream": 0}
+    cls = write_repository(engine_dir(tmp_path / "cls", task="text-classification"), tmp_path / "cls-repo", "cls",
+                           runtime="triton")
+    assert configs(cls)["cls"].dynamic_batching.max_queue_delay_microseconds == 1000
+
+
 def test_rewriting_replaces_own_models_and_keeps_others(tmp_path):
     engine = engine_dir(tmp_path)
     repo = tmp_path / "repo"
