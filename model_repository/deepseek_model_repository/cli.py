@@ -13,8 +13,8 @@ import click
 
 from deepseek_contract.integrity import verify_entry
 
-from .repository import (DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL, RepositoryError, resolve_engine_ref,
-                         write_repository)
+from .repository import (DEFAULT_PREFILL_TOKENS, DEFAULT_QUEUE_DELAY_US, DEFAULT_STREAM_INTERVAL, RepositoryError,
+                         default_queue_delay_us, resolve_engine_ref, write_repository)
 
 
 @click.command("repository")
@@ -27,8 +27,9 @@ from .repository import (DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL, Reposi
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Repository to write.")
 @click.option("--model-name", required=True, help="The name clients call (the DeepSeekModel's name).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=None,
-              help="Triton's queue delay in microseconds (default: 0 for text generation, whose scheduler batches by "
-              "itself; 1000 for classification and embeddings).")
+              help="Triton's queue delay in microseconds (default: "
+              f"{default_queue_delay_us('text-generation')} for text generation, whose scheduler batches by itself; "
+              f"{DEFAULT_QUEUE_DELAY_US} for classification and embeddings).")
 @click.option("--preferred-batch-size", "preferred_batch_sizes", type=click.IntRange(min=1), multiple=True)
 @click.option("--no-dynamic-batching", is_flag=True, help="Serve one request per execution.")
 @click.option("--stream-interval", type=click.IntRange(min=1), default=DEFAULT_STREAM_INTERVAL, show_default=True,

@@ -247,8 +247,8 @@ class DynamicBatchingSpec(_Model):
         le=10_000_000,
         description="How long a request may wait for others to form a larger batch, in microseconds (default "
         f"{DEFAULT_QUEUE_DELAY_US}). For text generation, how long Triton holds a request before handing it to the "
-        "in-flight scheduler, streamed or plain (default 0: at once, since the scheduler batches by itself and a "
-        "delay only adds to the time to the first token).",
+        f"in-flight scheduler, streamed or plain (default {default_queue_delay_us('text-generation')}: at once, "
+        "since the scheduler batches by itself and a delay only adds to the time to the first token).",
     )
     preferred_batch_sizes: list[int] = Field(
         default_factory=list,
