@@ -296,6 +296,31 @@ def test_kv_cache_move_keeps_only_the_valid_positions():
     assert key[0, :, :5].min() == 1 and value[0, :, :5].min() == 2
 
 
+def test_a_sequence_that_ends_moves_at_most_one_other_sequences_cache(cache_dir):
+    """Four sequences decode; the one in slot 0 ends first. The one in the last slot takes its slot, and the other
+    two stay where they are (the running ones are not all shifted down one slot, each a copy of its cache); every
+    completion is still transformers'."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    jobs = [([5, 6, 7], 2), ([8, 9, 10, 11], 12), ([12, 13], 12), ([14, 15, 16, 17, 18], 12)]
+    slots: list[list[int]] = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+    seqs = [Sequence(prompt, Sampling(max_tokens=n), on_token=lambda seq, token, i=i: slots[i].append(seq.slot),
+                     on_finish=lambda seq, error: done.release()) for i, (prompt, n) in enumerate(jobs)]
+    scheduler = Scheduler(TorchRunner(model, len(jobs), CAPACITY), eos_ids=[])
+    for seq in seqs:  # queued before the loop starts, so that one prefill admits them all
+        scheduler.submit(seq)
+    scheduler.start()
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert [seq.generated for seq in seqs] == [greedy(model, prompt, n, eos=-1) for prompt, n in jobs]
+    assert [s[0] for s in slots] == [0, 1, 2, 3]
+    assert slots[1] == [1] * 12 and slots[2] == [2] * 12
+    assert slots[3][:2] == [3, 3] and set(slots[3][2:]) == {0}
+
+
 def test_a_long_prompt_is_prefilled_a_chunk_an_iteration_while_the_running_sequence_decodes(cache_dir):
     """A 40-token prompt with a budget of 8 prompt tokens an iteration: 5 chunks, and the running sequence makes a
     token after each of the first 4, before the long prompt's first token. Both completions are transformers'."""

@@ -661,7 +661,12 @@ class Scheduler:
 
     def _retire(self) -> None:
         """Drop finished sequences and those whose client went away; keep the running ones in slots [0, n) and
-        those being prefilled in the slots after them."""
+        those being prefilled in the slots after them, in their order.
+
+        Slots are filled from the end: each running sequence beyond the first n takes a slot that a finished one
+        left in [0, n), so a sequence that ends moves at most one other's cache (not every one after it), and the
+        running ones stay where they are otherwise.  The prefilling ones (few, and no longer than their prompts)
+        close up behind them."""
         held = self.running + self.prefilling
         for seq in held:
             if not seq.finished:
@@ -670,10 +675,18 @@ class Scheduler:
             return
         running = [s for s in self.running if not s.finished]
         prefilling = [s for s in self.prefilling if not s.finished]
-        for index, seq in enumerate(running + prefilling):
+        n = len(running)
+        free = iter(sorted(set(range(n)) - {s.slot for s in running}))
+        for seq in running:
+            if seq.slot >= n:
+                self._move(seq, next(free))
+        for index, seq in enumerate(prefilling, start=n):  # each target lies at or before its source, and is free
             if seq.slot != index:
-                self.cache.move(seq.slot, index)
-                seq.slot = index
-        for slot in range(len(running) + len(prefilling), len(held)):
+                self._move(seq, index)
+        for slot in range(n + len(prefilling), len(held)):
             self.cache.clear(slot)
         self.running, self.prefilling = running, prefilling
+
+    def _move(self, seq: Sequence, slot: int) -> None:
+        self.cache.move(seq.slot, slot)
+        seq.slot = slot
