@@ -42,11 +42,11 @@ def model_name(arch: str) -> str:
     return "tiny-" + arch.replace("_", "-")
 
 
-def post_generate(server, model: str, fields: dict) -> tuple[int, str]:
-    """Triton's HTTP ``generate`` endpoint: (status, body)."""
+def post_generate(server, model: str, fields: dict, endpoint: str = "generate") -> tuple[int, str]:
+    """Triton's HTTP ``generate`` (or ``generate_stream``) endpoint: (status, body)."""
     connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     try:
-        connection.request("POST", f"/v2/models/{model}/generate", json.dumps(fields).encode(),
+        connection.request("POST", f"/v2/models/{model}/{endpoint}", json.dumps(fields).encode(),
                            {"Content-Type": "application/json"})
         response = connection.getresponse()
         return response.status, response.read().decode()
@@ -339,10 +339,10 @@ def test_generation_clients_own_deadline_cancels_the_request_and_frees_its_slot(
     assert generated < 250, f"the request ran to its end ({generated:.0f} tokens) after its deadline"
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc", "grpc-stream"])
+@pytest.mark.parametrize("protocol", ["http", "grpc", "grpc-stream", "generate", "generate_stream"])
 def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(server, protocol):
-    """tritonclient's ``timeout`` (microseconds, sent to the server) bounds a generation: an HTTP client that
-    disconnects is never noticed, so this is what frees its slot."""
+    """tritonclient's ``timeout`` (microseconds, sent to the server), or a ``generate`` request's ``timeout`` field,
+    bounds a generation: an HTTP client that disconnects is never noticed, so this is what frees its slot."""
     name = "tiny-llama"
     timeout_us, max_tokens = 80_000, 250
     tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
@@ -360,6 +360,18 @@ def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(ser
             client.infer(name, generation_inputs(grpcclient, "the of and", max_tokens=max_tokens), timeout=timeout_us)
         message = str(raised.value)
         assert raised.value.status() == "StatusCode.UNAVAILABLE"
+    elif protocol == "generate":
+        # Triton's generate endpoint answers every error of a model with 400.
+        status, message = post_generate(server, name, {"text_input": "the of and", "max_tokens": max_tokens,
+                                                        "timeout": timeout_us})
+        assert status == 400
+    elif protocol == "generate_stream":
+        status, message = post_generate(server, f"{name}_stream", {"text_input": "the of and", "stream": True,
+                                                                    "max_tokens": max_tokens, "timeout": timeout_us},
+                                        endpoint="generate_stream")
+        events = [json.loads(line[len("data: "):]) for line in message.splitlines() if line.startswith("data: ")]
+        assert status == 200 and "error" in events[-1] and all("error" not in e for e in events[:-1])
+        message = events[-1]["error"]
     else:
         client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
         errors, done = [], threading.Event()
@@ -376,7 +388,8 @@ def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(ser
         client.stop_stream()
         message = str(errors[0])
     elapsed = time.monotonic() - began
-    client.close()
+    if protocol in ("http", "grpc", "grpc-stream"):
+        client.close()
     generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
     assert "the request's timeout of 80 ms passed after" in message and f"of its {max_tokens} tokens" in message
     assert generated < max_tokens and elapsed < 5
@@ -725,6 +738,21 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(server):
 def test_an_unknown_field_is_refused_by_name(server, model):
     status, body = post_generate(server, model, {"text_input": "hi", "max_tokens": 2, "max_new_tokens": 5})
     assert status == 400 and "unknown field(s) max_new_tokens" in body
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-qwen2_stream"])
+@pytest.mark.parametrize("timeout", [0, -5, 1.5, "soon", True])
+def test_a_generate_timeout_that_is_not_a_whole_number_of_microseconds_is_refused_by_name(server, model, timeout):
+    fields = {"text_input": "hi", "max_tokens": 2, "timeout": timeout}
+    status, body = post_generate(server, model, fields)
+    assert status == 400 and "timeout must be a whole number of microseconds" in body, body
+
+
+def test_a_generate_timeout_that_does_not_pass_changes_nothing(server):
+    status, body = post_generate(server, "tiny-qwen2", {"text_input": "the of", "max_tokens": 6})
+    assert status == 200
+    assert post_generate(server, "tiny-qwen2", {"text_input": "the of", "max_tokens": 6, "timeout": 60_000_000}) == \
+        (200, body)
 
 
 def test_the_relays_own_parameters_are_refused_from_a_client(server):

@@ -47,6 +47,7 @@ GENERATION_INPUTS: tuple[tuple[str, str, bool, tuple[int, ...]], ...] = (
     *((f"return_{name}", "TYPE_BOOL", True, (1,)) for name in DETAILS),
 )
 INPUT_NAMES = tuple(name for name, *_ in GENERATION_INPUTS)
+INT32_MAX = 2**31 - 1
 #: Stop strings a request may send, and the UTF-8 bytes of each.
 MAX_STOPS, MAX_STOP_BYTES = 16, 256
 #: Request parameters between the relay (``NAME``) and the scheduler model (``NAME_stream``).  The relay names each
@@ -56,11 +57,16 @@ MAX_STOPS, MAX_STOP_BYTES = 16, 256
 RELAY_ID = "deepseek_relay_id"
 CANCEL_RELAYED = "deepseek_cancel_relayed"
 RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED)
+#: A request's own timeout, in microseconds, as a request parameter: what Triton's HTTP ``infer`` reads from its JSON
+#: ``parameters`` (tritonclient's ``timeout=``, which Triton applies itself and does not pass on), and what a
+#: ``generate`` or ``generate_stream`` request sends as a field of its JSON body, which Triton passes on to the model.
+TIMEOUT_PARAMETER = "timeout"
+#: The longest such timeout: about 24 days, Triton's own bound (a uint64 of microseconds, held as a signed int here).
+MAX_TIMEOUT_US = INT32_MAX * 1000
 #: Plain requests the relay passes on at once, per replica; more wait in the relay until one ends.  Each holds one
 #: of the relay's threads, and one of the Python backend's own threads in Triton's process (its BLS call waits
 #: there for the final response), so the backend's thread pool is sized from this too (``config.server_flags``).
 RELAY_THREADS = 256
-INT32_MAX = 2**31 - 1
 
 
 class RequestError(Exception):
@@ -118,14 +124,28 @@ def request_parameters(request) -> dict:
 
 
 def unknown_fields(request, allowed: tuple[str, ...] = ()) -> list[str]:
-    """Request parameters the model does not take (``allowed``: parameters it takes besides Triton's own)."""
-    return sorted(k for k in request_parameters(request) if not k.startswith("triton_") and k not in allowed)
+    """Request parameters the model does not take (``allowed``: parameters it takes besides Triton's own and
+    :data:`TIMEOUT_PARAMETER`)."""
+    return sorted(k for k in request_parameters(request)
+                  if not k.startswith("triton_") and k != TIMEOUT_PARAMETER and k not in allowed)
 
 
 def check_fields(request, allowed: tuple[str, ...] = ()) -> None:
     unknown = unknown_fields(request, allowed)
     if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(unknown)}: this model takes {', '.join(INPUT_NAMES)}")
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}: this model takes {', '.join(INPUT_NAMES)}, and "
+                           f"{TIMEOUT_PARAMETER} (microseconds)")
+
+
+def parameter_timeout_us(request) -> int:
+    """The request's :data:`TIMEOUT_PARAMETER` in microseconds, checked; 0 when it sends none."""
+    value = request_parameters(request).get(TIMEOUT_PARAMETER)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TIMEOUT_US:
+        raise RequestError(f"{TIMEOUT_PARAMETER} must be a whole number of microseconds from 1 to {MAX_TIMEOUT_US}, "
+                           f"got {value!r}")
+    return value
 
 
 def _values(pb_utils, request, name, n, default, cast, check):
@@ -197,7 +217,7 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
     if any(stream) and not streaming_model:
         raise RequestError(
             f"stream is true but model '{model_name}' answers in one response: for tokens as they are "
-            f"made, call model '{model_name}_stream' over gRPC streaming"
+            f"made, call model '{model_name}_stream' (gRPC streaming, or HTTP generate_stream)"
         )
     if any(stream) and n != 1:
         raise RequestError("stream is true: send one prompt per request")

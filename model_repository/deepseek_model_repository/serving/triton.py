@@ -7,6 +7,8 @@ import signal
 
 import triton_python_backend_utils as pb_utils
 
+from .limits import parameter_timeout_us
+
 #: The signal that makes a text-generation model's process print every thread's stack to Triton's log.
 DUMP_SIGNAL = signal.SIGUSR1
 
@@ -37,9 +39,10 @@ def relayed_error(message):
 
 
 def request_timeout_us(request):
-    """The request's own timeout in microseconds (tritonclient's ``timeout``), 0 for none (or where this Triton has
-    none)."""
-    return request.timeout() if hasattr(request, "timeout") else 0
+    """The request's own timeout in microseconds, 0 for none: Triton's (tritonclient's ``timeout``), else the
+    ``timeout`` field of a ``generate`` request (``limits.TIMEOUT_PARAMETER``; a bad one raises ``RequestError``)."""
+    own = request.timeout() if hasattr(request, "timeout") else 0
+    return own or parameter_timeout_us(request)
 
 
 def request_timeout_s(request):

@@ -246,13 +246,13 @@ class TritonPythonModel:
                     continue
                 parsed = limits.parse_generation_request(request, self.limits, self.tokenizer,
                                                          self.default_max_tokens, pb_utils, self.model_name)
+                timeout_s = min((t for t in (request_timeout_s(request), self.request_timeout_s) if t), default=None)
             except limits.RequestError as exc:
                 sender.send(error_response(str(exc), relayed=relayed), flags=final)
                 continue
             except Exception as exc:  # noqa: BLE001 - any failure answers this request only
                 sender.send(error_response(f"bad request: {exc}", relayed=relayed), flags=final)
                 continue
-            timeout_s = min((t for t in (request_timeout_s(request), self.request_timeout_s) if t), default=None)
             if parsed.stream:
                 self.scheduler.submit(self._stream(parsed.prompts[0], sender, timeout_s, parsed.details))
             else:

@@ -70,15 +70,16 @@ class TritonPythonModel:
                 if stream is not None and bool(stream.as_numpy().reshape(-1).any()):
                     raise limits.RequestError(
                         f"stream is true but model '{self.model_name}' answers in one response: for tokens as they "
-                        f"are made, call model '{self.target}' over gRPC streaming")
+                        f"are made, call model '{self.target}' (gRPC streaming, or HTTP generate_stream)")
                 # Copies: the request's own tensors are not used after execute returns.
                 inputs = [pb_utils.Tensor(name, tensor.as_numpy().copy())
                           for name in limits.INPUT_NAMES
                           if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+                timeout = request_timeout_us(request)
             except limits.RequestError as exc:
                 sender.send(error_response(str(exc)), flags=final)
                 continue
-            self.pool.submit(self._relay, inputs, sender, request_timeout_us(request))
+            self.pool.submit(self._relay, inputs, sender, timeout)
         return None
 
     def _relay(self, inputs, sender, timeout=0):
