@@ -61,8 +61,69 @@ def test_decoding_stops_at_the_eos_token_and_leaves_it_out(tmp_path_factory):
         url = f"127.0.0.1:{server.grpc_port}"
         completion = GenerationClient(url, "eos-probe").generate(PROMPT, max_tokens=MAX_TOKENS)
         unstopped = GenerationClient(url, "no-eos").generate(PROMPT, max_tokens=MAX_TOKENS)
+        streams = {(name, empty_final): grpc_stream(url, name, empty_final)
+                   for name in ("eos-probe", "no-eos") for empty_final in (False, True)}
+        events = {name: generate_stream(server.http_port, name) for name in ("eos-probe", "no-eos")}
 
     assert completion == tokenizer.decode(free_run[:stop_at], skip_special_tokens=True)
     # Same weights without that EOS run on to max_tokens: the stop came from the EOS token.
     assert unstopped == tokenizer.decode(free_run, skip_special_tokens=True)
     assert len(unstopped) > len(completion)
+    # A stream sends no empty piece of text, however it ends: at the EOS token (nothing is left for its final
+    # response, which is the final flag alone) or at max_tokens (the last token's text is on the final response).
+    for name, whole in (("eos-probe", completion), ("no-eos", unstopped)):
+        pieces = streams[name, False]
+        assert "".join(t for t, _ in pieces) == whole and all(t for t, _ in pieces), pieces
+        with_final = streams[name, True]
+        assert with_final[-1][1] and not any(final for _, final in with_final[:-1])
+        assert [t for t, _ in with_final if t is not None] == [t for t, _ in pieces]
+        assert (with_final[-1][0] is None) == (name == "eos-probe"), with_final
+        texts = [e["text_output"] for e in events[name]]
+        assert "".join(texts) == whole and all(texts), events[name]
+
+
+def grpc_stream(url: str, model: str, empty_final: bool) -> list[tuple[object, bool]]:
+    """Each response of a gRPC stream of ``model``'s stream model: (its text, or None without one; whether it is
+    the request's final response), as a client with or without ``enable_empty_final_response`` gets them."""
+    import numpy as np
+    import queue
+    import tritonclient.grpc as grpcclient
+
+    from deepseek_model_repository.client import generation_inputs
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(f"{model}_stream", generation_inputs(grpcclient, PROMPT, max_tokens=MAX_TOKENS,
+                                                                       stream=True),
+                                  enable_empty_final_response=empty_final)
+    finally:
+        client.stop_stream()  # waits for the request's last response
+        client.close()
+    out = []
+    while not responses.empty():
+        result, error = responses.get()
+        assert error is None, error
+        text = result.as_numpy("text_output")
+        final = result.get_response().parameters.get("triton_final_response")
+        out.append((None if text is None else np.asarray(text).reshape(-1)[0].decode(),
+                    bool(final is not None and final.bool_param)))
+    return out
+
+
+def generate_stream(http_port: int, model: str) -> list[dict]:
+    """The events of Triton's HTTP ``generate_stream`` for ``model``'s stream model."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+    try:
+        body = json.dumps({"text_input": PROMPT, "max_tokens": MAX_TOKENS, "stream": True})
+        connection.request("POST", f"/v2/models/{model}_stream/generate_stream", body,
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        lines = response.read().decode().splitlines()
+    finally:
+        connection.close()
+    return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]

@@ -109,6 +109,9 @@ class Sequence:
     #: Polled by the scheduler's watcher thread: True when the client went away (its slot is freed at the next step).
     cancelled: Callable[[], bool] = lambda: False
     generated: list[int] = field(default_factory=list)
+    #: Set before ``on_token``: this token is the sequence's last by length (``max_tokens``, or the context's end),
+    #: so its ``on_finish`` comes right after (a stream leaves the token's text to its final response).
+    last: bool = False
     slot: int = -1
     finished: bool = False
     arrived: float = field(default_factory=time.monotonic)
@@ -614,6 +617,8 @@ class Scheduler:
             self.metrics.inter_token(now - seq.last_token_at)
         seq.last_token_at = now
         self.metrics.tokens(1)
+        room = self.cache.capacity - int(self.cache.lengths[seq.slot]) - 1
+        seq.last = len(seq.generated) >= seq.sampling.max_tokens or room <= 0  # prompt + completion fit the context
         try:
             stop = seq.on_token(seq, token)
         except Exception:  # noqa: BLE001 - a client we cannot answer is a client gone
@@ -622,9 +627,7 @@ class Scheduler:
             return
         if stop:
             self._finish(seq, None, STOP)
-            return
-        room = self.cache.capacity - int(self.cache.lengths[seq.slot]) - 1
-        if len(seq.generated) >= seq.sampling.max_tokens or room <= 0:  # prompt + completion fit the context
+        elif seq.last:
             self._finish(seq, None, LENGTH)
 
     def _finish(self, seq: Sequence, error: Optional[str], outcome: str, notify: bool = True) -> None:

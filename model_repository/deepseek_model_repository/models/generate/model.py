@@ -4,7 +4,8 @@
 (``deepseek_model_repository.serving``) and returns at once; the scheduler's thread admits
 requests into free KV-cache slots between decode steps and answers each one through its
 response sender.  A request with ``stream`` true gets one response per piece of text (one every
-``stream_interval`` tokens, the first at once) and then a final one with what is left; any other
+``stream_interval`` tokens, the first at once), the last piece on its final response (the final flag alone
+when nothing is left: no response carries empty text); any other
 request gets its whole completion in one final response.  The client-facing ``NAME`` model relays
 its requests here, so plain requests and streams share one scheduler, one engine and one cache; when a relayed
 request's client goes away the relay says so in a request of its own, and its sequences are dropped.
@@ -261,11 +262,17 @@ class TritonPythonModel:
         return None
 
     def _stream(self, prompt, sender, timeout_s=None, details=()):
-        """A streamed sequence: a response per piece of text (every ``stream_interval`` tokens), then a final one
-        (with the ``details`` asked for)."""
+        """A streamed sequence: a response per piece of text (every ``stream_interval`` tokens), the last piece on
+        the final response (with the ``details`` asked for).
+
+        The text of a token that ends the sequence by length goes on the final response rather than one of its own.
+        A sequence that ends with nothing left to send (at the end-of-sentence token, say) and no details to give
+        ends with the final flag alone, which Triton passes on only to a client that asks for empty final
+        responses: no client gets an empty piece of text."""
         text = StreamedText(self.tokenizer, self.stream_interval, stops=prompt.stop)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         sent = [0]  # tokens that the responses so far covered
+        held = [""]  # the text of the token that ended the sequence by length, for the final response
 
         def covered(seq):
             count, sent[0] = len(seq.generated) - sent[0], len(seq.generated)
@@ -273,7 +280,9 @@ class TritonPythonModel:
 
         def on_token(seq, token):
             delta = text.step(seq.generated)
-            if delta:
+            if seq.last:
+                held[0] = delta
+            elif delta:
                 sender.send(text_response([delta], details, [seq], covered(seq)))
             return text.stopped
 
@@ -281,7 +290,11 @@ class TritonPythonModel:
             if error:
                 sender.send(error_response(error, TIMED_OUT if seq.expired else FAILED), flags=final)
                 return
-            sender.send(text_response([text.rest(seq.generated)], details, [seq], covered(seq)), flags=final)
+            rest = held[0] + text.rest(seq.generated)
+            if rest or details:
+                sender.send(text_response([rest], details, [seq], covered(seq)), flags=final)
+            else:
+                sender.send(flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
                         cancelled=client_gone(sender), timeout_s=timeout_s, logprobs="cumulative_logprob" in details)
