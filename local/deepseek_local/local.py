@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -108,6 +109,27 @@ class LocalServer:
 
 def state_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / "local"
+
+
+def command(name: str, filename: Optional[str] = None, cache_dir: Optional[Path] = None) -> str:
+    """The ``local`` command a message tells the user to run, with the file and cache it needs (the cache only where
+    it is not the default)."""
+    words = ["deepseek-operator", "local", name]
+    if filename:
+        words += ["-f", str(filename)]
+    if cache_dir is not None and Path(cache_dir).expanduser().resolve() != default_cache_dir().expanduser().resolve():
+        words += ["--cache-dir", str(cache_dir)]
+    return "`" + shlex.join(words) + "`"
+
+
+def running_servers(cache_dir: Path) -> list["LocalServer"]:
+    """The servers recorded in this cache whose process is alive."""
+    found = []
+    for path in sorted(state_dir(cache_dir).glob("*.json")):
+        server = read_state(cache_dir, path.stem)
+        if server is not None and server_running(server):
+            found.append(server)
+    return found
 
 
 def state_file(cache_dir: Path, name: str) -> Path:
@@ -531,10 +553,12 @@ def up_resource(
     grpc_port: int = DEFAULT_PORTS["grpc"],
     metrics_port: int = DEFAULT_PORTS["metrics"],
     echo: Callable[[str], None] = click.echo,
+    filename: Optional[str] = None,
 ) -> LocalServer:
     """Build (or reuse) the engine, write the repository, start Triton, wait until the model is ready.
 
-    Holds the model's lock throughout, so a concurrent `up` waits and then finds this server running."""
+    Holds the model's lock throughout, so a concurrent `up` waits and then finds this server running.
+    ``filename``: the CR's file, for the commands that messages name."""
     cache_dir = Path(cache_dir)
     check_runnable(resource)
     with model_lock(cache_dir, resource.name, on_wait=lambda: echo(
@@ -543,7 +567,7 @@ def up_resource(
         if running and server_running(running):
             raise LocalError(
                 f"{resource.name} is already running (pid {running.pid}, HTTP {running.endpoints['http']}, "
-                f"gRPC {running.endpoints['grpc']}): run `deepseek-operator local down` first"
+                f"gRPC {running.endpoints['grpc']}): run {command('down', filename, cache_dir)} first"
             )
         if running:
             ended = end_server(cache_dir, running)
@@ -674,7 +698,8 @@ def up(filename: Optional[str], http_port: int, grpc_port: int, metrics_port: in
     """Build the engine (or reuse the cache), start Triton, and return once the model is ready."""
     cache = _cache(cache_dir)
     resource = load_resource(filename, cache)
-    server = up_resource(resource, cache, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    server = up_resource(resource, cache, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                         filename=filename)
     click.echo(f"{server.name} is ready (pid {server.pid}, task {server.task})")
     click.echo(f"  HTTP     {server.endpoints['http']}   (model {server.name})")
     stream_hint = f"   (streaming: model {server.name}_stream)" if server.task == "text-generation" else ""
@@ -689,9 +714,12 @@ def up(filename: Optional[str], http_port: int, grpc_port: int, metrics_port: in
 def down(filename: Optional[str], cache_dir: Optional[Path]) -> None:
     """Stop the model's Triton server."""
     name = _name_of(filename)
-    stopped = down_name(name, _cache(cache_dir), echo=click.echo)
+    cache = _cache(cache_dir)
+    stopped = down_name(name, cache, echo=click.echo)
     if stopped is None:
-        click.echo(f"{name} is not running")
+        others = [s.name for s in running_servers(cache)]
+        click.echo(f"{name} is not running" + (f" (running in this cache: {', '.join(others)}; -f names a model's "
+                                                "file, the embedded example without it)" if others else ""))
     elif stopped.was_running:
         click.echo(f"stopped {name} (pid {stopped.server.pid})")
     else:
@@ -755,9 +783,13 @@ def generate(
     from deepseek_model_repository.client import GenerationClient, ServingError
 
     name = _name_of(filename)
-    server = read_state(_cache(cache_dir), name)
+    cache = _cache(cache_dir)
+    server = read_state(cache, name)
     if server is None or not server_running(server):
-        raise LocalError(f"{name} is not running: start it with `deepseek-operator local up`")
+        others = [s.name for s in running_servers(cache) if s.name != name]
+        running = (f" (running in this cache: {', '.join(others)}; -f names a model's file, the embedded example "
+                   "without it)") if others else ""
+        raise LocalError(f"{name} is not running{running}: start it with {command('up', filename, cache)}")
     if server.task != "text-generation":
         click.echo(json.dumps(_infer_text(server, name, prompt)))
         return

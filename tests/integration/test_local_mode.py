@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from click.testing import CliRunner
@@ -276,6 +277,25 @@ def test_cli_generate_status_and_second_up(server, cache_dir, reference):
     assert NAME in result.output and "running" in result.output and str(server.grpc_port) in result.output
     result = CliRunner().invoke(local.local, ["up", "--cache-dir", str(cache_dir)])
     assert result.exit_code == 1 and "already running" in result.output and "Traceback" not in result.output
+    # The command it says to run names the cache this one was given.
+    assert f"run `deepseek-operator local down --cache-dir {cache_dir}` first" in " ".join(result.output.split())
+
+
+def test_a_model_that_is_not_running_is_told_apart_from_the_one_that_is(server, cache_dir, tmp_path):
+    """``generate`` and ``down`` of another CR's model say which models run in this cache, and the command that
+    starts the one asked for names its file and cache."""
+    raw = yaml.safe_load((local.EXAMPLES_DIR / local.DEFAULT_EXAMPLE).read_text())
+    raw["metadata"]["name"] = "other-tiny"
+    cr = tmp_path / "other.yaml"
+    cr.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(local.local, ["generate", "-f", str(cr), "--cache-dir", str(cache_dir), "hi"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"other-tiny is not running (running in this cache: {NAME};" in output
+    assert f"start it with `deepseek-operator local up -f {cr} --cache-dir {cache_dir}`" in output
+    result = invoke("down", "-f", str(cr), "--cache-dir", str(cache_dir))
+    assert result.exit_code == 0 and f"other-tiny is not running (running in this cache: {NAME};" in result.output
+    assert local.server_running(server)
 
 
 def test_tensorrt_cr_is_refused_with_a_hint(tmp_path):
