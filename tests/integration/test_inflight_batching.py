@@ -249,14 +249,22 @@ def test_a_short_request_joins_a_running_batch_and_returns_first(server):
 
 
 def test_a_stream_whose_client_goes_away_frees_its_slot(server):
+    """While the stream runs, the gauges show its sequence and its cache; once its client goes away, the sequence
+    ends as cancelled and both come back to 0."""
     name = "tiny-llama"
     tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+    cancelled = scheduler_metric(server, "sequences_ended_total", name, outcome="cancelled")
     client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
     first = threading.Event()
     client.start_stream(callback=lambda result, error: first.set())
     client.async_stream_infer(f"{name}_stream", generation_inputs(grpcclient, "the of and", max_tokens=250,
                                                                    stream=True))
     assert first.wait(10)
+    deadline = time.monotonic() + 5  # the scheduler publishes once a second while busy
+    while scheduler_metric(server, "sequences_running", name) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler_metric(server, "sequences_running", name) == 1
+    assert 0 < scheduler_metric(server, "kv_cache_utilization", name) < 1
     client.stop_stream(cancel_requests=True)
     client.close()
     deadline = time.monotonic() + 20
@@ -266,6 +274,7 @@ def test_a_stream_whose_client_goes_away_frees_its_slot(server):
     assert scheduler_metric(server, "sequences_running", name) == 0, (
         f"still running after {generated:.0f} tokens; the server's log ends:\n{Path(server.log).read_text()[-3000:]}")
     assert generated < 250, f"the stream ran to its end ({generated:.0f} tokens) after its client went away"
+    assert scheduler_metric(server, "sequences_ended_total", name, outcome="cancelled") == cancelled + 1
     assert settled_scheduler_metric(server, "kv_cache_utilization", name) == 0
 
 
@@ -613,7 +622,14 @@ def test_the_readmes_client_example_runs(server, capsys):
                .replace("127.0.0.1:8001", server.endpoints["grpc"]).replace('"deepseek-tiny', '"tiny-qwen2'))
     exec(compile(example, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) >= 2 and all(line.strip() for line in printed[:2])
+    # The plain completion, then the stream's pieces, which make the same text, each on a line of its own.
+    client = GenerationClient(server.endpoints["grpc"], "tiny-qwen2")
+    try:
+        whole = client.generate("Hello", max_tokens=16)
+    finally:
+        client.close()
+    assert printed[0] == whole and len(printed) >= 3 and all(printed[1:]), printed
+    assert "".join(printed[1:]) == whole
 
 
 def test_a_burst_of_short_plain_requests_is_answered_and_the_server_stays_up(server):
@@ -772,13 +788,19 @@ def test_scheduler_metrics_count_what_was_served(server):
     ended_before = ended()
     queued = scheduler_metric(server, "queue_time_seconds_count", name)
     prompt_tokens = scheduler_metric(server, "prompt_tokens_total", name)
+    first_tokens = scheduler_metric(server, "time_to_first_token_seconds_count", name)
+    gaps = scheduler_metric(server, "inter_token_latency_seconds_count", name)
     client = GenerationClient(server.endpoints["grpc"], name)
     try:
         text = client.generate("the of", max_tokens=6)
     finally:
         client.close()
     assert text
-    assert 1 <= settled_scheduler_metric(server, "generated_tokens_total", name) - tokens <= 6
+    made = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens
+    assert 1 <= made <= 6
+    # One first token, and a gap between each two tokens after it.
+    assert scheduler_metric(server, "time_to_first_token_seconds_count", name) == first_tokens + 1
+    assert scheduler_metric(server, "inter_token_latency_seconds_count", name) == gaps + made - 1
     assert ended() - ended_before == 1
     assert scheduler_metric(server, "queue_time_seconds_count", name) == queued + 1
     assert scheduler_metric(server, "queue_time_seconds_bucket", name, le="+Inf") == queued + 1
