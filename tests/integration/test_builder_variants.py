@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -206,7 +207,7 @@ def test_adapter_for_another_model_size_is_refused_clearly(ws, cache):
 
 # ------------------------------------------------------------------ precisions
 @pytest.mark.parametrize("precision, kv_type", [("fp16", "TYPE_FP16"), ("int8", "TYPE_FP32")])
-def test_onnxruntime_precisions_build_checked_engines(ws, cache, precision, kv_type):
+def test_onnxruntime_precisions_build_checked_engines(ws, cache, precision, kv_type, caplog):
     from transformers import AutoModelForCausalLM
 
     source = tiny(ws, "llama")
@@ -224,6 +225,13 @@ def test_onnxruntime_precisions_build_checked_engines(ws, cache, precision, kv_t
     got = prefill_logits(entry)
     # Same greedy choice as the fp32 model on these prompts, within the precision's error.
     assert np.abs(got - want).max() / np.abs(want).max() <= report["check"]["engine"]["threshold"]
+    # Served on the CPU, an fp16 engine's cache is converted in every step, and the runner says so.
+    from deepseek_model_repository.serving.runners import open_runner
+
+    with caplog.at_level(logging.WARNING, logger="deepseek_model_repository.serving.runners"):
+        open_runner(entry, info, 2, 32)
+    warned = [r.getMessage() for r in caplog.records if "fp16 engine on the CPU" in r.getMessage()]
+    assert bool(warned) == (precision == "fp16") and all("engine.precision fp32" in m for m in warned)
 
 
 def test_tensorrt_without_tensorrt_or_gpu_fails_clearly(ws, cache):

@@ -19,6 +19,7 @@ Runners:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from deepseek_contract import engine_io
+
+log = logging.getLogger(__name__)
 
 NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64}
 
@@ -300,6 +303,10 @@ class OrtRunner(Runner):
             providers = ["CPUExecutionProvider"]
             self.device = "cpu"
             self.cache = KvCache(layer_shapes(info), slots, capacity, kv_type, "cpu")
+            if kv_type == np.float16:
+                log.warning("an fp16 engine on the CPU: ONNX Runtime has no fp16 attention kernels there and converts "
+                            "the bound KV cache (every slot's whole capacity) to fp32 in every step; build the engine "
+                            "with engine.precision fp32 to serve on the CPU")
         self.device_id = device_id
         self.session = ort.InferenceSession(str(model_file), options, providers=providers)
         if not self.vocab_size:
