@@ -29,8 +29,8 @@ run() { "$PY" -m pytest -m gpu -rs -v "$@" || status=1; }
 run "tests/gpu/test_serving_gpu.py::test_pytorch_runner_on_cuda_equals_transformers_with_the_cache_on_the_device"
 # ONNX Runtime's CUDA provider with I/O binding over device buffers (onnxruntime-gpu).
 run "tests/gpu/test_serving_gpu.py::test_onnxruntime_cuda_runner_equals_transformers"
-# TensorRT: the runner over device buffers, in flight (tensorrt).
-run "tests/gpu/test_serving_gpu.py::test_tensorrt_runner_serves_in_flight_with_logits_close_to_torch"
+# TensorRT: the runner's steps over device buffers against fp16 torch (tensorrt).
+run "tests/gpu/test_serving_gpu.py::test_tensorrt_runner_steps_with_logits_close_to_torch_and_the_cache_on_the_device"
 # TensorRT engine builds: strongly typed fp16, numerical check, timing cache, cache hit, int8 refused (tensorrt).
 run tests/gpu/test_builder_tensorrt.py "$@"
 # Not a test: a decode step's KV-cache write on the GPU against row by row (prints its table).
