@@ -87,3 +87,15 @@ def test_content_key_adds_the_resolved_source():
 def test_tensorrt_keys_carry_the_pinned_tensorrt_version():
     inputs = cachekey.inputs_from_spec(_spec())
     assert ("tensorrt", TENSORRT_VERSION) in inputs.toolchain
+
+
+@pytest.mark.parametrize("backend, precision", [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("tensorrt", "fp16")])
+def test_the_engine_format_version_is_part_of_the_key(monkeypatch, backend, precision):
+    """An engine built for an earlier format (what its runner reads and writes) is rebuilt, never reused."""
+    from deepseek_contract import engine as contract
+
+    spec = _spec(**{"engine.backend": backend, "engine.precision": precision})
+    assert ("engine-format", str(contract.ENGINE_FORMAT_VERSION)) in contract.default_toolchain(backend, precision)
+    key = cachekey.spec_key(spec)
+    monkeypatch.setattr(contract, "ENGINE_FORMAT_VERSION", contract.ENGINE_FORMAT_VERSION + 1)
+    assert cachekey.spec_key(spec) != key
