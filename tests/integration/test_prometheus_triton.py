@@ -218,6 +218,29 @@ def scheduler_ratio(url: str) -> float | None:
     return ratio(url, autoscaling.SCHEDULER_QUEUE_RECORD, CHAT)
 
 
+def keda_model(task: str):
+    """A DeepSeekModel whose Deployment's pods the scraped target's pod label (``POD``) matches."""
+    from deepseek_operator.api import parse_resource
+
+    return parse_resource({
+        "apiVersion": "deepseek.ai/v1alpha1", "kind": "DeepSeekModel",
+        "metadata": {"name": MODEL, "namespace": NAMESPACE},
+        "spec": {"model": {"source": "hf://deepseek-ai/x", "task": task},
+                 "autoscaling": {"enabled": True}},
+    })
+
+
+def keda_reader(task: str):
+    """Reads the queue signal a ScaledObject's Prometheus trigger gives KEDA for a model of ``task``: the same
+    PromQL the renderer writes (``autoscaling.queue_ratio_query``), evaluated on the scraped series."""
+    promql = autoscaling.queue_ratio_query(keda_model(task), window=RATE_WINDOW)
+
+    def read(url: str) -> float | None:
+        result = query(url, promql)
+        return float(result[0]["value"][1]) if result else None
+    return read
+
+
 def run_chat_load(grpc_port: int, seconds: float, clients: int) -> int:
     """``clients`` closed-loop text-generation clients on 2 slots, so requests wait; returns completions."""
     deadline = time.monotonic() + seconds
@@ -281,11 +304,15 @@ def load_phases(triton, prometheus):
     scheduler_idle = wait_for(prometheus, lambda v: v is not None, timeout=15, read=scheduler_ratio)
     peaks: list[float] = []
     scheduler_peaks: list[float] = []
+    keda = {task: {"read": keda_reader(task), "peaks": []} for task in ("text-classification", "text-generation")}
+    for phases in keda.values():
+        phases["idle"] = wait_for(prometheus, lambda v: v is not None, timeout=15, read=phases["read"])
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
-            for read, seen in ((ratio, peaks), (scheduler_ratio, scheduler_peaks)):
+            for read, seen in ((ratio, peaks), (scheduler_ratio, scheduler_peaks),
+                               *((k["read"], k["peaks"]) for k in keda.values())):
                 value = read(prometheus)
                 if value is not None:
                     seen.append(value)
@@ -305,7 +332,11 @@ def load_phases(triton, prometheus):
         metrics_text = r.read().decode()
     after = wait_for(prometheus, lambda v: v is not None and v < 0.05, timeout=20)
     scheduler_after = wait_for(prometheus, lambda v: v is not None and v < 0.05, timeout=20, read=scheduler_ratio)
+    for phases in keda.values():
+        phases["after"] = wait_for(prometheus, lambda v: v is not None and v < 0.05, timeout=20, read=phases["read"])
     return {"idle": idle, "peak": max(peaks or [0.0]), "after": after, "sent": sent, "metrics": metrics_text,
+            "keda": {task: {"idle": k["idle"], "peak": max(k["peaks"] or [0.0]), "after": k["after"]}
+                     for task, k in keda.items()},
             "scheduler": {"idle": scheduler_idle, "peak": max(scheduler_peaks or [0.0]), "after": scheduler_after,
                           "completions": sum(completions)}}
 
@@ -323,6 +354,16 @@ def test_scheduler_queue_ratio_rises_under_load_and_falls_after(load_phases):
     """8 generation clients on 2 KV-cache slots: requests wait in the scheduler, which Triton's queue never sees."""
     phases = load_phases["scheduler"]
     assert phases["completions"] > 10
+    assert phases["idle"] is not None and phases["idle"] < 0.05, phases
+    assert phases["peak"] > 0.5, phases
+    assert phases["after"] is not None and phases["after"] < 0.05 < phases["peak"], phases
+
+
+@pytest.mark.parametrize("task", ["text-classification", "text-generation"])
+def test_the_keda_queue_query_rises_under_load_and_falls_after(load_phases, task):
+    """The PromQL a ScaledObject's queue trigger carries, evaluated on the real scraped series (not a recording rule):
+    Triton's queue time over compute time for classification, requests waiting per slot for text generation."""
+    phases = load_phases["keda"][task]
     assert phases["idle"] is not None and phases["idle"] < 0.05, phases
     assert phases["peak"] > 0.5, phases
     assert phases["after"] is not None and phases["after"] < 0.05 < phases["peak"], phases
