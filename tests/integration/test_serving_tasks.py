@@ -1,6 +1,7 @@
-"""The served models against torch on the same weights: a LoRA-merged generator, a classifier, an embedder.
+"""The served models against torch on the same weights: LoRA-merged generators, a classifier, an embedder.
 
-Three tiny engines, built by the builder into one cache, served from one
+Five tiny engines (LoRA-merged DeepSeek-V3, Qwen2 and Llama shapes, a classifier, an embedder), built by the
+builder into one cache, served from one
 repository by one real Triton (the local runtime).  References come from
 transformers/peft in this process.
 """
@@ -35,15 +36,18 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(cache_dir) -> Path:
-    """A LoRA adapter with non-zero random weights on the tiny generator (peft, saved as PEFT writes it)."""
+#: The R1-Distill shapes beside DeepSeek-V3's, each with a LoRA adapter of its own under load.
+DISTILL_ARCHS = ("qwen2", "llama")
+
+
+def make_adapter(cache_dir: Path, arch: str = "deepseek_v3") -> Path:
+    """A LoRA adapter with non-zero random weights on the tiny ``arch`` generator (peft, saved as PEFT writes it)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model(cache_dir), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model(cache_dir, arch), dtype=torch.float32)
     targets = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules()
                       if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in
                       {"q_proj", "q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}})
@@ -54,15 +58,27 @@ def adapter_dir(cache_dir) -> Path:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # large enough to change greedy choices
-    out = cache_dir / "adapter"
+    out = cache_dir / ("adapter" if arch == "deepseek_v3" else f"adapter-{arch}")
     model.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
-def engines(cache_dir, adapter_dir) -> dict[str, Path]:
+def adapter_dir(cache_dir) -> Path:
+    return make_adapter(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def distill_adapters(cache_dir) -> dict[str, Path]:
+    return {arch: make_adapter(cache_dir, arch) for arch in DISTILL_ARCHS}
+
+
+@pytest.fixture(scope="module")
+def engines(cache_dir, adapter_dir, distill_adapters) -> dict[str, Path]:
     return {
         "tiny-lora": build(tiny_resource(cache_dir, "tiny-lora", adapter=adapter_dir), cache_dir),
+        **{f"tiny-lora-{arch}": build(tiny_resource(cache_dir, f"tiny-lora-{arch}", arch=arch, adapter=adapter),
+                                      cache_dir) for arch, adapter in distill_adapters.items()},
         "tiny-cls": build(tiny_resource(cache_dir, "tiny-cls", task="text-classification"), cache_dir),
         "tiny-emb": build(tiny_resource(cache_dir, "tiny-emb", task="feature-extraction"), cache_dir),
     }
@@ -108,27 +124,36 @@ def test_lora_merged_greedy_completions_equal_peft_merged_model(server, engines,
     assert differs, "the adapter should change at least one completion, or this test proves nothing"
 
 
-def test_lora_merged_completions_under_32_concurrent_mixed_requests(server, engines, cache_dir, adapter_dir):
-    """The LoRA-merged engine in flight: 32 clients, mixed prompts and lengths, each answer as if alone."""
+@pytest.mark.parametrize("arch", ["deepseek_v3", *DISTILL_ARCHS])
+def test_lora_merged_completions_under_32_concurrent_mixed_requests(server, engines, cache_dir, adapter_dir,
+                                                                    distill_adapters, arch):
+    """The LoRA-merged engine in flight: 32 clients, mixed prompts and lengths, each answer as if alone; for the
+    DeepSeek-V3 shape (MLA + MoE) and the Qwen2 and Llama shapes of the R1 distills."""
     import concurrent.futures
 
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model(cache_dir), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
-    tokenizer = tokenizer_of(engines["tiny-lora"])
+    name = "tiny-lora" if arch == "deepseek_v3" else f"tiny-lora-{arch}"
+    adapter = adapter_dir if arch == "deepseek_v3" else distill_adapters[arch]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model(cache_dir, arch), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model(cache_dir, arch), dtype=torch.float32).eval()
+    tokenizer = tokenizer_of(engines[name])
     jobs = [(TEXTS[i % len(TEXTS)] + " and" * (i % 5), 2 + (i * 7) % 15) for i in range(32)]
     want = []
+    differs = False
     for prompt, max_tokens in jobs:
         enc = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             ids = merged.generate(**enc, do_sample=False, max_new_tokens=max_tokens)
+            differs |= not torch.equal(ids, plain.generate(**enc, do_sample=False, max_new_tokens=max_tokens))
         want.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert differs, "the adapter should change at least one completion, or this test proves nothing"
 
     def call(job):
-        client = GenerationClient(server.endpoints["grpc"], "tiny-lora")
+        client = GenerationClient(server.endpoints["grpc"], name)
         try:
             return client.generate(job[0], max_tokens=job[1])
         finally:
