@@ -229,3 +229,37 @@ def test_damaged_or_unverifiable_cache_entry_is_rebuilt_with_the_reason(built, t
 
     assert verify_entry(entry) is None
     assert json.loads((workspace / "out3" / "build-report.json").read_text())["reused_from_cache"] is False
+
+
+@pytest.mark.parametrize("fault", ["decode position", "stale cache"])
+def test_the_numerical_check_fails_an_engine_that_goes_wrong_only_in_decode(built, tiny_v3, workspace, fault):
+    """The build's check drives the built engine over a cache at several fill levels: an engine whose prefill is
+    right but whose decode steps read their positions one off, or a cache its new positions never reach, fails it,
+    and the error names the check and the cases."""
+    import torch
+
+    from deepseek_builder import architectures as arch
+    from deepseek_builder.check import check_engine, ort_runner
+    from deepseek_builder.export import export_spec
+    from deepseek_builder.errors import BuildError
+
+    _, cache, _, _ = built
+    entry = engine_dir(cache)
+    info = json.loads((entry / "model-info.json").read_text())
+    torch.manual_seed(0)
+    spec = export_spec(arch.load_model(tiny_v3, "text-generation"), "text-generation")
+    engine = ort_runner(entry / info["engine_file"], spec.output_names)
+    kwargs = dict(precision="fp32", max_batch=4, max_seq=SEQ, vocab=int(info["vocab_size"]))
+    assert check_engine(spec, engine, **kwargs)["passed"]  # the engine as built
+
+    def faulty(feed):
+        decoding = feed["input_ids"].shape[1] == 1 and feed["cache_lengths"].min() > 0
+        if decoding and fault == "decode position":
+            feed = {**feed, "position_ids": feed["position_ids"] + 1}
+        elif decoding:
+            feed = {**feed, **{k: np.zeros_like(v) for k, v in feed.items() if k.startswith("past_key_values")}}
+        return engine(feed)
+
+    with pytest.raises(BuildError, match=r"numerical check failed: the engine's logits differ from PyTorch's") as err:
+        check_engine(spec, faulty, **kwargs)
+    assert "cached" in str(err.value) and "prefill" in str(err.value)
