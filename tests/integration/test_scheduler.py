@@ -299,6 +299,8 @@ def test_kv_cache_move_keeps_only_the_valid_positions():
     cache.move(2, 0)
     assert cache.lengths.tolist() == [5, 0, 0]
     assert key[0, :, :5].min() == 1 and value[0, :, :5].min() == 2
+    cache.move(0, 0)  # onto itself: nothing changes
+    assert cache.lengths.tolist() == [5, 0, 0] and key[0, :, :5].min() == 1
 
 
 def test_a_sequence_that_ends_moves_at_most_one_other_sequences_cache(cache_dir):

@@ -56,14 +56,22 @@ def test_decoding_stops_at_the_eos_token_and_leaves_it_out(tmp_path_factory):
     info = json.loads(info_path.read_text())
     info["eos_token_ids"] = [eos]
     info_path.write_text(json.dumps(info))
+    # And one whose first greedy token is its EOS: an empty completion.
+    first = tmp_path_factory.mktemp("eos-first") / "engine"
+    shutil.copytree(engine, first, symlinks=True)
+    info["eos_token_ids"] = [free_run[0]]
+    (first / "model-info.json").write_text(json.dumps(info))
 
-    with serve_engines({"eos-probe": probe, "no-eos": engine}, cache, server_name="eos") as server:
+    with serve_engines({"eos-probe": probe, "no-eos": engine, "eos-first": first}, cache,
+                       server_name="eos") as server:
         url = f"127.0.0.1:{server.grpc_port}"
         completion = GenerationClient(url, "eos-probe").generate(PROMPT, max_tokens=MAX_TOKENS)
         unstopped = GenerationClient(url, "no-eos").generate(PROMPT, max_tokens=MAX_TOKENS)
+        empty = GenerationClient(url, "eos-first").generate(PROMPT, max_tokens=MAX_TOKENS)
         streams = {(name, empty_final): grpc_stream(url, name, empty_final)
-                   for name in ("eos-probe", "no-eos") for empty_final in (False, True)}
-        events = {name: generate_stream(server.http_port, name) for name in ("eos-probe", "no-eos")}
+                   for name in ("eos-probe", "no-eos", "eos-first") for empty_final in (False, True)}
+        events = {name: generate_stream(server.http_port, name) for name in ("eos-probe", "no-eos", "eos-first")}
+        detailed = generate_stream(server.http_port, "eos-probe", return_finish_reason=True)
 
     assert completion == tokenizer.decode(free_run[:stop_at], skip_special_tokens=True)
     # Same weights without that EOS run on to max_tokens: the stop came from the EOS token.
@@ -80,6 +88,14 @@ def test_decoding_stops_at_the_eos_token_and_leaves_it_out(tmp_path_factory):
         assert (with_final[-1][0] is None) == (name == "eos-probe"), with_final
         texts = [e["text_output"] for e in events[name]]
         assert "".join(texts) == whole and all(texts), events[name]
+    # An empty completion still gets one response, with empty text, whichever way it is asked for.
+    assert empty == ""
+    assert streams["eos-first", False] == streams["eos-first", True] == [("", True)]
+    assert [e["text_output"] for e in events["eos-first"]] == [""]
+    # Asked for details, a stream that ends at its EOS says how it ended on a final response of its own.
+    assert "".join(e["text_output"] for e in detailed) == completion
+    assert detailed[-1] == {**detailed[-1], "text_output": "", "finish_reason": "stop"}
+    assert all("finish_reason" not in e for e in detailed[:-1])
 
 
 def grpc_stream(url: str, model: str, empty_final: bool) -> list[tuple[object, bool]]:
@@ -112,13 +128,13 @@ def grpc_stream(url: str, model: str, empty_final: bool) -> list[tuple[object, b
     return out
 
 
-def generate_stream(http_port: int, model: str) -> list[dict]:
-    """The events of Triton's HTTP ``generate_stream`` for ``model``'s stream model."""
+def generate_stream(http_port: int, model: str, **fields) -> list[dict]:
+    """The events of Triton's HTTP ``generate_stream`` for ``model``'s stream model (``fields``: more of the body)."""
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
     try:
-        body = json.dumps({"text_input": PROMPT, "max_tokens": MAX_TOKENS, "stream": True})
+        body = json.dumps({"text_input": PROMPT, "max_tokens": MAX_TOKENS, "stream": True, **fields})
         connection.request("POST", f"/v2/models/{model}_stream/generate_stream", body,
                            {"Content-Type": "application/json"})
         response = connection.getresponse()

@@ -61,8 +61,8 @@ RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED)
 #: ``parameters`` (tritonclient's ``timeout=``, which Triton applies itself and does not pass on), and what a
 #: ``generate`` or ``generate_stream`` request sends as a field of its JSON body, which Triton passes on to the model.
 TIMEOUT_PARAMETER = "timeout"
-#: The longest such timeout: about 24 days, Triton's own bound (a uint64 of microseconds, held as a signed int here).
-MAX_TIMEOUT_US = INT32_MAX * 1000
+#: The longest such timeout: the largest integer a request parameter holds (Triton's are int64).
+MAX_TIMEOUT_US = 2**63 - 1
 #: Plain requests the relay passes on at once, per replica; more wait in the relay until one ends.  Each holds one
 #: of the relay's threads, and one of the Python backend's own threads in Triton's process (its BLS call waits
 #: there for the final response), so the backend's thread pool is sized from this too (``config.server_flags``).

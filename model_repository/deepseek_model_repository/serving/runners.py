@@ -166,6 +166,8 @@ class KvCache:
 
     def move(self, source: int, target: int) -> None:
         """Copy one slot's valid positions into another (the scheduler compacts finished slots away)."""
+        if source == target:
+            return
         n = int(self.lengths[source])
         for layer in self.layers:
             for tensor in layer:
