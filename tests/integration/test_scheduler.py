@@ -83,6 +83,21 @@ def run_to_their_end(scheduler: Scheduler, seqs: list[Sequence]) -> None:
         scheduler.stop()
 
 
+def run_queued(scheduler: Scheduler, seqs: list[Sequence]) -> None:
+    """Queue ``seqs`` before ``scheduler``'s loop starts (so that one iteration admits them all), run it until every
+    one has finished (each's own ``on_finish`` still called), and stop it."""
+    done = threading.Semaphore(0)
+    for seq in seqs:
+        seq.on_finish = lambda s, e, finish=seq.on_finish: (finish(s, e), done.release())
+        scheduler.submit(seq)
+    scheduler.start()
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+
+
 def mixed_jobs(seed: int, n: int = 10) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     return [([rng.randrange(3, 2000) for _ in range(rng.randint(1, 14))], rng.randint(1, 18)) for _ in range(n)]
@@ -310,18 +325,9 @@ def test_a_sequence_that_ends_moves_at_most_one_other_sequences_cache(cache_dir)
     model = hf_model(tiny_model(cache_dir, "qwen2"))
     jobs = [([5, 6, 7], 2), ([8, 9, 10, 11], 12), ([12, 13], 12), ([14, 15, 16, 17, 18], 12)]
     slots: list[list[int]] = [[] for _ in jobs]
-    done = threading.Semaphore(0)
-    seqs = [Sequence(prompt, Sampling(max_tokens=n), on_token=lambda seq, token, i=i: slots[i].append(seq.slot),
-                     on_finish=lambda seq, error: done.release()) for i, (prompt, n) in enumerate(jobs)]
-    scheduler = Scheduler(TorchRunner(model, len(jobs), CAPACITY), eos_ids=[])
-    for seq in seqs:  # queued before the loop starts, so that one prefill admits them all
-        scheduler.submit(seq)
-    scheduler.start()
-    try:
-        for _ in seqs:
-            assert done.acquire(timeout=60)
-    finally:
-        scheduler.stop()
+    seqs = [Sequence(prompt, Sampling(max_tokens=n), on_token=lambda seq, token, i=i: slots[i].append(seq.slot))
+            for i, (prompt, n) in enumerate(jobs)]
+    run_queued(Scheduler(TorchRunner(model, len(jobs), CAPACITY), eos_ids=[]), seqs)
     assert [seq.generated for seq in seqs] == [greedy(model, prompt, n, eos=-1) for prompt, n in jobs]
     assert [s[0] for s in slots] == [0, 1, 2, 3]
     assert slots[1] == [1] * 12 and slots[2] == [2] * 12
@@ -735,17 +741,9 @@ def test_a_long_and_short_prompts_admitted_together_take_separate_calls_and_equa
     long_prompt = [3 + (i * 53) % 1900 for i in range(90)]
     jobs = [(long_prompt, 5)] + [([10 + i, 20 + i, 30 + i], 5) for i in range(5)]
     results: list = [None] * len(jobs)
-    done = threading.Semaphore(0)
-    for i, (prompt, max_tokens) in enumerate(jobs):  # queued before the loop starts: admitted in one iteration
-        scheduler.submit(Sequence(prompt, Sampling(max_tokens=max_tokens),
-                                  on_finish=lambda s, e, i=i: (results.__setitem__(i, e or list(s.generated)),
-                                                               done.release())))
-    scheduler.start()
-    try:
-        for _ in jobs:
-            assert done.acquire(timeout=60)
-    finally:
-        scheduler.stop()
+    run_queued(scheduler, [Sequence(prompt, Sampling(max_tokens=max_tokens),
+                                    on_finish=lambda s, e, i=i: results.__setitem__(i, e or list(s.generated)))
+                           for i, (prompt, max_tokens) in enumerate(jobs)])
     assert results == [greedy(model, prompt, max_tokens) for prompt, max_tokens in jobs]
     assert calls[:3] == [PREFILL, PREFILL, DECODE] and calls.count(PREFILL) == 2
 
