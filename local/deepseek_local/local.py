@@ -122,14 +122,14 @@ def command(name: str, filename: Optional[str] = None, cache_dir: Optional[Path]
     return "`" + shlex.join(words) + "`"
 
 
-def running_servers(cache_dir: Path) -> list["LocalServer"]:
-    """The servers recorded in this cache whose process is alive."""
-    found = []
-    for path in sorted(state_dir(cache_dir).glob("*.json")):
-        server = read_state(cache_dir, path.stem)
-        if server is not None and server_running(server):
-            found.append(server)
-    return found
+def others_running(cache_dir: Path, name: str) -> str:
+    """For a message that ``name`` is not running: the models whose servers do run in this cache, and how to pick
+    one ("" when none does)."""
+    others = [path.stem for path in sorted(state_dir(cache_dir).glob("*.json")) if path.stem != name
+              and (server := read_state(cache_dir, path.stem)) is not None and server_running(server)]
+    if not others:
+        return ""
+    return f" (running in this cache: {', '.join(others)}; -f names a model's file, the embedded example without it)"
 
 
 def state_file(cache_dir: Path, name: str) -> Path:
@@ -717,9 +717,7 @@ def down(filename: Optional[str], cache_dir: Optional[Path]) -> None:
     cache = _cache(cache_dir)
     stopped = down_name(name, cache, echo=click.echo)
     if stopped is None:
-        others = [s.name for s in running_servers(cache)]
-        click.echo(f"{name} is not running" + (f" (running in this cache: {', '.join(others)}; -f names a model's "
-                                                "file, the embedded example without it)" if others else ""))
+        click.echo(f"{name} is not running{others_running(cache, name)}")
     elif stopped.was_running:
         click.echo(f"stopped {name} (pid {stopped.server.pid})")
     else:
@@ -786,10 +784,8 @@ def generate(
     cache = _cache(cache_dir)
     server = read_state(cache, name)
     if server is None or not server_running(server):
-        others = [s.name for s in running_servers(cache) if s.name != name]
-        running = (f" (running in this cache: {', '.join(others)}; -f names a model's file, the embedded example "
-                   "without it)") if others else ""
-        raise LocalError(f"{name} is not running{running}: start it with {command('up', filename, cache)}")
+        raise LocalError(f"{name} is not running{others_running(cache, name)}: start it with "
+                         f"{command('up', filename, cache)}")
     if server.task != "text-generation":
         click.echo(json.dumps(_infer_text(server, name, prompt)))
         return

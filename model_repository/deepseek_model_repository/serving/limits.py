@@ -137,6 +137,12 @@ def check_fields(request, allowed: tuple[str, ...] = ()) -> None:
                            f"{TIMEOUT_PARAMETER} (microseconds)")
 
 
+def stream_refused(model_name: str, stream_model: str) -> RequestError:
+    """The error for ``stream`` true sent to a model that answers in one response."""
+    return RequestError(f"stream is true but model '{model_name}' answers in one response: for tokens as they are "
+                        f"made, call model '{stream_model}' (gRPC streaming, or HTTP generate_stream)")
+
+
 def parameter_timeout_us(request) -> int:
     """The request's :data:`TIMEOUT_PARAMETER` in microseconds, checked; 0 when it sends none."""
     value = request_parameters(request).get(TIMEOUT_PARAMETER)
@@ -215,10 +221,7 @@ def parse_generation_request(request, limits: RequestLimits, tokenizer, default_
     seed = _values(pb_utils, request, "seed", n, None, int, lambda v: None)
     stream = _values(pb_utils, request, "stream", n, False, bool, lambda v: None)
     if any(stream) and not streaming_model:
-        raise RequestError(
-            f"stream is true but model '{model_name}' answers in one response: for tokens as they are "
-            f"made, call model '{model_name}_stream' (gRPC streaming, or HTTP generate_stream)"
-        )
+        raise stream_refused(model_name, f"{model_name}_stream")
     if any(stream) and n != 1:
         raise RequestError("stream is true: send one prompt per request")
     min_tokens = _values(pb_utils, request, "min_tokens", n, 0, int,

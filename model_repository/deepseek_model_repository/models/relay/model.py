@@ -68,9 +68,7 @@ class TritonPythonModel:
                 limits.check_fields(request)
                 stream = pb_utils.get_input_tensor_by_name(request, "stream")
                 if stream is not None and bool(stream.as_numpy().reshape(-1).any()):
-                    raise limits.RequestError(
-                        f"stream is true but model '{self.model_name}' answers in one response: for tokens as they "
-                        f"are made, call model '{self.target}' (gRPC streaming, or HTTP generate_stream)")
+                    raise limits.stream_refused(self.model_name, self.target)
                 # Copies: the request's own tensors are not used after execute returns.
                 inputs = [pb_utils.Tensor(name, tensor.as_numpy().copy())
                           for name in limits.INPUT_NAMES
