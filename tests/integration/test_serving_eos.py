@@ -77,17 +77,17 @@ def test_decoding_stops_at_the_eos_token_and_leaves_it_out(tmp_path_factory):
     # Same weights without that EOS run on to max_tokens: the stop came from the EOS token.
     assert unstopped == tokenizer.decode(free_run, skip_special_tokens=True)
     assert len(unstopped) > len(completion)
-    # A stream sends no empty piece of text, however it ends: at the EOS token (nothing is left for its final
-    # response, which is the final flag alone) or at max_tokens (the last token's text is on the final response).
+    # However a stream ends, every client sees its final response, marked final, whether or not it asks for empty
+    # final responses: at the EOS token it carries empty text (nothing is left), at max_tokens the last token's text.
+    # No response before it is empty.
     for name, whole in (("eos-probe", completion), ("no-eos", unstopped)):
         pieces = streams[name, False]
-        assert "".join(t for t, _ in pieces) == whole and all(t for t, _ in pieces), pieces
-        with_final = streams[name, True]
-        assert with_final[-1][1] and not any(final for _, final in with_final[:-1])
-        assert [t for t, _ in with_final if t is not None] == [t for t, _ in pieces]
-        assert (with_final[-1][0] is None) == (name == "eos-probe"), with_final
+        assert streams[name, True] == pieces
+        assert "".join(t for t, _ in pieces) == whole, pieces
+        assert pieces[-1][1] and not any(final for _, final in pieces[:-1]), pieces
+        assert all(t for t, _ in pieces[:-1]) and (pieces[-1][0] == "") == (name == "eos-probe"), pieces
         texts = [e["text_output"] for e in events[name]]
-        assert "".join(texts) == whole and all(texts), events[name]
+        assert "".join(texts) == whole and all(texts[:-1]) and (texts[-1] == "") == (name == "eos-probe"), texts
     # An empty completion still gets one response, with empty text, whichever way it is asked for.
     assert empty == ""
     assert streams["eos-first", False] == streams["eos-first", True] == [("", True)]

@@ -4,9 +4,8 @@
 (``deepseek_model_repository.serving``) and returns at once; the scheduler's thread admits
 requests into free KV-cache slots between decode steps and answers each one through its
 response sender.  A request with ``stream`` true gets one response per piece of text (one every
-``stream_interval`` tokens, the first at once), the last piece on its final response (the final flag alone
-when nothing is left and nothing else must be said); any other
-request gets its whole completion in one final response.  The client-facing ``NAME`` model relays
+``stream_interval`` tokens, the first at once), the last piece on its final response (empty text when
+nothing is left); any other request gets its whole completion in one final response.  The client-facing ``NAME`` model relays
 its requests here, so plain requests and streams share one scheduler, one engine and one cache; when a relayed
 request's client goes away the relay says so in a request of its own, and its sequences are dropped.
 A request's own timeout (tritonclient's ``timeout``), or ``serving.requestTimeoutSeconds`` where that is shorter,
@@ -266,15 +265,14 @@ class TritonPythonModel:
         the final response (with the ``details`` asked for).
 
         The text of a token that ends the sequence by length goes on the final response rather than one of its own.
-        A sequence that ends with nothing left to send (at the end-of-sentence token, say) ends with the final flag
-        alone, which Triton passes on only to a client that asks for empty final responses; its final response
-        carries empty text only where it must say something: the details asked for, or a completion that is empty
-        (every stream gets at least one response)."""
+        The final response always carries ``text_output``, empty where nothing is left (at the end-of-sentence token,
+        say), as Triton's vLLM backend's does: a response with outputs reaches every client marked final
+        (``triton_final_response``), while one with the final flag alone reaches only clients that ask for empty
+        final responses, and a client that does not would never learn that its stream ended."""
         text = StreamedText(self.tokenizer, self.stream_interval, stops=prompt.stop)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         sent = [0]  # tokens that the responses so far covered
         held = [""]  # the text of the token that ended the sequence by length, for the final response
-        answered = [False]  # whether a response with text went out
 
         def covered(seq):
             count, sent[0] = len(seq.generated) - sent[0], len(seq.generated)
@@ -286,7 +284,6 @@ class TritonPythonModel:
                 held[0] = delta
             elif delta:
                 sender.send(text_response([delta], details, [seq], covered(seq)))
-                answered[0] = True
             return text.stopped
 
         def on_finish(seq, error):
@@ -294,10 +291,7 @@ class TritonPythonModel:
                 sender.send(error_response(error, TIMED_OUT if seq.expired else FAILED), flags=final)
                 return
             rest = held[0] + text.rest(seq.generated)
-            if rest or details or not answered[0]:
-                sender.send(text_response([rest], details, [seq], covered(seq)), flags=final)
-            else:
-                sender.send(flags=final)
+            sender.send(text_response([rest], details, [seq], covered(seq)), flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
                         cancelled=client_gone(sender), timeout_s=timeout_s, logprobs="cumulative_logprob" in details)
