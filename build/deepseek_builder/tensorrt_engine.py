@@ -52,6 +52,9 @@ def check_tensorrt_available(precision: str) -> None:
     if not torch.cuda.is_available():
         raise BuildError("--backend tensorrt needs an NVIDIA GPU visible to this process (none found; check "
                          "the Job's nvidia.com/gpu limit and the node's driver)")
+    if precision == "bf16" and torch.cuda.get_device_capability(0) < (8, 0):
+        raise BuildError(f"{torch.cuda.get_device_name(0)} has no bf16 (it needs compute capability 8.0, Ampere, or "
+                         "later): use --precision fp16 on this GPU")
 
 
 def _profile_shapes(spec, max_batch: int, max_seq: int) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -103,6 +106,11 @@ def build_tensorrt_engine(onnx_file: Path, plan_file: Path, spec, *, max_batch: 
     for name, (lo, opt, hi) in _profile_shapes(spec, max_batch, max_seq).items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
+    # The profile reaches a prefill of the whole context in every row, which the scheduler never sends: let the
+    # serving runner size activation memory for each step's shapes instead (TensorRT 10.10 on).
+    resize = getattr(trt.PreviewFeature, "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if resize is not None and spec.task == "text-generation":
+        config.set_preview_feature(resize, True)
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(blob)
@@ -110,12 +118,14 @@ def build_tensorrt_engine(onnx_file: Path, plan_file: Path, spec, *, max_batch: 
         log(f"ignoring the unreadable timing cache {timing_cache}")
         blob = b""
         cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, False)
+    if not config.set_timing_cache(cache, False):
+        log(f"the timing cache {timing_cache} was not attached (made on another device?): building without it")
     log(f"building (timing cache {timing_cache}, {len(blob)} bytes); this takes minutes on a large model")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError("TensorRT failed to build the engine; the tensorrt lines above say why")
-    plan_file.write_bytes(bytes(serialized))
+    with open(plan_file, "wb") as out:  # the plan's own buffer, not a copy of it (plans of large models are GBs)
+        out.write(serialized)
     # The build added its measurements to the attached cache: keep them for the next build on this GPU type.
     tmp = timing_cache.with_name(f"{timing_cache.name}.{os.getpid()}.tmp")
     tmp.write_bytes(bytes(cache.serialize()))
@@ -130,6 +140,8 @@ def tensorrt_runner(plan_file: Path, spec):
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan_file.read_bytes())
+    if engine is None:
+        raise BuildError(f"TensorRT could not load the plan it just built ({plan_file}); the tensorrt lines above say why")
     context = engine.create_execution_context()
     to_torch = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
                 trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
@@ -141,7 +153,9 @@ def tensorrt_runner(plan_file: Path, spec):
             dtype = to_torch[engine.get_tensor_dtype(name)]
             tensor = torch.from_numpy(np.ascontiguousarray(feed[name])).to("cuda").to(dtype).contiguous()
             keep.append(tensor)
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise BuildError(f"the numerical check's input {name} of shape {tuple(tensor.shape)} is outside the "
+                                 "plan's optimisation profile")
             context.set_tensor_address(name, tensor.data_ptr())
         outputs = []
         for name in spec.output_names:

@@ -7,7 +7,9 @@ Dockerfile.builder and Dockerfile.triton carry the same numbers (a test reads th
 
 from __future__ import annotations
 
-#: The Triton release the operator deploys, and the TensorRT its tensorrt backend links.
+#: The Triton release the operator deploys (its ``-py3`` image), and the TensorRT its tensorrt backend links. The
+#: same release's ``-trtllm-python-py3`` image ships another TensorRT (10.10.0.31 in 25.06), so an engine built
+#: here does not load there.
 TRITON_RELEASE = "25.06"
 TENSORRT_VERSION = "10.11.0.33"
 

@@ -269,6 +269,28 @@ def test_step_inputs_reach_the_device_as_views_of_one_copy():
     for name, array in feeds.items():
         assert tuple(got[name].shape) == array.shape
         np.testing.assert_array_equal(got[name].numpy(), array)
+        # each where TensorRT takes an address (torch's allocator aligns the buffer itself to 512 bytes on a GPU)
+        assert (got[name].data_ptr() - got[name].untyped_storage().data_ptr()) % 256 == 0, name
+
+
+def test_a_tensorrt_plan_is_refused_on_another_gpu_architecture_and_a_cache_slot_must_fill_whole_256_bytes():
+    """The TensorRT runner's checks before it loads a plan (the runner itself needs a GPU and TensorRT: tests/gpu):
+    the GPU that built the plan (model-info.json's ``gpu``) against this one, and each slot's bytes, since a slot's
+    rows are bound by address."""
+    import torch
+
+    from deepseek_model_repository.serving.runners import _check_plan_gpu, _check_row_alignment
+
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    _check_plan_gpu(h100, "NVIDIA H100 PCIe", (9, 0))
+    _check_plan_gpu(None, "NVIDIA A100-SXM4-80GB", (8, 0))  # an engine that recorded none: TensorRT decides
+    with pytest.raises(RunnerError, match=r"built on NVIDIA H100 80GB HBM3 \(compute capability 9.0\) and this GPU "
+                                          r"is NVIDIA A100-SXM4-80GB \(8.0\).*serving.nodeSelector nvidia.com/gpu.product"):
+        _check_plan_gpu(h100, "NVIDIA A100-SXM4-80GB", (8, 0))
+    shape = LayerShape(key_heads=1, key_dim=64, value_heads=1, value_dim=64)
+    _check_row_alignment(KvCache([shape], 2, 128, torch.float16, torch_tensors=True))
+    with pytest.raises(RunnerError, match="takes 12928 bytes, not a multiple of 256.*multiple of 128"):
+        _check_row_alignment(KvCache([shape], 2, 101, torch.float16, torch_tensors=True))
 
 def test_step_logits_give_the_same_tokens_from_numpy_and_from_torch():
     import torch

@@ -218,20 +218,27 @@ class StepLogits:
         return self.data.float().cpu().numpy()
 
 
+#: Alignment of every tensor address a runner hands an engine: TensorRT's ``set_tensor_address`` asks for at least
+#: 256 bytes (NvInferRuntime.h); torch's allocator aligns each allocation to 512.
+DEVICE_ALIGNMENT = 256
+
+
 def feeds_on_device(feeds: dict[str, np.ndarray], device: str) -> dict[str, Any]:
     """The step's int64 inputs as torch tensors on ``device``, in one copy from the host (a copy from host memory
-    waits for the device's queued work, and one is enough)."""
+    waits for the device's queued work, and one is enough); each starts ``DEVICE_ALIGNMENT``-aligned in it."""
     import torch
 
     names = list(feeds)
-    flat = torch.from_numpy(np.concatenate([np.ascontiguousarray(feeds[n], dtype=np.int64).ravel() for n in names]))
-    flat = flat.to(device)
-    out, at = {}, 0
+    step = DEVICE_ALIGNMENT // np.dtype(np.int64).itemsize
+    starts, at = [], 0
     for n in names:
-        size = int(feeds[n].size)
-        out[n] = flat[at:at + size].view(feeds[n].shape)
-        at += size
-    return out
+        starts.append(at)
+        at += -(-int(feeds[n].size) // step) * step
+    flat = np.zeros(at, dtype=np.int64)
+    for n, start in zip(names, starts):
+        flat[start:start + feeds[n].size] = np.asarray(feeds[n], dtype=np.int64).ravel()
+    on_device = torch.from_numpy(flat).to(device)
+    return {n: on_device[start:start + feeds[n].size].view(feeds[n].shape) for n, start in zip(names, starts)}
 
 
 class Runner:
@@ -359,7 +366,12 @@ class OrtRunner(Runner):
 
 # ---------------------------------------------------------------- TensorRT
 class TensorRTRunner(Runner):
-    """A TensorRT plan: device buffers from torch, cache rows bound by address, new positions written on the GPU."""
+    """A TensorRT plan: device buffers from torch, cache rows bound by address, new positions written on the GPU.
+
+    The execution context's activation memory is ours (``USER_MANAGED``), sized for each step's shapes: the plan's
+    profile reaches a prefill of the whole context in every slot, which the scheduler never sends, and TensorRT's
+    default (``STATIC``) would reserve that much at load.
+    """
 
     def __init__(self, plan_file: Path, info: dict, slots: int, capacity: int, *, device_id: int = 0):
         try:
@@ -374,17 +386,27 @@ class TensorRTRunner(Runner):
         self.info = info
         self.num_layers = int(info["kv_cache"]["num_layers"])
         self.vocab_size = int(info.get("vocab_size") or 0)
+        _check_plan_gpu(info.get("gpu"), torch.cuda.get_device_name(device_id),
+                        torch.cuda.get_device_capability(device_id))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(plan_file).read_bytes())
         if self.engine is None:
             raise RunnerError(f"{plan_file}: TensorRT could not load this plan (built by another TensorRT or GPU?)")
-        self.context = self.engine.create_execution_context()
+        _check_plan_tensors(self.engine, trt, self.num_layers)
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.context is None:
+            raise RunnerError(f"{plan_file}: TensorRT could not create an execution context (out of GPU memory?)")
+        #: The activation memory handed to the context: grown to the largest step so far, never shrunk.
+        self._scratch = torch.empty(0, dtype=torch.uint8, device=self.device)
         kv_type = {"TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16, "TYPE_FP32": torch.float32}[cache_type(info)]
         self.cache = KvCache(layer_shapes(info), slots, capacity, kv_type, self.device)
+        _check_row_alignment(self.cache)
         self.stream = torch.cuda.Stream(device=self.device)
 
     def _run(self, feeds, start, stop):
         torch = self.torch
+        # The engine's stream waits for what the default stream queued: the last step's cache writes and reads.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             keep = feeds_on_device(feeds, self.device)  # held until the engine has run
             for name, tensor in keep.items():
@@ -392,13 +414,14 @@ class TensorRTRunner(Runner):
             rows = self.cache.rows(start, stop)
             for name, view in zip(engine_io.past_names(self.num_layers), rows):
                 self._bind_input(name, view)
+            self._bind_scratch()
             batch, width = feeds["input_ids"].shape
             logits = torch.empty((batch, self.vocab_size), dtype=torch.float32, device=self.device)
-            self.context.set_tensor_address(engine_io.LOGITS, logits.data_ptr())
+            self._bind_output(engine_io.LOGITS, logits)
             new = []
             for name, view in zip(engine_io.present_names(self.num_layers), rows):
                 out = torch.empty((batch, view.shape[1], width, view.shape[3]), dtype=view.dtype, device=self.device)
-                self.context.set_tensor_address(name, out.data_ptr())
+                self._bind_output(name, out)
                 new.append(out)
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RunnerError("TensorRT execution failed")
@@ -406,8 +429,66 @@ class TensorRTRunner(Runner):
         return logits, new
 
     def _bind_input(self, name, tensor) -> None:
-        self.context.set_input_shape(name, tuple(tensor.shape))
-        self.context.set_tensor_address(name, tensor.data_ptr())
+        if not self.context.set_input_shape(name, tuple(tensor.shape)):
+            raise RunnerError(f"TensorRT refused the shape {tuple(tensor.shape)} of input {name}: outside the plan's "
+                              "optimisation profile (rebuild the engine with this maxBatchSize and maxSequenceLength)")
+        self._bind(name, tensor)
+
+    def _bind_output(self, name, tensor) -> None:
+        shape = tuple(self.context.get_tensor_shape(name))
+        if shape != tuple(tensor.shape):
+            raise RunnerError(f"the plan's output {name} has shape {shape} for this step, not {tuple(tensor.shape)}: "
+                              "the plan does not match its model-info.json; rebuild the engine")
+        self._bind(name, tensor)
+
+    def _bind(self, name, tensor) -> None:
+        if tensor.data_ptr() % DEVICE_ALIGNMENT or not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise RunnerError(f"TensorRT refused the address of {name} (it must be {DEVICE_ALIGNMENT}-byte aligned)")
+
+    def _bind_scratch(self) -> None:
+        """Activation memory for this step's shapes (every input's set): what TensorRT asks for, allocated anew only
+        when a step needs more than any before. A plan built with RUNTIME_ACTIVATION_RESIZE asks for what these
+        shapes need; another for its profile's maximum."""
+        size = int(self.context.update_device_memory_size_for_shapes())
+        if size > self._scratch.numel():
+            self._scratch = self.torch.empty(size, dtype=self.torch.uint8, device=self.device)
+        if size:
+            self.context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
+
+
+def _check_plan_gpu(built_on: Optional[dict], name: str, capability: tuple[int, int]) -> None:
+    """Refuse a plan built for another GPU architecture, saying how to pin the model to one GPU product."""
+    if not built_on or "compute_capability" not in built_on:
+        return
+    here = f"{capability[0]}.{capability[1]}"
+    if str(built_on["compute_capability"]) != here:
+        raise RunnerError(f"this TensorRT plan was built on {built_on.get('name', 'a GPU')} (compute capability "
+                          f"{built_on['compute_capability']}) and this GPU is {name} ({here}): a plan runs only on the "
+                          "GPU architecture it was built on. Pin the model's build Job and Triton pods to one GPU "
+                          "product with serving.nodeSelector nvidia.com/gpu.product (the engine's key then names it)")
+
+
+def _check_plan_tensors(engine, trt, num_layers: int) -> None:
+    """The plan's inputs and outputs must be the step contract's (engine format 2), by name and direction."""
+    want = {**{n: trt.TensorIOMode.INPUT for n in (*engine_io.STEP_INPUTS, *engine_io.past_names(num_layers))},
+            **{n: trt.TensorIOMode.OUTPUT for n in (engine_io.LOGITS, *engine_io.present_names(num_layers))}}
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    got = {n: engine.get_tensor_mode(n) for n in names}
+    if got != want:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise RunnerError(f"this TensorRT plan's tensors are not the text-generation step's (missing {missing}, "
+                          f"unexpected {extra}): rebuild the engine")
+
+
+def _check_row_alignment(cache: KvCache) -> None:
+    """Every slot's rows start where TensorRT takes an address: a slot's size in bytes is a multiple of 256."""
+    for key, value in cache.layers:
+        for tensor in (key, value):
+            row = tensor[0].numel() * tensor.element_size()
+            if row % DEVICE_ALIGNMENT:
+                raise RunnerError(f"a KV-cache slot of {tuple(tensor.shape[1:])} takes {row} bytes, not a multiple "
+                                  f"of {DEVICE_ALIGNMENT}, so its rows cannot be bound in place: use a "
+                                  "maxSequenceLength that is a multiple of 128")
 
 
 # ---------------------------------------------------------------- PyTorch
