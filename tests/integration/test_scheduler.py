@@ -16,7 +16,8 @@ import pytest
 
 from deepseek_model_repository.serving.runners import (KvCache, LayerShape, RunnerError, TorchRunner, available_cpus,
                                                        engine_threads, open_runner)
-from deepseek_model_repository.serving.scheduler import DECODE, PREFILL, NoMetrics, Sampling, Scheduler, Sequence
+from deepseek_model_repository.serving.scheduler import (CANCELLED, DECODE, FAILED, PREFILL, NoMetrics, Sampling,
+                                                         Scheduler, Sequence)
 from triton_harness import build, tiny_model, tiny_resource
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -548,29 +549,79 @@ def test_a_timeout_must_be_positive():
         Sequence([5], Sampling(max_tokens=1), timeout_s=0)
 
 
-def test_a_sequence_whose_client_went_away_is_answered_only_when_it_asks_to_be(cache_dir):
-    """A relayed request's sequence still gets its final response (the relay waits for it); any other gets none."""
+def test_a_sequence_whose_client_went_away_still_gets_its_final_response_as_cancelled(cache_dir):
+    """Running or queued, a sequence whose client went away leaves at once and gets its final response (Triton holds
+    a request until its final response, and a relay waits for it), marked cancelled; a queued one leaves the queue
+    at the watcher's next look, not when a slot frees."""
     model = hf_model(tiny_model(cache_dir, "qwen2"))
-    runner = TorchRunner(model, 2, CAPACITY)
+    runner = TorchRunner(model, 1, CAPACITY)
     scheduler = Scheduler(runner, eos_ids=[1], client_poll_s=0.002).start()
     gone = threading.Event()
     answered: dict = {}
-    sequences = {
-        relayed: Sequence([5, 6, 7], Sampling(max_tokens=60), on_token=lambda s, t: gone.set(), cancelled=gone.is_set,
-                          answer_when_gone=relayed,
-                          on_finish=lambda s, e, relayed=relayed: answered.update({relayed: (len(s.generated), e)}))
-        for relayed in (True, False)
-    }
+
+    def answer(label):
+        return lambda s, e: answered.update({label: (len(s.generated), e, s.outcome)})
+
+    hog = Sequence([9, 10, 11], Sampling(max_tokens=200, ignore_eos=True), on_finish=answer("hog"))
+    running = Sequence([5, 6, 7], Sampling(max_tokens=60), on_token=lambda s, t: gone.set(), cancelled=gone.is_set,
+                       on_finish=answer("running"))
+    queued = Sequence([5, 6, 8], Sampling(max_tokens=60), cancelled=gone.is_set, on_finish=answer("queued"))
     try:
-        for seq in sequences.values():
-            scheduler.submit(seq)
+        scheduler.submit(running)
         deadline = time.monotonic() + 60
-        while not all(seq.finished for seq in sequences.values()) and time.monotonic() < deadline:
+        while not running.finished and time.monotonic() < deadline:
             time.sleep(0.01)
+        gone.clear()
+        scheduler.submit(hog)  # holds the one slot while the next one waits
+        while not hog.generated and time.monotonic() < deadline:
+            time.sleep(0.001)
+        scheduler.submit(queued)
+        time.sleep(0.05)
+        assert len(scheduler.waiting) == 1 and not queued.finished
+        gone.set()
+        while not queued.finished and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert queued.finished and not hog.finished, "out of the queue while the slot is still held"
+        assert len(scheduler.waiting) == 0
     finally:
         scheduler.stop()
-    assert all(seq.finished and len(seq.generated) < 60 for seq in sequences.values())
-    assert list(answered) == [True] and answered[True][1] is None and answered[True][0] < 60
+    assert answered["running"][0] < 60 and answered["running"][1:] == (None, CANCELLED)
+    assert answered["queued"] == (0, None, CANCELLED)
+
+
+def test_a_response_that_fails_or_an_admission_that_fails_still_answers_every_sequence(cache_dir):
+    """A response that cannot be built (``on_token`` raises) fails its sequence with the error, unless its client
+    went away (then cancelled); a failure while admitting a group of sequences fails them all. Each gets its final
+    response."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+
+    def broken(seq, token):
+        if len(seq.generated) == 3:
+            raise RuntimeError("the response could not be built")
+
+    ended: dict = {}
+    seqs = [Sequence([5, 6, 7], Sampling(max_tokens=20), on_token=broken,
+                     on_finish=lambda s, e: ended.update({"broken": (s.outcome, e, len(s.generated))})),
+            Sequence([5, 6, 8], Sampling(max_tokens=20), on_token=broken, cancelled=lambda: True,
+                     on_finish=lambda s, e: ended.update({"gone": (s.outcome, e)}))]
+    run_queued(Scheduler(TorchRunner(model, 2, CAPACITY), eos_ids=[1], client_poll_s=60), seqs)
+    assert ended["broken"] == (FAILED, "generation failed: the response could not be built", 3)
+    assert ended["gone"] == (CANCELLED, None)
+
+    class FailsOnce(NoMetrics):
+        calls = 0
+
+        def admitted(self, queue_seconds, prompt_tokens):
+            FailsOnce.calls += 1
+            if FailsOnce.calls == 2:
+                raise RuntimeError("counting failed")
+
+    answers: list = []
+    group = [Sequence([5, 6, 7 + i], Sampling(max_tokens=4), on_finish=lambda s, e: answers.append((s.outcome, e)))
+             for i in range(4)]
+    scheduler = Scheduler(TorchRunner(model, 4, CAPACITY), eos_ids=[1], metrics=FailsOnce())
+    run_queued(scheduler, group)
+    assert answers == [(FAILED, "generation failed: counting failed")] * 4
 
 
 def test_a_failing_client_poll_or_metric_frees_the_slot_and_the_loop_goes_on(cache_dir):

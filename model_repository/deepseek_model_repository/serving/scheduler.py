@@ -117,8 +117,6 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: Optional[float] = None
     last_token_at: Optional[float] = None
-    #: Send the final response even when the client went away (a relayed request: the relay waits for it).
-    answer_when_gone: bool = False
     #: Set by the watcher: the client went away, or asking it failed (the failure).
     gone: bool = False
     poll_error: Optional[Exception] = None
@@ -152,9 +150,16 @@ class Sequence:
     def past_deadline(self, now: float) -> bool:
         return self.timeout_s is not None and now - self.arrived >= self.timeout_s
 
-    def timeout_error(self, slots: int) -> str:
+    def timeout_error(self, slots: int, free: int = 0, prefilling: bool = False) -> str:
+        """What passed and what to change; for a queued sequence, ``free``: the slots free as its timeout passed,
+        ``prefilling``: whether other prompts were being prefilled then (which a free slot waits behind)."""
         limit = f"the request's timeout of {self.timeout_s * 1000:.0f} ms passed"
         more = "a longer timeout (the request's, or serving.requestTimeoutSeconds)"
+        if self.slot < 0 and free and prefilling:
+            return (f"{limit} while it waited behind longer prompts being prefilled (an iteration prefills at most "
+                    f"serving.prefillChunkTokens prompt tokens): allow {more}, or send shorter prompts")
+        if self.slot < 0 and free:
+            return f"{limit} before it could be admitted: allow {more}"
         if self.slot < 0:
             return (f"{limit} while it waited for one of the {slots} KV-cache slots, all busy: allow {more}, or "
                     "serve more replicas")
@@ -426,8 +431,9 @@ class Scheduler:
     def _watch(self) -> None:
         """Ask each queued and running sequence's client whether it went away; mark the sequence for the loop.
 
-        Queued sequences whose timeout passed leave the queue here, and the loop answers them at once; running ones
-        are marked, and the loop ends them at its next step."""
+        Queued sequences whose timeout passed, or whose client went away, leave the queue here (they no longer count
+        as waiting), and the loop answers them at once; running ones are marked, and the loop ends them at its next
+        step."""
         while not self._stopped.wait(self.client_poll_s):
             now = time.monotonic()
             with self._cond:
@@ -451,6 +457,13 @@ class Scheduler:
                     except Exception as exc:  # noqa: BLE001 - one client's failed poll costs that sequence only
                         log.warning("asking whether a client went away failed; ending its sequence", exc_info=True)
                         seq.poll_error = exc
+            with self._cond:
+                left = [seq for seq in self.waiting if seq.gone or seq.poll_error is not None]
+                if left:
+                    for seq in left:
+                        self.waiting.remove(seq)
+                    self._left.extend(left)
+                    self._cond.notify()
 
     def _watch_stalls(self) -> None:
         moved = (self.iterations, time.monotonic(), False)  # the loop's count, when it last changed, reported
@@ -506,15 +519,17 @@ class Scheduler:
                 admitted.append(seq)
                 room -= len(seq.prompt_ids)
         for seq in left:
-            self._dropped(seq, answer=True)
+            self._dropped(seq)
         now = time.monotonic()
+        # Every admitted sequence holds its slot before any work on one of them, so that a failure of that work
+        # finishes them all (the loop's handler ends the sequences in slots).
+        for index, seq in enumerate(admitted, start=len(self.running) + len(self.prefilling)):
+            seq.slot, seq.prefilled = index, 0
+            self.cache.clear(index)
+        self.prefilling.extend(admitted)
         for seq in admitted:
-            seq.slot = len(self.running) + len(self.prefilling)
-            seq.prefilled = 0
-            self.cache.clear(seq.slot)
             if self.share_prefixes:
                 self._share_prefix(seq)
-            self.prefilling.append(seq)
             self.metrics.admitted(now - seq.arrived, len(seq.prompt_ids))
         chunks = prefill_chunks([len(s.prompt_ids) - s.prefilled for s in self.prefilling], self.max_prefill_tokens)
         if not chunks:
@@ -603,7 +618,7 @@ class Scheduler:
             token = int(logits.argmax()[row])
         else:
             token = pick(logits.row(row), seq)
-        if seq.logprobs:
+        if seq.logprobs:  # an end-of-sentence token that ends the sequence counts too, as in vLLM
             seq.cumulative_logprob += log_probability(logits.row(row), token)
         now = time.monotonic()
         if token in self.eos and not seq.sampling.ignore_eos:
@@ -621,45 +636,63 @@ class Scheduler:
         seq.last = len(seq.generated) >= seq.sampling.max_tokens or room <= 0  # prompt + completion fit the context
         try:
             stop = seq.on_token(seq, token)
-        except Exception:  # noqa: BLE001 - a client we cannot answer is a client gone
-            log.warning("dropping a sequence whose response could not be sent", exc_info=True)
-            self._finish(seq, None, CANCELLED, notify=False)
+        except Exception as exc:  # noqa: BLE001 - one sequence's failure ends that sequence only
+            if self._client_left(seq):
+                log.info("a sequence whose client went away ended at its response (%s)", exc)
+                self._finish(seq, None, CANCELLED)
+            else:
+                log.exception("a sequence's response failed")
+                self._finish(seq, f"generation failed: {exc}", FAILED)
             return
         if stop:
             self._finish(seq, None, STOP)
         elif seq.last:
             self._finish(seq, None, LENGTH)
 
-    def _finish(self, seq: Sequence, error: Optional[str], outcome: str, notify: bool = True) -> None:
-        """End ``seq`` (once): count its ``outcome`` and, with ``notify``, send its final response."""
+    def _finish(self, seq: Sequence, error: Optional[str], outcome: str) -> None:
+        """End ``seq`` (once): count its ``outcome`` and send its final response (``on_finish``).
+
+        Every sequence gets one, a cancelled one too (``outcome`` CANCELLED): Triton holds a request until its final
+        response, whether or not its client is still there, and a relay waits for it."""
         with seq.lock:
             if seq.finished:
                 return
             seq.finished = True
             seq.outcome = outcome
-        self.metrics.ended(outcome)
-        if notify:
-            try:
-                seq.on_finish(seq, error)
-            except Exception:  # noqa: BLE001
+        try:
+            self.metrics.ended(outcome)
+        except Exception:  # noqa: BLE001 - metrics are never worth a request left unanswered
+            log.warning("counting a sequence's end failed", exc_info=True)
+        try:
+            seq.on_finish(seq, error)
+        except Exception:  # noqa: BLE001
+            if outcome == CANCELLED:
+                log.info("the final response of a cancelled sequence could not be sent (its client is gone)")
+            else:
                 log.warning("the final response of a sequence could not be sent", exc_info=True)
 
-    def _dropped(self, seq: Sequence, answer: bool = False) -> bool:
-        """Has the watcher found the client of ``seq`` gone (or failed to ask), or its timeout passed?  Then ``seq``
-        is finished.
+    @staticmethod
+    def _client_left(seq: Sequence) -> bool:
+        """Did the client of ``seq`` go away (a response that could not be sent: gone, or asking failed too)?"""
+        with seq.lock:  # the watcher polls under it
+            try:
+                return seq.gone or bool(seq.cancelled())
+            except Exception:  # noqa: BLE001
+                return True
 
-        ``answer``: still send the final response to a client that went away (a sequence that never ran); a
-        sequence with ``answer_when_gone`` always gets it.
-        """
+    def _dropped(self, seq: Sequence) -> bool:
+        """Has the watcher found the client of ``seq`` gone (or failed to ask), or its timeout passed?  Then ``seq``
+        is finished."""
         if seq.poll_error is not None:
             self._finish(seq, f"generation failed: the scheduler could not check its client ({seq.poll_error})",
                          FAILED)
             return True
         if seq.expired and not seq.gone:
-            self._finish(seq, seq.timeout_error(self.cache.slots), TIMED_OUT)
+            free = self.cache.slots - len(self.running) - len(self.prefilling)
+            self._finish(seq, seq.timeout_error(self.cache.slots, free, bool(self.prefilling)), TIMED_OUT)
             return True
         if seq.gone:
-            self._finish(seq, None, CANCELLED, notify=answer or seq.answer_when_gone)
+            self._finish(seq, None, CANCELLED)
         return seq.gone
 
     def _retire(self) -> None:

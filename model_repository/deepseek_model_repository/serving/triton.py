@@ -7,6 +7,7 @@ import signal
 
 import triton_python_backend_utils as pb_utils
 
+from . import scheduler
 from .limits import parameter_timeout_us
 
 #: The signal that makes a text-generation model's process print every thread's stack to Triton's log.
@@ -15,9 +16,9 @@ DUMP_SIGNAL = signal.SIGUSR1
 
 #: The error codes these models answer with (``pb_utils.TritonError``'s names): a bad request (HTTP 400, gRPC
 #: INVALID_ARGUMENT), a request whose own timeout passed (as Triton answers one whose timeout passed in its queue),
-#: and anything else.
-BAD_REQUEST, TIMED_OUT, FAILED = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
-CODES = (BAD_REQUEST, TIMED_OUT, FAILED)
+#: anything else, and a request whose client went away (its final response, which Triton needs all the same).
+BAD_REQUEST, TIMED_OUT, FAILED, CANCELLED = "INVALID_ARG", "UNAVAILABLE", "INTERNAL", "CANCELLED"
+CODES = (BAD_REQUEST, TIMED_OUT, FAILED, CANCELLED)
 #: A relayed request's error goes back to the relay as "[CODE] message": Triton 2.51 hands a BLS caller an error's
 #: message without its code, and the relay answers its client with that code (:func:`relayed_error`).
 _RELAYED = re.compile(r"\[(" + "|".join(CODES) + r")\] ")
@@ -30,6 +31,15 @@ def error_response(message, code=BAD_REQUEST, relayed=False):
     value = getattr(pb_utils.TritonError, code, None)
     error = pb_utils.TritonError(message) if value is None else pb_utils.TritonError(message, value)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def outcome_code(outcome):
+    """The error code of a sequence that ended by ``outcome`` (``serving.scheduler.OUTCOMES``) with an error."""
+    return {scheduler.TIMED_OUT: TIMED_OUT, scheduler.CANCELLED: CANCELLED}.get(outcome, FAILED)
+
+
+#: The message of a cancelled request's final response (its client, gone, does not see it).
+CANCELLED_MESSAGE = "the request was cancelled: its client went away"
 
 
 def relayed_error(message):

@@ -27,11 +27,12 @@ from tokenizers import Tokenizer
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StopText, StreamedText
 from deepseek_model_repository.serving.responder import Responder
-from deepseek_model_repository.serving.triton import (FAILED, TIMED_OUT, client_gone, dump_threads_on_signal,
-                                                      error_response, model_parameters, request_timeout_s)
+from deepseek_model_repository.serving.triton import (CANCELLED_MESSAGE, FAILED, client_gone, dump_threads_on_signal,
+                                                      error_response, model_parameters, outcome_code,
+                                                      request_timeout_s)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
-from deepseek_model_repository.serving.scheduler import (DECODE, DEFAULT_PREFILL_TOKENS, OUTCOMES, PREFILL, Scheduler,
-                                                         Sequence)
+from deepseek_model_repository.serving.scheduler import (CANCELLED, DECODE, DEFAULT_PREFILL_TOKENS, OUTCOMES, PREFILL,
+                                                         Scheduler, Sequence)
 
 
 class SchedulerMetrics:
@@ -287,8 +288,10 @@ class TritonPythonModel:
             return text.stopped
 
         def on_finish(seq, error):
+            if seq.outcome == CANCELLED:
+                error = CANCELLED_MESSAGE
             if error:
-                sender.send(error_response(error, TIMED_OUT if seq.expired else FAILED), flags=final)
+                sender.send(error_response(error, outcome_code(seq.outcome)), flags=final)
                 return
             rest = held[0] + text.rest(seq.generated)
             sender.send(text_response([rest], details, [seq], covered(seq)), flags=final)
@@ -300,17 +303,17 @@ class TritonPythonModel:
         """The sequences of a request answered in one response, sent when the last of them ends.
 
         A relayed request (``relay_id``) is told apart from its client by the relay: the relay's request is never
-        cancelled, so its sequences are dropped when the relay names it in a cancel (and still answered, since the
-        relay waits for the answer)."""
+        cancelled, so its sequences are dropped when the relay names it in a cancel. A request whose client went
+        away is answered with a CANCELLED error (Triton, and a relay, wait for the final response all the same)."""
         seqs = []
-        errors = []  # (message, whether the request's timeout passed)
+        errors = []  # (message, the sequence's outcome)
         pending = [len(prompts)]
-        cancelled, answer_when_gone = client_gone(sender), False
+        cancelled = client_gone(sender)
         if relay_id is not None:
             gone = threading.Event()
             with self._relayed_lock:
                 self._relayed[str(relay_id)] = gone
-            cancelled, answer_when_gone = gone.is_set, True
+            cancelled = gone.is_set
 
         def text_of(seq, stopper):
             if stopper is None:
@@ -321,8 +324,8 @@ class TritonPythonModel:
         def answer():
             """The request's one response: its texts (decoded here, on the responder's thread) or its first error."""
             if errors:
-                message, expired = errors[0]
-                response = error_response(message, TIMED_OUT if expired else FAILED, relayed=relay_id is not None)
+                message, outcome = errors[0]
+                response = error_response(message, outcome_code(outcome), relayed=relay_id is not None)
             else:
                 try:
                     response = text_response([text_of(s, st) for s, st in zip(seqs, stoppers)], details, seqs)
@@ -331,8 +334,10 @@ class TritonPythonModel:
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         def on_finish(seq, error):
+            if seq.outcome == CANCELLED:
+                error = CANCELLED_MESSAGE
             if error:
-                errors.append((error, seq.expired))
+                errors.append((error, seq.outcome))
             pending[0] -= 1
             if pending[0] == 0:
                 if relay_id is not None:
@@ -352,7 +357,7 @@ class TritonPythonModel:
 
         stoppers = [StopText(self.tokenizer, p.stop) if p.stop else None for p in prompts]
         seqs.extend(Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=on_finish,
-                             cancelled=cancelled, answer_when_gone=answer_when_gone, timeout_s=timeout_s,
+                             cancelled=cancelled, timeout_s=timeout_s,
                              logprobs="cumulative_logprob" in details)
                     for p, stopper in zip(prompts, stoppers))
         return seqs
