@@ -515,6 +515,18 @@ def test_a_request_whose_timeout_passes_is_answered_with_an_error_running_or_que
     assert outcomes.seen[:2] == ["timed_out", "timed_out"] and outcomes.seen[2:] in (["stop"], ["length"])
 
 
+def test_a_queued_request_that_times_out_is_told_what_held_it():
+    """Every slot busy: more replicas; a slot free but the iteration's prefill budget taken by longer prompts: the
+    prefill chunk, or shorter prompts; neither (its timeout passed before the loop looked): a longer timeout."""
+    queued = Sequence([5, 6], Sampling(max_tokens=4), timeout_s=0.05)
+    assert "waited for one of the 2 KV-cache slots, all busy" in queued.timeout_error(2, free=0)
+    behind = queued.timeout_error(2, free=1, prefilling=True)
+    assert "behind longer prompts being prefilled" in behind and "serving.prefillChunkTokens" in behind
+    assert "all busy" not in behind
+    assert queued.timeout_error(2, free=1) == ("the request's timeout of 50 ms passed before it could be admitted: "
+                                               "allow a longer timeout (the request's, or serving.requestTimeoutSeconds)")
+
+
 def test_a_stalled_loop_logs_every_threads_stack_once_and_goes_on_when_it_moves(cache_dir, caplog):
     """An engine call that does not return (here: held until the test lets it go) is reported once per stall."""
     model = hf_model(tiny_model(cache_dir, "qwen2"))
