@@ -154,3 +154,26 @@ def test_stop_text_equals_cutting_the_whole_text_and_hands_out_only_what_no_stop
     whole = tokenizer.decode(ids)
     first = min([whole.find(s) for s in stops if s in whole], default=len(whole))
     assert handed == stopper.text == whole[:first]
+
+
+def test_a_run_of_special_tokens_is_left_out_of_what_each_step_decodes(tokenizer):
+    """Under ``ignore_eos`` a model may choose its end-of-sentence token again and again: each step decodes the last
+    piece's tokens and the new ones without those (the decoder skips them anyway), not the whole run so far."""
+    class Counted:
+        longest = 0
+
+        def decode(self, ids, skip_special_tokens):
+            Counted.longest = max(Counted.longest, len(ids))
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def get_added_tokens_decoder(self):
+            return tokenizer.get_added_tokens_decoder()
+
+    eos = tokenizer.token_to_id("<｜end▁of▁sentence｜>")
+    ids = tokenizer.encode("hello there", add_special_tokens=False).ids + [eos] * 2000
+    ids += tokenizer.encode(" and more", add_special_tokens=False).ids
+    text, pieces = IncrementalText(Counted()), []
+    for n in range(1, len(ids) + 1):
+        pieces.append(text.step(ids[:n]))
+    assert "".join(pieces) + text.rest(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert Counted.longest <= 4, Counted.longest

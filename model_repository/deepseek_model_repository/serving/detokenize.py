@@ -25,34 +25,49 @@ DEFAULT_STREAM_INTERVAL = 1
 
 
 class IncrementalText:
-    """The new text of a growing list of token ids; the pieces joined equal decoding the ids whole."""
+    """The new text of a growing list of token ids; the pieces joined equal decoding the ids whole.
+
+    Special tokens, which the decoder skips (``skip_special_tokens``), are left out of what it decodes, so a run
+    of them (an end-of-sentence token again and again under ``ignore_eos``) costs nothing at each step."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._prefix = 0  # ids[_prefix:_read] decode to the text already handed out, ended by the last piece
-        self._read = 0
+        self._skipped = _special_ids(tokenizer) if skip_special_tokens else frozenset()
+        self._context: list[int] = []  # the tokens of the last piece handed out: the decoder's left context
+        self._context_text = ""  # what they decode to
+        self._pending: list[int] = []  # the tokens since, not handed out yet
+        self._read = 0  # ids taken into _pending
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
 
-    def _new(self, ids: Sequence[int]) -> tuple[str, str]:
-        before = self._decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
-        return before, self._decode(ids[self._prefix:])
+    def _new(self, ids: Sequence[int]) -> str:
+        """What the context and the pending tokens decode to, once the ids since the last look are pending."""
+        self._pending.extend(t for t in ids[self._read:] if t not in self._skipped)
+        self._read = len(ids)
+        return self._decode(self._context + self._pending) if self._pending else self._context_text
 
     def step(self, ids: Sequence[int]) -> str:
         """The text that ``ids`` add to what was handed out, or "" while it would end inside a character."""
-        before, now = self._new(ids)
+        before, now = self._context_text, self._new(ids)
         if len(now) <= len(before) or now.endswith(INCOMPLETE):
             return ""
-        self._prefix, self._read = self._read, len(ids)
+        self._context, self._pending = self._pending, []
+        self._context_text = self._decode(self._context)
         return now[len(before):]
 
     def rest(self, ids: Sequence[int]) -> str:
         """Everything not handed out yet, held-back bytes included (the end of the completion)."""
-        before, now = self._new(ids)
-        self._prefix = self._read = len(ids)
+        before, now = self._context_text, self._new(ids)
+        self._context, self._pending, self._context_text = [], [], ""
         return now[len(before):]
+
+
+def _special_ids(tokenizer) -> frozenset:
+    """The ids a ``skip_special_tokens`` decode leaves out (a tokenizers ``Tokenizer``'s special added tokens)."""
+    added = getattr(tokenizer, "get_added_tokens_decoder", None)
+    return frozenset(i for i, token in added().items() if token.special) if added else frozenset()
 
 
 class StopText:
