@@ -778,6 +778,21 @@ def test_the_relays_own_parameters_are_refused_from_a_client(server):
     assert status == 400 and "unknown field(s) deepseek_relay_id" in body
 
 
+def test_a_relayed_request_whose_cancel_came_first_ends_at_once_as_cancelled(server):
+    """The relay's cancel of a request can reach NAME_stream before the request itself (both are requests the relay
+    sends it): the request, when it comes, is answered at once with the CANCELLED error, not generated to its end.
+    (This plays the relay, over Triton's HTTP generate: NAME_stream takes the relay's parameters from anyone.)"""
+    name = "tiny-qwen2_stream"
+    post_generate(server, name, {"text_input": "the", "max_tokens": 1, "deepseek_cancel_relayed": "came-late"})
+    fields = {"text_input": "the of and", "max_tokens": 200, "ignore_eos": True}
+    began = time.monotonic()
+    status, body = post_generate(server, name, {**fields, "deepseek_relay_id": "came-late"})
+    assert (status, json.loads(body)) == (400, {"error": "[CANCELLED] the request was cancelled: its client went away"})
+    cancelled_s, began = time.monotonic() - began, time.monotonic()
+    assert post_generate(server, name, {**fields, "deepseek_relay_id": "another"})[0] == 200
+    assert cancelled_s < (time.monotonic() - began) / 2, "the cancelled one was generated"
+
+
 def test_scheduler_metrics_count_what_was_served(server):
     name = model_name("deepseek_v3")
     tokens = settled_scheduler_metric(server, "generated_tokens_total", name)

@@ -968,3 +968,21 @@ def test_prompts_that_start_like_a_cached_sequence_copy_that_start_and_equal_tra
         assert results[share] == [greedy(model, base, 20)] + [greedy(model, p, 8) for p in joining]
         assert int(runner.cache.lengths.sum()) == 0
     assert results[True] == results[False]
+
+
+def test_a_scheduler_that_stops_answers_what_it_holds_as_retryable(cache_dir):
+    """Running and queued sequences alike get an error that says to send the request again, marked
+    ``server_stopping`` (Triton's model answers it UNAVAILABLE, which clients and proxies retry elsewhere)."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    scheduler = Scheduler(TorchRunner(model, 1, CAPACITY), eos_ids=[1]).start()
+    ended: list = []
+    seqs = [Sequence([5, 6, 7 + i], Sampling(max_tokens=CAPACITY - 4, ignore_eos=True),
+                     on_finish=lambda s, e: ended.append((s.server_stopping, s.outcome, e))) for i in range(2)]
+    for seq in seqs:
+        scheduler.submit(seq)
+    deadline = time.monotonic() + 30
+    while not seqs[0].generated and time.monotonic() < deadline:
+        time.sleep(0.001)
+    scheduler.stop()
+    assert ended == [(True, FAILED, "the server is shutting down: send the request again (another replica serves "
+                                    "it)")] * 2

@@ -131,6 +131,8 @@ class Sequence:
     prefilled: int = 0
     #: How it ended (one of :data:`OUTCOMES`), set before ``on_finish`` is called.
     outcome: Optional[str] = None
+    #: Ended because the server stops (outcome FAILED): the request may be sent again, to another replica.
+    server_stopping: bool = False
     #: Sum the log-probabilities of its tokens into ``cumulative_logprob`` (the model's raw distribution).
     logprobs: bool = False
     cumulative_logprob: float = 0.0
@@ -413,7 +415,9 @@ class Scheduler:
             self._publish()
             self.iterations += 1
         for seq in self.running + self.prefilling + list(self.waiting) + self._left:
-            self._finish(seq, "the server is shutting down", FAILED)
+            seq.server_stopping = True
+            self._finish(seq, "the server is shutting down: send the request again (another replica serves it)",
+                         FAILED)
 
     def _idle(self) -> bool:
         """Under the lock, wait while there is no work: True once the loop has been idle for ``idle_publish_s`` with

@@ -15,8 +15,9 @@ DUMP_SIGNAL = signal.SIGUSR1
 
 
 #: The error codes these models answer with (``pb_utils.TritonError``'s names): a bad request (HTTP 400, gRPC
-#: INVALID_ARGUMENT), a request whose own timeout passed (as Triton answers one whose timeout passed in its queue),
-#: anything else, and a request whose client went away (its final response, which Triton needs all the same).
+#: INVALID_ARGUMENT), a request whose own timeout passed (as Triton answers one whose timeout passed in its queue)
+#: or that the server ended as it stopped (UNAVAILABLE: a client may retry), anything else, and a request whose
+#: client went away (its final response, which Triton needs all the same).
 BAD_REQUEST, TIMED_OUT, FAILED, CANCELLED = "INVALID_ARG", "UNAVAILABLE", "INTERNAL", "CANCELLED"
 CODES = (BAD_REQUEST, TIMED_OUT, FAILED, CANCELLED)
 #: A relayed request's error goes back to the relay as "[CODE] message": Triton 2.51 hands a BLS caller an error's
@@ -33,9 +34,12 @@ def error_response(message, code=BAD_REQUEST, relayed=False):
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
-def outcome_code(outcome):
-    """The error code of a sequence that ended by ``outcome`` (``serving.scheduler.OUTCOMES``) with an error."""
-    return {scheduler.TIMED_OUT: TIMED_OUT, scheduler.CANCELLED: CANCELLED}.get(outcome, FAILED)
+def error_code(seq):
+    """The error code of a sequence (``serving.scheduler.Sequence``) that ended with an error: by its outcome, and
+    UNAVAILABLE (try again, on another replica) for one the server ended as it stopped."""
+    if seq.server_stopping:
+        return TIMED_OUT
+    return {scheduler.TIMED_OUT: TIMED_OUT, scheduler.CANCELLED: CANCELLED}.get(seq.outcome, FAILED)
 
 
 #: The message of a cancelled request's final response (its client, gone, does not see it).

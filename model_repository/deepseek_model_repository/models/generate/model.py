@@ -16,6 +16,7 @@ The scheduler publishes its metrics through the Python backend's custom-metrics 
 metrics port (see ``SchedulerMetrics``).
 """
 
+import collections
 import json
 import os
 import threading
@@ -28,7 +29,7 @@ from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StopText, StreamedText
 from deepseek_model_repository.serving.responder import Responder
 from deepseek_model_repository.serving.triton import (CANCELLED_MESSAGE, FAILED, client_gone, dump_threads_on_signal,
-                                                      error_response, model_parameters, outcome_code,
+                                                      error_code, error_response, model_parameters,
                                                       request_timeout_s)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
 from deepseek_model_repository.serving.scheduler import (CANCELLED, DECODE, DEFAULT_PREFILL_TOKENS, OUTCOMES, PREFILL,
@@ -221,6 +222,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(str(exc)) from None
         #: Relay id -> set when the relay says that request's client went away (``_cancel_relayed``).
         self._relayed: dict = {}
+        #: Relay ids cancelled before their request came (the newest ``limits.RELAY_THREADS``; ended ones too).
+        self._cancelled_early: collections.OrderedDict = collections.OrderedDict()
         self._relayed_lock = threading.Lock()
         self.metrics = SchedulerMetrics(self.client_name)
         self.metrics.slots.set(runner.cache.slots)
@@ -291,7 +294,7 @@ class TritonPythonModel:
             if seq.outcome == CANCELLED:
                 error = CANCELLED_MESSAGE
             if error:
-                sender.send(error_response(error, outcome_code(seq.outcome)), flags=final)
+                sender.send(error_response(error, error_code(seq)), flags=final)
                 return
             rest = held[0] + text.rest(seq.generated)
             sender.send(text_response([rest], details, [seq], covered(seq)), flags=final)
@@ -306,13 +309,15 @@ class TritonPythonModel:
         cancelled, so its sequences are dropped when the relay names it in a cancel. A request whose client went
         away is answered with a CANCELLED error (Triton, and a relay, wait for the final response all the same)."""
         seqs = []
-        errors = []  # (message, the sequence's outcome)
+        errors = []  # (message, its error code)
         pending = [len(prompts)]
         cancelled = client_gone(sender)
         if relay_id is not None:
             gone = threading.Event()
             with self._relayed_lock:
                 self._relayed[str(relay_id)] = gone
+                if self._cancelled_early.pop(str(relay_id), False):
+                    gone.set()
             cancelled = gone.is_set
 
         def text_of(seq, stopper):
@@ -324,8 +329,8 @@ class TritonPythonModel:
         def answer():
             """The request's one response: its texts (decoded here, on the responder's thread) or its first error."""
             if errors:
-                message, outcome = errors[0]
-                response = error_response(message, outcome_code(outcome), relayed=relay_id is not None)
+                message, code = errors[0]
+                response = error_response(message, code, relayed=relay_id is not None)
             else:
                 try:
                     response = text_response([text_of(s, st) for s, st in zip(seqs, stoppers)], details, seqs)
@@ -337,7 +342,7 @@ class TritonPythonModel:
             if seq.outcome == CANCELLED:
                 error = CANCELLED_MESSAGE
             if error:
-                errors.append((error, seq.outcome))
+                errors.append((error, error_code(seq)))
             pending[0] -= 1
             if pending[0] == 0:
                 if relay_id is not None:
@@ -363,9 +368,14 @@ class TritonPythonModel:
         return seqs
 
     def _cancel_relayed(self, relay_id):
-        """The relay's client went away: its sequences leave at the scheduler's next look (unknown: it ended)."""
+        """The relay's client went away: its sequences leave at the scheduler's next look. An unknown id has ended,
+        or its request is still on its way here (the relay's cancel overtook it): remembered for that request."""
         with self._relayed_lock:
             gone = self._relayed.get(relay_id)
+            if gone is None:
+                self._cancelled_early[relay_id] = True
+                while len(self._cancelled_early) > limits.RELAY_THREADS:
+                    self._cancelled_early.popitem(last=False)
         if gone is not None:
             gone.set()
 

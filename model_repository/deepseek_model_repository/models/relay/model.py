@@ -21,10 +21,15 @@ import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
-from deepseek_model_repository.serving.triton import (FAILED, client_gone, dump_threads_on_signal, error_response,
-                                                      model_parameters, relayed_error, request_timeout_us)
+from deepseek_model_repository.serving.triton import (CANCELLED, CANCELLED_MESSAGE, FAILED, client_gone,
+                                                      dump_threads_on_signal, error_response, model_parameters,
+                                                      relayed_error, request_timeout_us)
 
 log = logging.getLogger("deepseek_model_repository.relay")
+
+
+class ClientGone(Exception):
+    """A relayed request's client went away before the request was passed on."""
 
 
 class Relayed:
@@ -89,15 +94,20 @@ class TritonPythonModel:
         with self.lock:
             self.inflight[relay_id] = relayed
         try:
+            if relayed.gone():  # it waited for a relay thread, and its client gave up meanwhile
+                raise ClientGone
             request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
                                                 requested_output_names=list(limits.OUTPUT_NAMES),
                                                 parameters={limits.RELAY_ID: relay_id}, timeout=timeout)
+            # exec returns at the first response, which for a plain request is its answer: watched meanwhile.
             for response in request.exec(decoupled=True):
                 if response.has_error():
                     code, message = relayed_error(response.error().message())
                     answer = error_response(message, code)
                 elif response.output_tensors():
                     answer = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
+        except ClientGone:
+            answer = error_response(CANCELLED_MESSAGE, CANCELLED)
         except Exception as exc:  # noqa: BLE001 - answer the client whatever happened
             answer = error_response(f"generation failed: {exc}", FAILED)
         finally:
