@@ -233,7 +233,7 @@ def feeds_on_device(feeds: dict[str, np.ndarray], device: str) -> dict[str, Any]
     starts, at = [], 0
     for n in names:
         starts.append(at)
-        at += -(-int(feeds[n].size) // step) * step
+        at += _round_up(int(feeds[n].size), step)
     flat = np.zeros(at, dtype=np.int64)
     for n, start in zip(names, starts):
         flat[start:start + feeds[n].size] = np.asarray(feeds[n], dtype=np.int64).ravel()

@@ -442,13 +442,8 @@ class Scheduler:
         while not self._stopped.wait(self.client_poll_s):
             now = time.monotonic()
             with self._cond:
-                expired = [seq for seq in self.waiting if seq.past_deadline(now)]
-                if expired:
-                    for seq in expired:
-                        self.waiting.remove(seq)
-                        seq.expired = True
-                    self._left.extend(expired)
-                    self._cond.notify()
+                for seq in self._leave_queue(lambda s: s.past_deadline(now)):
+                    seq.expired = True
                 # The loop changes ``running`` outside the lock, but a list copy is atomic under the GIL.
                 seqs = list(self.waiting) + list(self.running) + list(self.prefilling)
             for seq in seqs:
@@ -463,12 +458,18 @@ class Scheduler:
                         log.warning("asking whether a client went away failed; ending its sequence", exc_info=True)
                         seq.poll_error = exc
             with self._cond:
-                left = [seq for seq in self.waiting if seq.gone or seq.poll_error is not None]
-                if left:
-                    for seq in left:
-                        self.waiting.remove(seq)
-                    self._left.extend(left)
-                    self._cond.notify()
+                self._leave_queue(lambda s: s.gone or s.poll_error is not None)
+
+    def _leave_queue(self, ended: Callable[[Sequence], bool]) -> list[Sequence]:
+        """Under the lock: take the queued sequences that have ``ended`` out of the queue, for the loop to answer
+        at once (they no longer count as waiting); returns them."""
+        left = [seq for seq in self.waiting if ended(seq)]
+        if left:
+            for seq in left:
+                self.waiting.remove(seq)
+            self._left.extend(left)
+            self._cond.notify()
+        return left
 
     def _watch_stalls(self) -> None:
         moved = (self.iterations, time.monotonic(), False)  # the loop's count, when it last changed, reported

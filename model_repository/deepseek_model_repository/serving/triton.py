@@ -46,6 +46,12 @@ def error_code(seq):
 CANCELLED_MESSAGE = "the request was cancelled: its client went away"
 
 
+def sequence_error(seq, error):
+    """The error a finished sequence is answered with (``on_finish``'s ``error``), or None: a cancelled one's is
+    :data:`CANCELLED_MESSAGE`."""
+    return CANCELLED_MESSAGE if seq.outcome == scheduler.CANCELLED else error
+
+
 def relayed_error(message):
     """(code, message) of an error the scheduler model answered a relayed request with (FAILED if it names none)."""
     found = _RELAYED.match(message)

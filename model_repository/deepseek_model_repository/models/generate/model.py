@@ -28,12 +28,12 @@ from tokenizers import Tokenizer
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StopText, StreamedText
 from deepseek_model_repository.serving.responder import Responder
-from deepseek_model_repository.serving.triton import (CANCELLED_MESSAGE, FAILED, client_gone, dump_threads_on_signal,
-                                                      error_code, error_response, model_parameters,
-                                                      request_timeout_s)
+from deepseek_model_repository.serving.triton import (FAILED, client_gone, dump_threads_on_signal, error_code,
+                                                      error_response, model_parameters, request_timeout_s,
+                                                      sequence_error)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
-from deepseek_model_repository.serving.scheduler import (CANCELLED, DECODE, DEFAULT_PREFILL_TOKENS, OUTCOMES, PREFILL,
-                                                         Scheduler, Sequence)
+from deepseek_model_repository.serving.scheduler import (DECODE, DEFAULT_PREFILL_TOKENS, OUTCOMES, PREFILL, Scheduler,
+                                                         Sequence)
 
 
 class SchedulerMetrics:
@@ -291,8 +291,7 @@ class TritonPythonModel:
             return text.stopped
 
         def on_finish(seq, error):
-            if seq.outcome == CANCELLED:
-                error = CANCELLED_MESSAGE
+            error = sequence_error(seq, error)
             if error:
                 sender.send(error_response(error, error_code(seq)), flags=final)
                 return
@@ -339,8 +338,7 @@ class TritonPythonModel:
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
         def on_finish(seq, error):
-            if seq.outcome == CANCELLED:
-                error = CANCELLED_MESSAGE
+            error = sequence_error(seq, error)
             if error:
                 errors.append((error, error_code(seq)))
             pending[0] -= 1

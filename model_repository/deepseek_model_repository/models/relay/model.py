@@ -28,10 +28,6 @@ from deepseek_model_repository.serving.triton import (CANCELLED, CANCELLED_MESSA
 log = logging.getLogger("deepseek_model_repository.relay")
 
 
-class ClientGone(Exception):
-    """A relayed request's client went away before the request was passed on."""
-
-
 class Relayed:
     """A request in flight: the check of its client (``client_gone``) and the inputs passed on.
 
@@ -95,19 +91,18 @@ class TritonPythonModel:
             self.inflight[relay_id] = relayed
         try:
             if relayed.gone():  # it waited for a relay thread, and its client gave up meanwhile
-                raise ClientGone
-            request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
-                                                requested_output_names=list(limits.OUTPUT_NAMES),
-                                                parameters={limits.RELAY_ID: relay_id}, timeout=timeout)
-            # exec returns at the first response, which for a plain request is its answer: watched meanwhile.
-            for response in request.exec(decoupled=True):
-                if response.has_error():
-                    code, message = relayed_error(response.error().message())
-                    answer = error_response(message, code)
-                elif response.output_tensors():
-                    answer = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
-        except ClientGone:
-            answer = error_response(CANCELLED_MESSAGE, CANCELLED)
+                answer = error_response(CANCELLED_MESSAGE, CANCELLED)
+            else:
+                request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
+                                                    requested_output_names=list(limits.OUTPUT_NAMES),
+                                                    parameters={limits.RELAY_ID: relay_id}, timeout=timeout)
+                # exec returns at the first response, which for a plain request is its answer: watched meanwhile.
+                for response in request.exec(decoupled=True):
+                    if response.has_error():
+                        code, message = relayed_error(response.error().message())
+                        answer = error_response(message, code)
+                    elif response.output_tensors():
+                        answer = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
         except Exception as exc:  # noqa: BLE001 - answer the client whatever happened
             answer = error_response(f"generation failed: {exc}", FAILED)
         finally:
