@@ -307,6 +307,59 @@ def test_step_logits_give_the_same_tokens_from_numpy_and_from_torch():
     np.testing.assert_array_equal(device.numpy(), host.numpy())
 
 
+def test_step_logits_mark_a_row_that_holds_a_nan_from_numpy_and_from_torch():
+    """A row with a NaN anywhere has no token to choose (numpy and torch both take NaN for the largest value, which
+    would choose the NaN's index as a token): it is NAN_ROW, greedy or sampled; the other rows are unchanged."""
+    import torch
+
+    from deepseek_model_repository.serving.runners import NAN_ROW, StepLogits
+    from deepseek_model_repository.serving.scheduler import pick
+
+    data = np.random.default_rng(2).standard_normal((3, 50)).astype(np.float32)
+    want = [int(np.argmax(r)) for r in data]
+    data[1, 31] = np.nan
+    for logits in (StepLogits(data), StepLogits(torch.from_numpy(data.copy())), StepLogits(torch.from_numpy(
+            data.astype(np.float16)))):
+        assert logits.argmax().tolist() == [want[0], NAN_ROW, want[2]]
+    sampled = Sequence([5], Sampling(max_tokens=1, temperature=1.0, top_k=5, seed=0))
+    assert pick(data[1], sampled) == NAN_ROW and pick(data[0], sampled) >= 0
+
+
+def test_a_sequence_whose_logits_turn_nan_fails_by_name_and_leaves_its_slot_clean_for_the_next(cache_dir):
+    """An engine that overflows (here a tiny Qwen2 whose embedding of one token is NaN, so a prompt with that token
+    fills its cache rows and logits with NaN) fails that sequence, greedy or sampled, with an error that says what to
+    change, instead of choosing token 0 again and again; the others in the batch go on, and the sequences that
+    take its slot afterwards equal transformers': a NaN left in the slot's unused positions would reach them through
+    their attention's masked positions."""
+    import torch
+
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+    clean = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    want = [greedy(model, p, 8) for p in clean]
+    poison = 77
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("nan")
+    ended: dict = {}
+
+    def answer(label):
+        return lambda s, e: ended.update({label: (s.outcome, e, list(s.generated))})
+
+    seqs = [Sequence([5, poison, 7], Sampling(max_tokens=8), on_finish=answer("greedy")),
+            Sequence(clean[0], Sampling(max_tokens=8), on_finish=answer(0)),
+            Sequence([poison, 8], Sampling(max_tokens=8, temperature=1.0, seed=1), on_finish=answer("sampled")),
+            Sequence(clean[1], Sampling(max_tokens=8), on_finish=answer(1)),
+            Sequence(clean[2], Sampling(max_tokens=8), on_finish=answer(2))]
+    runner = TorchRunner(model, 2, CAPACITY)
+    run_queued(Scheduler(runner, eos_ids=[1]), seqs)
+    for label in ("greedy", "sampled"):
+        outcome, error, generated = ended[label]
+        assert outcome == FAILED and generated == []
+        assert "logits for token 1 of this completion hold NaN" in error and "engine.precision" in error
+    assert [ended[i][:2] for i in range(3)] == [("length", None)] * 3
+    assert [ended[i][2] for i in range(3)] == want
+    assert not any(bool(torch.isnan(t).any()) for layer in runner.cache.layers for t in layer)
+
+
 def test_sampled_and_greedy_sequences_decode_together_on_the_torch_runner(cache_dir):
     """Greedy rows take the step's argmax where the logits are; a sampling row copies its own row: top_k 1 is
     greedy, and a seed gives the same tokens again."""

@@ -185,13 +185,27 @@ class KvCache:
     def clear(self, slot: int) -> None:
         self.lengths[slot] = 0
 
+    def scrub(self, slot: int) -> None:
+        """Zero every position of one slot, not only its valid ones: after a sequence whose keys or values were
+        not finite (an engine's overflow), whose stale positions a later sequence's masked attention would still
+        multiply by zero, and NaN times zero is NaN."""
+        for layer in self.layers:
+            for tensor in layer:
+                tensor[slot] = 0
+        self.lengths[slot] = 0
+
+
+#: The token :meth:`StepLogits.argmax` (and the scheduler's sampling) gives a row whose logits hold a NaN: there is
+#: no token to choose.
+NAN_ROW = -1
+
 
 class StepLogits:
     """One step's logits [B, V] where the engine left them: a numpy array, or a torch tensor on the engine's device,
     valid until the runner's next step.
 
-    :meth:`argmax` is every row's, taken there (on a GPU only B integers reach the host); :meth:`row` copies one
-    row to the host, for the rows that sample.
+    :meth:`argmax` is every row's, taken there (on a GPU only B integers reach the host), :data:`NAN_ROW` for a row
+    that holds a NaN; :meth:`row` copies one row to the host, for the rows that sample.
     """
 
     def __init__(self, data: Any):
@@ -200,10 +214,16 @@ class StepLogits:
 
     def argmax(self) -> np.ndarray:
         if self._argmax is None:
+            # Both take a NaN for the largest value, so a row holds one where its chosen logit is NaN.
             if isinstance(self.data, np.ndarray):
-                self._argmax = np.argmax(self.data, axis=-1)
+                tokens = np.argmax(self.data, axis=-1)
+                nan = np.isnan(self.data[np.arange(tokens.size), tokens])
+                self._argmax = np.where(nan, NAN_ROW, tokens) if nan.any() else tokens
             else:
-                self._argmax = self.data.argmax(dim=-1).cpu().numpy()
+                import torch
+
+                values, tokens = self.data.max(dim=-1)
+                self._argmax = torch.where(torch.isnan(values), NAN_ROW, tokens).cpu().numpy()
         return self._argmax
 
     def row(self, r: int) -> np.ndarray:

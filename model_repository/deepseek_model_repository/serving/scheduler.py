@@ -45,7 +45,7 @@ from typing import Callable, Optional, Protocol, Sequence as Seq
 import numpy as np
 
 from .metrics import IDLE_PUBLISH_S, PUBLISH_INTERVAL_S
-from .runners import Runner, StepLogits
+from .runners import NAN_ROW, Runner, StepLogits
 
 log = logging.getLogger("deepseek_model_repository.scheduler")
 
@@ -234,8 +234,11 @@ class NoMetrics:
 
 
 def pick(logits: np.ndarray, seq: Sequence) -> int:
-    """Greedy when temperature is 0; otherwise temperature, top-k and top-p sampling."""
+    """Greedy when temperature is 0; otherwise temperature, top-k and top-p sampling.  :data:`NAN_ROW` when the
+    logits hold a NaN."""
     s = seq.sampling
+    if np.isnan(np.max(logits)):
+        return NAN_ROW
     if s.temperature == 0.0:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / s.temperature
@@ -624,6 +627,14 @@ class Scheduler:
             token = int(logits.argmax()[row])
         else:
             token = pick(logits.row(row), seq)
+        if token == NAN_ROW:
+            # Its cache holds the overflow too, which would reach the next sequence in its slot through the masked
+            # positions of its attention.
+            self.cache.scrub(seq.slot)
+            self._finish(seq, f"generation failed: the engine's logits for token {len(seq.generated) + 1} of this "
+                         "completion hold NaN, a numeric overflow in the engine (fp16 gives them on some models): "
+                         "build it with a wider engine.precision (fp32, or bf16 with backend tensorrt)", FAILED)
+            return
         if seq.logprobs:  # an end-of-sentence token that ends the sequence counts too, as in vLLM
             seq.cumulative_logprob += log_probability(logits.row(row), token)
         now = time.monotonic()
