@@ -725,6 +725,44 @@ def test_a_failing_client_poll_or_metric_frees_the_slot_and_the_loop_goes_on(cac
     assert not scheduler.running
 
 
+def test_a_failed_publication_is_tried_again_once_idle_so_the_gauges_do_not_keep_a_busy_servers_values(cache_dir,
+                                                                                                        caplog):
+    """The autoscalers read the gauges: a publication that fails as the loop goes idle is tried again every
+    ``publish_interval_s`` until one goes through, with one warning for the run of failures."""
+    model = hf_model(tiny_model(cache_dir, "qwen2"))
+
+    class FailsTwice(NoMetrics):
+        def __init__(self):
+            self.tries, self.sent = 0, None
+
+        def gauges(self, waiting, running, cache_utilization):
+            self.pending = (waiting, running, cache_utilization)
+
+        def publish(self):
+            self.tries += 1
+            if self.tries <= 2:
+                raise RuntimeError("the metrics port is gone")
+            self.sent = self.pending
+
+    metrics = FailsTwice()
+    scheduler = Scheduler(TorchRunner(model, 2, CAPACITY), eos_ids=[], metrics=metrics, publish_interval_s=0.2,
+                          idle_publish_s=0.05)
+    with caplog.at_level("INFO", logger="deepseek_model_repository.scheduler"):
+        scheduler.start()
+        try:
+            done = threading.Event()
+            scheduler.submit(Sequence([5, 6, 7], Sampling(max_tokens=3), on_finish=lambda s, e: done.set()))
+            assert done.wait(60)
+            deadline = time.monotonic() + 10
+            while metrics.sent != (0, 0, 0.0) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            scheduler.stop()
+    assert metrics.sent == (0, 0, 0.0) and metrics.tries >= 3
+    warnings = [r for r in caplog.records if "publishing the scheduler's metrics failed" in r.getMessage()]
+    assert len(warnings) == 1 and any("works again" in r.getMessage() for r in caplog.records)
+
+
 def test_the_decode_loop_neither_polls_clients_nor_publishes_metrics_per_token(cache_dir):
     """Both are round trips to Triton's process: the watcher polls on its own clock, metrics go out in batches."""
     model = hf_model(tiny_model(cache_dir, "qwen2"))

@@ -356,6 +356,9 @@ class Scheduler:
         self._published_at = float("-inf")
         #: Work done since the last publication (the loop publishes when it has been idle, only then).
         self._unpublished = False
+        #: The last publication failed: an idle loop tries again every ``publish_interval_s`` (the gauges, which the
+        #: autoscalers read, would otherwise keep a busy server's values until the next request).
+        self._publish_failed = False
         self._cond = threading.Condition()
         #: Queued sequences the watcher took out of the queue (their timeout passed), for the loop to answer.
         self._left: list[Sequence] = []
@@ -429,7 +432,8 @@ class Scheduler:
         while not self._stop and not self._busy():
             if not self._unpublished:
                 self._cond.wait()
-            elif not self._cond.wait(self.idle_publish_s) and not self._stop and not self._busy():
+            elif (not self._cond.wait(self.publish_interval_s if self._publish_failed else self.idle_publish_s)
+                  and not self._stop and not self._busy()):
                 return True
         return False
 
@@ -507,7 +511,14 @@ class Scheduler:
             self.metrics.gauges(len(self.waiting), len(self.running) + len(self.prefilling), self.cache_utilization())
             self.metrics.publish()
         except Exception:  # noqa: BLE001 - metrics are never worth a stopped scheduler
-            log.warning("publishing the scheduler's metrics failed", exc_info=True)
+            if not self._publish_failed:  # once per run of failures, not every second
+                log.warning("publishing the scheduler's metrics failed; trying again every %.0f s",
+                            self.publish_interval_s, exc_info=True)
+            self._publish_failed = self._unpublished = True
+        else:
+            if self._publish_failed:
+                log.info("publishing the scheduler's metrics works again")
+            self._publish_failed = False
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots, and prefill: at most ``max_prefill_tokens`` prompt tokens, the

@@ -149,17 +149,20 @@ class SchedulerMetrics:
                 if value != sent:
                     metric.set(value)
             self._sent_gauges = self._gauges
-        tokens, steps, self._tokens, self._steps = self._tokens, self._steps, 0, 0
-        if tokens:
-            self.generated.increment(tokens)
-        if steps:
-            self.steps.increment(steps)
-        prompt, self._prompt_tokens = self._prompt_tokens, 0
-        if prompt:
-            self.prompt.increment(prompt)
-        shared, self._shared_tokens = self._shared_tokens, 0
-        if shared:
-            self.shared.increment(shared)
+        # A counter's count is taken once it is sent, so a publication that fails (the scheduler tries again) loses
+        # none of them; a histogram's observations are taken before, and such a failure may lose some.
+        if self._tokens:
+            self.generated.increment(self._tokens)
+            self._tokens = 0
+        if self._steps:
+            self.steps.increment(self._steps)
+            self._steps = 0
+        if self._prompt_tokens:
+            self.prompt.increment(self._prompt_tokens)
+            self._prompt_tokens = 0
+        if self._shared_tokens:
+            self.shared.increment(self._shared_tokens)
+            self._shared_tokens = 0
         for outcome, n in self._ended.items():
             if n:
                 self.outcomes[outcome].increment(n)
