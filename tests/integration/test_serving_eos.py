@@ -68,10 +68,12 @@ def test_decoding_stops_at_the_eos_token_and_leaves_it_out(tmp_path_factory):
         completion = GenerationClient(url, "eos-probe").generate(PROMPT, max_tokens=MAX_TOKENS)
         unstopped = GenerationClient(url, "no-eos").generate(PROMPT, max_tokens=MAX_TOKENS)
         empty = GenerationClient(url, "eos-first").generate(PROMPT, max_tokens=MAX_TOKENS)
+        _, counted = GenerationClient(url, "eos-probe").generate_with_details(PROMPT, max_tokens=MAX_TOKENS)
         streams = {(name, empty_final): grpc_stream(url, name, empty_final)
                    for name in ("eos-probe", "no-eos", "eos-first") for empty_final in (False, True)}
         events = {name: generate_stream(server.http_port, name) for name in ("eos-probe", "no-eos", "eos-first")}
-        detailed = generate_stream(server.http_port, "eos-probe", return_finish_reason=True)
+        detailed = generate_stream(server.http_port, "eos-probe", return_finish_reason=True,
+                                   return_num_output_tokens=True)
 
     assert completion == tokenizer.decode(free_run[:stop_at], skip_special_tokens=True)
     # Same weights without that EOS run on to max_tokens: the stop came from the EOS token.
@@ -96,6 +98,10 @@ def test_decoding_stops_at_the_eos_token_and_leaves_it_out(tmp_path_factory):
     assert "".join(e["text_output"] for e in detailed) == completion
     assert detailed[-1] == {**detailed[-1], "text_output": "", "finish_reason": "stop"}
     assert all("finish_reason" not in e for e in detailed[:-1])
+    # The end-of-sentence token counts as an output token, as vLLM counts it (and as cumulative_logprob sums it),
+    # though no text shows it: on the final response that it ends, for a stream.
+    assert counted["finish_reason"] == "stop" and counted["num_output_tokens"] == stop_at + 1
+    assert sum(e["num_output_tokens"] for e in detailed) == stop_at + 1 and detailed[-1]["num_output_tokens"] == 1
 
 
 def grpc_stream(url: str, model: str, empty_final: bool) -> list[tuple[object, bool]]:

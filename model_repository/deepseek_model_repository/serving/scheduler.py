@@ -136,6 +136,8 @@ class Sequence:
     #: Sum the log-probabilities of its tokens into ``cumulative_logprob`` (the model's raw distribution).
     logprobs: bool = False
     cumulative_logprob: float = 0.0
+    #: Ended at an end-of-sentence token, which is neither in ``generated`` nor in the text.
+    ended_at_eos: bool = False
     _rng: Optional[np.random.Generator] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +151,12 @@ class Sequence:
         if self._rng is None:
             self._rng = np.random.default_rng(self.sampling.seed)
         return self._rng
+
+    @property
+    def output_tokens(self) -> int:
+        """The tokens it generated, an end-of-sentence token that ended it included, as vLLM counts them (and as
+        ``cumulative_logprob`` sums them)."""
+        return len(self.generated) + self.ended_at_eos
 
     def past_deadline(self, now: float) -> bool:
         return self.timeout_s is not None and now - self.arrived >= self.timeout_s
@@ -650,6 +658,7 @@ class Scheduler:
             seq.cumulative_logprob += log_probability(logits.row(row), token)
         now = time.monotonic()
         if token in self.eos and not seq.sampling.ignore_eos:
+            seq.ended_at_eos = True
             self._finish(seq, None, STOP)
             return
         seq.generated.append(token)

@@ -179,7 +179,7 @@ class SchedulerMetrics:
 def text_response(texts, details=(), seqs=(), output_tokens=None):
     """The texts, one per prompt; with ``details`` (names of ``limits.DETAILS``), those outputs of ``seqs`` too:
     ``finish_reason`` once they have ended, ``num_output_tokens`` the tokens these texts cover (``output_tokens``,
-    else every token of each sequence)."""
+    else every token of each sequence, ``Sequence.output_tokens``: an end-of-sentence token that ended it too)."""
     array = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
     tensors = [pb_utils.Tensor("text_output", array)]
     for name in details:
@@ -190,7 +190,7 @@ def text_response(texts, details=(), seqs=(), output_tokens=None):
         elif name == "num_input_tokens":
             value = np.array([[len(s.prompt_ids)] for s in seqs], dtype=np.uint32)
         elif name == "num_output_tokens":
-            counts = output_tokens if output_tokens is not None else [len(s.generated) for s in seqs]
+            counts = output_tokens if output_tokens is not None else [s.output_tokens for s in seqs]
             value = np.array([[n] for n in counts], dtype=np.uint32)
         else:  # cumulative_logprob
             value = np.array([[s.cumulative_logprob] for s in seqs], dtype=np.float32)
@@ -282,7 +282,7 @@ class TritonPythonModel:
         held = [""]  # the text of the token that ended the sequence by length, for the final response
 
         def covered(seq):
-            count, sent[0] = len(seq.generated) - sent[0], len(seq.generated)
+            count, sent[0] = seq.output_tokens - sent[0], seq.output_tokens
             return [count]
 
         def on_token(seq, token):
