@@ -769,7 +769,7 @@ def status(cache_dir: Optional[Path]) -> None:
 @click.option("--timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds the server may take over the request (it then answers with an error and frees the slot).")
 @click.option("--min-tokens", type=click.IntRange(min=0), default=None,
-              help="The end-of-sentence token cannot come before this many tokens.")
+              help="Neither the end-of-sentence token nor a stop string ends the completion before this many tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Generate max-tokens tokens whatever the end-of-sentence token says.")
 @cache_option
 def generate(

@@ -474,6 +474,14 @@ def test_min_tokens_and_ignore_eos_reach_the_scheduler_by_every_way_in_and_bad_o
         whole = client.generate(prompt, max_tokens=20)
         assert client.generate(prompt, max_tokens=20, min_tokens=20, ignore_eos=True) == whole
         assert "".join(client.stream(prompt, max_tokens=20, min_tokens=5, ignore_eos=False)) == whole
+        # A stop string in the text's first half ends it there, unless min_tokens holds stop strings back past it
+        # (as vLLM's does): then the completion runs on.
+        stop = next(whole[i:i + 4] for i in range(len(whole) // 2) if whole[i:i + 4].strip()
+                    and whole.count(whole[i:i + 4]) == 1)
+        assert len(whole) - whole.find(stop) > 30, "the stop string must end well before the last token's text"
+        assert client.generate(prompt, max_tokens=20, stop=[stop]) == whole[:whole.find(stop)]
+        assert client.generate(prompt, max_tokens=20, min_tokens=20, stop=[stop]) == whole
+        assert "".join(client.stream(prompt, max_tokens=20, min_tokens=20, stop=[stop])) == whole
     finally:
         client.close()
     status, body = post_generate(server, name, {"text_input": prompt, "max_tokens": 20, "min_tokens": 3,

@@ -122,6 +122,38 @@ def test_a_paced_stream_with_stop_strings_ends_at_the_stop_and_sends_the_text_be
     assert n < len(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
+@pytest.mark.parametrize("interval", [None, 1, 3])
+def test_before_min_tokens_no_stop_string_ends_the_text_then_the_first_that_a_later_token_completes_does(
+        tokenizer, interval):
+    """vLLM's ``min_tokens``: a stop string is looked for only at the completion's ``min_tokens``-th token and after,
+    in the text that token brings (so one wholly in the text before is passed over), the same whatever the stream's
+    interval; streamed or not, the pieces join to the whole text cut there."""
+    text = "the cat sat down, the dog ran off, and the cat ran after the dog"
+    stops = ["cat", "dog ran"]
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    texts = [tokenizer.decode(ids[:k]) for k in range(len(ids) + 1)]
+    cuts = set()
+    for min_tokens in range(len(ids) + 2):
+        want = text  # the reference: the first token from min_tokens on whose text completes a stop string
+        for k in range(max(1, min_tokens), len(ids) + 1):
+            ends = [at for stop in stops if (at := texts[k].find(stop, max(0, len(texts[k - 1]) - len(stop) + 1))) >= 0]
+            if ends:
+                want = texts[k][:min(ends)]
+                break
+        stopper = (StopText(tokenizer, stops, min_tokens=min_tokens) if interval is None
+                   else StreamedText(tokenizer, interval, stops=stops, min_tokens=min_tokens))
+        handed = ""
+        for n in range(1, len(ids) + 1):
+            handed += stopper.step(ids[:n])
+            if stopper.stopped:
+                break
+        handed += stopper.rest(ids[:n])
+        assert handed == want, (min_tokens, handed, want)
+        cuts.add(want)
+    # Every way it can end here: at the first "cat", at "dog ran", at the second "cat", at the end.
+    assert cuts == {text[:text.find("cat")], text[:text.find("dog ran")], text[:text.rfind("cat")], text}
+
+
 def test_stop_strings_must_be_non_empty(tokenizer):
     with pytest.raises(ValueError, match="non-empty"):
         StopText(tokenizer, [""])

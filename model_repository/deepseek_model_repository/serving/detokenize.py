@@ -83,13 +83,16 @@ class StopText:
     """A completion's text as its tokens come, cut before the first of ``stops``.
 
     :meth:`step` hands out the new text that cannot be part of a stop string; :attr:`stopped` turns true at the token
-    that completes one; :attr:`text` is the completion so far, cut (after :meth:`rest`, the whole of it).
+    that completes one; :attr:`text` is the completion so far, cut (after :meth:`rest`, the whole of it).  Before
+    ``min_tokens`` tokens no stop string ends the text, as vLLM's ``min_tokens`` holds them back: the first that can
+    is one that the text of a later token completes.
     """
 
-    def __init__(self, tokenizer, stops: Sequence[str], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stops: Sequence[str], skip_special_tokens: bool = True, min_tokens: int = 0):
         if not stops or not all(stops):
             raise ValueError(f"stop strings must be non-empty, got {list(stops)}")
         self.decoder = IncrementalText(tokenizer, skip_special_tokens)
+        self.min_tokens = min_tokens
         self.stops = tuple(stops)
         self.longest = max(len(stop) for stop in self.stops)
         self.text = ""
@@ -97,10 +100,15 @@ class StopText:
         self._handed = 0  # characters of ``text`` handed out
         self._held_n = 0  # characters at the end of ``text`` held back
 
-    def _add(self, piece: str) -> None:
+    def _add(self, piece: str, tokens: int) -> None:
+        """Add the text that the first ``tokens`` tokens brought; cut it at a stop string that it completes."""
         self.text += piece
-        start = max(0, len(self.text) - len(piece) - self.longest + 1)  # a stop string that the new text completes
-        found = [at for stop in self.stops if (at := self.text.find(stop, start)) >= 0]
+        if tokens < self.min_tokens:
+            return
+        # A stop string that the new text completes: one that ends in it (the text before may hold one that was not
+        # looked for, before min_tokens).
+        before = len(self.text) - len(piece)
+        found = [at for stop in self.stops if (at := self.text.find(stop, max(0, before - len(stop) + 1))) >= 0]
         if found:
             self.text = self.text[:min(found)]
             self.stopped = True
@@ -127,7 +135,7 @@ class StopText:
         piece = self.decoder.step(ids)
         if not piece:
             return ""
-        self._add(piece)
+        self._add(piece, len(ids))
         if self.stopped:
             return self._hand(len(self.text))
         self._held_n = self._held(len(piece))
@@ -136,7 +144,7 @@ class StopText:
     def rest(self, ids: Sequence[int]) -> str:
         """Everything not handed out yet, up to a stop string (the end of the completion)."""
         if not self.stopped:
-            self._add(self.decoder.rest(ids))
+            self._add(self.decoder.rest(ids), len(ids))
         return self._hand(len(self.text))
 
 
@@ -145,14 +153,15 @@ class StreamedText:
 
     ``interval`` 1 hands out every token's text.  A piece held back (it ended inside a character) is
     tried again at the next token, not ``interval`` tokens later.  With ``stops``, every token's text is looked at
-    (:class:`StopText`), so the stream ends at the token that completes a stop string (:attr:`stopped`).
+    (:class:`StopText`, from ``min_tokens`` tokens on), so the stream ends at the token that completes a stop string
+    (:attr:`stopped`).
     """
 
     def __init__(self, tokenizer, interval: int = DEFAULT_STREAM_INTERVAL, skip_special_tokens: bool = True,
-                 stops: Sequence[str] = ()):
+                 stops: Sequence[str] = (), min_tokens: int = 0):
         if interval < 1:
             raise ValueError(f"the stream interval must be at least 1 token, got {interval}")
-        self.text = StopText(tokenizer, stops, skip_special_tokens) if stops else IncrementalText(
+        self.text = StopText(tokenizer, stops, skip_special_tokens, min_tokens) if stops else IncrementalText(
             tokenizer, skip_special_tokens)
         self.interval = interval
         self._handed = 0  # tokens covered by the pieces handed out

@@ -39,7 +39,7 @@ GENERATION_INPUTS: tuple[tuple[str, str, bool, tuple[int, ...]], ...] = (
     ("seed", "TYPE_UINT64", True, (1,)),
     ("stream", "TYPE_BOOL", True, (1,)),
     ("stop", "TYPE_STRING", True, (-1,)),  # stop strings, for every prompt of the request
-    ("min_tokens", "TYPE_INT32", True, (1,)),  # the end-of-sentence token cannot come before this many tokens
+    ("min_tokens", "TYPE_INT32", True, (1,)),  # no end-of-sentence token, nor a stop string, ends it before this many
     ("ignore_eos", "TYPE_BOOL", True, (1,)),  # the end-of-sentence token does not end the completion
     ("repetition_penalty", "TYPE_FP32", True, (1,)),  # > 0; 1 is none (tokens of the prompt and the completion)
     ("presence_penalty", "TYPE_FP32", True, (1,)),  # -2..2; 0 is none (tokens of the completion)

@@ -74,8 +74,8 @@ class Sampling:
     """How the next token is chosen: greedy when ``temperature`` is 0.
 
     The end-of-sentence tokens cannot be chosen before ``min_tokens`` tokens (their logits are masked, as
-    transformers' ``min_new_tokens`` and vLLM's ``min_tokens`` do; stop strings still apply, which vLLM holds back
-    too); with ``ignore_eos`` they are tokens like any
+    transformers' ``min_new_tokens`` and vLLM's ``min_tokens`` do; the detokenizer holds stop strings back as long,
+    as vLLM does, :class:`~.detokenize.StopText`); with ``ignore_eos`` they are tokens like any
     other and the completion ends only at ``max_tokens`` (or a stop string).  Penalties change the logits before
     the choice, as vLLM applies them: ``repetition_penalty`` divides the positive logits (and multiplies the
     negative ones) of every token of the prompt and the completion so far (transformers' ``repetition_penalty``);

@@ -276,7 +276,8 @@ class TritonPythonModel:
         say), as Triton's vLLM backend's does: a response with outputs reaches every client marked final
         (``triton_final_response``), while one with the final flag alone reaches only clients that ask for empty
         final responses, and a client that does not would never learn that its stream ended."""
-        text = StreamedText(self.tokenizer, self.stream_interval, stops=prompt.stop)
+        text = StreamedText(self.tokenizer, self.stream_interval, stops=prompt.stop,
+                            min_tokens=prompt.sampling.min_tokens)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         sent = [0]  # tokens that the responses so far covered
         held = [""]  # the text of the token that ended the sequence by length, for the final response
@@ -361,7 +362,8 @@ class TritonPythonModel:
 
             return on_token
 
-        stoppers = [StopText(self.tokenizer, p.stop) if p.stop else None for p in prompts]
+        stoppers = [StopText(self.tokenizer, p.stop, min_tokens=p.sampling.min_tokens) if p.stop else None
+                    for p in prompts]
         seqs.extend(Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=on_finish,
                              cancelled=cancelled, timeout_s=timeout_s,
                              logprobs="cumulative_logprob" in details)
