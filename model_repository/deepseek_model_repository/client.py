@@ -136,25 +136,43 @@ class GenerationClient:
     def stream(self, prompt: str, timeout: float = 300.0, request_timeout_s: Optional[float] = None,
                **controls) -> Iterator[str]:
         """Yield the completion's pieces as the server makes them; ``timeout``: the longest wait for one piece here,
-        ``request_timeout_s``: the longest the server may take over the whole request."""
+        ``request_timeout_s``: the longest the server may take over the whole request.
+
+        A stream left before its end (an error, a ``timeout`` passed, a caller that stops reading) is cancelled, so
+        the server frees its slot rather than finishing the completion."""
         pieces: "queue.Queue" = queue.Queue()
 
         def callback(result=None, error=None) -> None:
             pieces.put((result, error))
 
+        def failure(error) -> ServingError:
+            return ServingError(self._message(error) if isinstance(error, InferenceServerException) else str(error))
+
+        ended = False
         self.client.start_stream(callback=callback, stream_timeout=self.client_timeout_s)
         try:
-            self.client.async_stream_infer(
-                f"{self.model}_stream",
-                generation_inputs(grpcclient, prompt, stream=True, **controls),
-                enable_empty_final_response=True,
-                timeout=_micros(request_timeout_s),
-            )
+            try:
+                self.client.async_stream_infer(
+                    f"{self.model}_stream",
+                    generation_inputs(grpcclient, prompt, stream=True, **controls),
+                    enable_empty_final_response=True,
+                    timeout=_micros(request_timeout_s),
+                )
+            except InferenceServerException as exc:
+                # The stream failed before the request went out (its deadline passed first, on a busy machine): its
+                # cause reaches the callback, just after tritonclient marks the stream failed.
+                try:
+                    raise failure(pieces.get(timeout=5.0)[1] or exc) from None
+                except queue.Empty:
+                    raise failure(exc) from None
             while True:
-                result, error = pieces.get(timeout=timeout)
+                try:
+                    result, error = pieces.get(timeout=timeout)
+                except queue.Empty:
+                    raise ServingError(f"no response for {timeout:g} s (the stream's timeout); the request was "
+                                       "cancelled") from None
                 if error is not None:
-                    raise ServingError(self._message(error) if isinstance(error, InferenceServerException)
-                                       else str(error))
+                    raise failure(error)
                 response = result.get_response()
                 final = response.parameters.get("triton_final_response")
                 if result.as_numpy("text_output") is not None:
@@ -162,9 +180,10 @@ class GenerationClient:
                     if piece:
                         yield piece
                 if final is not None and final.bool_param:
+                    ended = True
                     return
         finally:
-            self.client.stop_stream()
+            self.client.stop_stream(cancel_requests=not ended)
 
     def close(self) -> None:
         self.client.close()

@@ -34,6 +34,7 @@ from deepseek_contract.model_info import ModelInfo, ModelInfoError
 
 from . import config as cfg
 from .serving.detokenize import DEFAULT_STREAM_INTERVAL
+from .serving.limits import RELAY_THREADS
 from .serving.scheduler import DEFAULT_PREFILL_TOKENS
 
 Runtime = Literal["triton", "local"]
@@ -116,6 +117,7 @@ def render_configs(
     request_timeout_s: float = 0,
     prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS,
     share_prefixes: bool = True,
+    relay_threads: int = RELAY_THREADS,
 ) -> dict[str, dict[str, Any]]:
     """The config dicts of every model in the repository, keyed by model name (pure: no I/O)."""
     if runtime not in ("triton", "local"):
@@ -135,6 +137,9 @@ def render_configs(
         raise RepositoryError(f"request timeout {request_timeout_s} s must be 0 (no limit) or more")
     if prefill_chunk_tokens < 1:
         raise RepositoryError(f"prefill chunk of {prefill_chunk_tokens} tokens must be at least 1 prompt token")
+    if not 1 <= relay_threads <= RELAY_THREADS:
+        raise RepositoryError(f"relay threads {relay_threads} must be from 1 to {RELAY_THREADS} (the Python backend's "
+                              "threads in Triton's process are sized for that many)")
     bad = [s for s in preferred_batch_sizes if s < 1 or s > info["max_batch_size"]]
     if bad:
         raise RepositoryError(
@@ -155,7 +160,8 @@ def render_configs(
                                 max_queue_delay_us=max_queue_delay_us)
         relay = cfg.Batching(max_batch_size=handover.max_batch_size, dynamic=dynamic_batching, max_queue_delay_us=0)
         configs[names.client] = cfg.python_model_config(
-            names.client, inputs, outputs, relay, parameters={"scheduler_model": names.stream}
+            names.client, inputs, outputs, relay,
+            parameters={"scheduler_model": names.stream, "relay_threads": str(relay_threads)}
         )
         configs[names.stream] = cfg.python_model_config(
             names.stream, inputs, outputs, handover, decoupled=True,
@@ -256,6 +262,7 @@ def write_repository(
     request_timeout_s: float = 0,
     prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS,
     share_prefixes: bool = True,
+    relay_threads: int = RELAY_THREADS,
 ) -> Path:
     """Write (or replace) this engine's models in ``output_dir`` and return it.
 
@@ -285,6 +292,7 @@ def write_repository(
         request_timeout_s=request_timeout_s,
         prefill_chunk_tokens=prefill_chunk_tokens,
         share_prefixes=share_prefixes,
+        relay_threads=relay_threads,
     )
     names = ModelNames.of(model_name)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -348,6 +348,40 @@ def test_generation_clients_own_deadline_cancels_the_request_and_frees_its_slot(
     assert generated < 250, f"the request ran to its end ({generated:.0f} tokens) after its deadline"
 
 
+def test_a_generation_client_stream_left_early_is_cancelled_and_a_deadline_that_passes_first_says_so(server):
+    """GenerationClient.stream cancels a stream that its caller stops reading, or whose wait for a piece runs out,
+    so the server frees the slot rather than finishing the completion; and a deadline so short that it passes
+    before the request goes out raises the same ServingError as one that passes later (tritonclient raises its own
+    'no longer in valid state' there, which a loaded machine hits)."""
+    name = "tiny-llama"
+    for leave in ("break", "timeout"):
+        tokens_before = settled_scheduler_metric(server, "generated_tokens_total", name)
+        client = GenerationClient(server.endpoints["grpc"], name)
+        try:
+            if leave == "break":
+                pieces = client.stream("the of and", max_tokens=250)
+                assert next(pieces)
+                pieces.close()  # what a for loop that breaks does to the generator
+            else:
+                with pytest.raises(ServingError, match=r"no response for 0.0001 s \(the stream's timeout\)"):
+                    "".join(client.stream("the of and", max_tokens=250, timeout=0.0001))
+        finally:
+            client.close()
+        deadline = time.monotonic() + 20
+        while scheduler_metric(server, "sequences_running", name) > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler_metric(server, "sequences_running", name) == 0, leave
+        generated = settled_scheduler_metric(server, "generated_tokens_total", name) - tokens_before
+        assert generated < 250, f"{leave}: the stream ran to its end ({generated:.0f} tokens)"
+    client = GenerationClient(server.endpoints["grpc"], name, client_timeout_s=1e-6)
+    try:
+        for _ in range(5):
+            with pytest.raises(ServingError, match=r"within this client's 1e-06 s \(client_timeout_s\)"):
+                "".join(client.stream("the of and", max_tokens=4))
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc", "grpc-stream", "generate", "generate_stream"])
 def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(server, protocol):
     """tritonclient's ``timeout`` (microseconds, sent to the server), or a ``generate`` request's ``timeout`` field,
@@ -406,12 +440,15 @@ def test_a_request_whose_own_timeout_passes_gets_an_error_and_frees_its_slot(ser
     assert scheduler_metric(server, "sequences_ended_total", name, outcome="timed_out") == timed_out + 1
 
 
-def test_serving_request_timeout_bounds_requests_that_set_none_or_a_longer_one(engines, cache_dir):
+def test_serving_request_timeout_bounds_requests_that_set_none_or_a_longer_one_counting_the_wait_in_the_relay(
+        engines, cache_dir):
     """serving.requestTimeoutSeconds (here 80 ms): a plain HTTP request with no timeout of its own is ended by it;
-    a request that asks for less gets its own."""
+    a request that asks for less gets its own.  A plain request's timeout counts from when the relay took it: one
+    that waited for a relay thread (here the relay has one, held by a request for 80 ms) longer than its timeout is
+    answered when it reaches the scheduler, before it is admitted, rather than given its whole timeout again."""
     name = "tiny-llama-limited"
     with serve_engines({name: engines["tiny-llama"]}, cache_dir, server_name="limited",
-                       request_timeout_s=0.08) as limited:
+                       request_timeout_s=0.08, relay_threads=1) as limited:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{limited.http_port}")
         try:
             for own, limit in ((None, 80), (10_000_000, 80), (40_000, 40)):
@@ -422,6 +459,25 @@ def test_serving_request_timeout_bounds_requests_that_set_none_or_a_longer_one(e
             assert text_of(client.infer(name, generation_inputs(httpclient, "the", max_tokens=2)))
         finally:
             client.close()
+        answers: dict = {}
+
+        def send(label, own):
+            each = httpclient.InferenceServerClient(f"127.0.0.1:{limited.http_port}")
+            try:
+                each.infer(name, generation_inputs(httpclient, "the of and", max_tokens=250), timeout=own)
+                answers[label] = "no error"
+            except InferenceServerException as exc:
+                answers[label] = str(exc)
+            finally:
+                each.close()
+
+        first = threading.Thread(target=send, args=("first", None))
+        first.start()
+        time.sleep(0.01)
+        send("second", 40_000)
+        first.join(30)
+        assert "the request's timeout of 80 ms passed after" in answers["first"], answers
+        assert "the request's timeout of 40 ms passed before it could be admitted" in answers["second"], answers
         assert settled_scheduler_metric(limited, "sequences_running", name) == 0
 
 

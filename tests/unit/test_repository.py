@@ -12,6 +12,7 @@ from deepseek_model_repository import RepositoryError, write_repository
 from deepseek_model_repository.cli import repository
 from deepseek_model_repository.config import parse_pbtxt
 from deepseek_model_repository.serving.scheduler import DEFAULT_PREFILL_TOKENS
+from deepseek_model_repository.serving.limits import RELAY_THREADS
 
 KV = {
     "num_layers": 1,
@@ -232,6 +233,17 @@ def test_a_prefill_chunk_goes_to_the_scheduler_model_and_below_one_token_is_refu
     assert configs(tmp_path / "repo3")["m_stream"].parameters["prefill_chunk_tokens"].string_value == "256"
     result = cli_repository(engine, tmp_path / "repo4", "--prefill-chunk-tokens", "0")
     assert result.exit_code != 0 and "--prefill-chunk-tokens" in result.output
+
+
+def test_the_relay_has_256_threads_unless_told_fewer_and_none_or_more_are_refused(tmp_path):
+    engine = engine_dir(tmp_path)
+    c = configs(write_repository(engine, tmp_path / "repo", "m", runtime="triton"))
+    assert c["m"].parameters["relay_threads"].string_value == str(RELAY_THREADS) == "256"
+    c = configs(write_repository(engine, tmp_path / "repo1", "m", runtime="triton", relay_threads=2))
+    assert c["m"].parameters["relay_threads"].string_value == "2"
+    for bad in (0, RELAY_THREADS + 1):
+        with pytest.raises(RepositoryError, match=f"relay threads {bad} must be from 1 to 256"):
+            write_repository(engine, tmp_path / "repo2", "m", runtime="triton", relay_threads=bad)
 
 
 def test_prefix_sharing_is_on_unless_turned_off(tmp_path):

@@ -56,14 +56,18 @@ MAX_STOPS, MAX_STOP_BYTES = 16, 256
 #: one the relay made, and the Python backend of Triton 2.51 cannot cancel a request it made.)
 RELAY_ID = "deepseek_relay_id"
 CANCEL_RELAYED = "deepseek_cancel_relayed"
-RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED)
+#: When the relay took the request (``time.monotonic_ns()``, one clock for every process of the machine): its wait
+#: for a relay thread counts in its timeout and its time to first token.
+RELAY_ARRIVED = "deepseek_relay_arrived_ns"
+RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED, RELAY_ARRIVED)
 #: A request's own timeout, in microseconds, as a request parameter: what Triton's HTTP ``infer`` reads from its JSON
 #: ``parameters`` (tritonclient's ``timeout=``, which Triton applies itself and does not pass on), and what a
 #: ``generate`` or ``generate_stream`` request sends as a field of its JSON body, which Triton passes on to the model.
 TIMEOUT_PARAMETER = "timeout"
 #: The longest such timeout: the largest integer a request parameter holds (Triton's are int64).
 MAX_TIMEOUT_US = 2**63 - 1
-#: Plain requests the relay passes on at once, per replica; more wait in the relay until one ends.  Each holds one
+#: Plain requests the relay passes on at once, per replica; more wait in the relay until one ends (their wait counts
+#: in their timeouts, :data:`RELAY_ARRIVED`).  Each holds one
 #: of the relay's threads, and one of the Python backend's own threads in Triton's process (its BLS call waits
 #: there for the final response), so the backend's thread pool is sized from this too (``config.server_flags``).
 RELAY_THREADS = 256
@@ -121,6 +125,15 @@ def request_parameters(request) -> dict:
     except (TypeError, ValueError):
         return {}
     return params if isinstance(params, dict) else {}
+
+
+def arrival(params: dict, now: float) -> float:
+    """When a request arrived, in ``time.monotonic()`` seconds: when the relay took it (:data:`RELAY_ARRIVED`), or
+    ``now``; never later than ``now``."""
+    taken = params.get(RELAY_ARRIVED)
+    if isinstance(taken, bool) or not isinstance(taken, int):
+        return now
+    return min(now, taken / 1e9)
 
 
 def unknown_fields(request, allowed: tuple[str, ...] = ()) -> list[str]:

@@ -537,10 +537,13 @@ class Scheduler:
         room = self.max_prefill_tokens - sum(len(s.prompt_ids) - s.prefilled for s in self.prefilling)
         free = self.cache.slots - len(self.running) - len(self.prefilling)
         admitted: list[Sequence] = []
+        now = time.monotonic()
         with self._cond:
             left, self._left = self._left, []  # ended while they waited: answered below, outside the queue's lock
             while self.waiting and len(admitted) < free and room > 0:
                 seq = self.waiting.popleft()
+                if seq.past_deadline(now):  # before the watcher's look: one that came late (it waited in the relay)
+                    seq.expired = True
                 if seq.gone or seq.expired or seq.poll_error is not None:
                     left.append(seq)
                     continue
@@ -548,7 +551,6 @@ class Scheduler:
                 room -= len(seq.prompt_ids)
         for seq in left:
             self._dropped(seq)
-        now = time.monotonic()
         # Every admitted sequence holds its slot before any work on one of them, so that a failure of that work
         # finishes them all (the loop's handler ends the sequences in slots).
         for index, seq in enumerate(admitted, start=len(self.running) + len(self.prefilling)):

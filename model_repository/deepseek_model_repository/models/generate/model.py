@@ -20,6 +20,7 @@ import collections
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -263,7 +264,9 @@ class TritonPythonModel:
             if parsed.stream:
                 self.scheduler.submit(self._stream(parsed.prompts[0], sender, timeout_s, parsed.details))
             else:
-                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID), timeout_s, parsed.details):
+                arrived = limits.arrival(params, time.monotonic())
+                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID), timeout_s, parsed.details,
+                                       arrived):
                     self.scheduler.submit(seq)
         return None
 
@@ -305,8 +308,9 @@ class TritonPythonModel:
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
                         cancelled=client_gone(sender), timeout_s=timeout_s, logprobs="cumulative_logprob" in details)
 
-    def _whole(self, prompts, sender, relay_id=None, timeout_s=None, details=()):
-        """The sequences of a request answered in one response, sent when the last of them ends.
+    def _whole(self, prompts, sender, relay_id=None, timeout_s=None, details=(), arrived=None):
+        """The sequences of a request answered in one response, sent when the last of them ends; ``arrived``: when the
+        request came (the relay's clock), from which its timeout and its time to first token count.
 
         A relayed request (``relay_id``) is told apart from its client by the relay: the relay's request is never
         cancelled, so its sequences are dropped when the relay names it in a cancel. A request whose client went
@@ -364,9 +368,10 @@ class TritonPythonModel:
 
         stoppers = [StopText(self.tokenizer, p.stop, min_tokens=p.sampling.min_tokens) if p.stop else None
                     for p in prompts]
+        since = {} if arrived is None else {"arrived": arrived}
         seqs.extend(Sequence(p.prompt_ids, p.sampling, on_token=watcher(stopper), on_finish=on_finish,
                              cancelled=cancelled, timeout_s=timeout_s,
-                             logprobs="cumulative_logprob" in details)
+                             logprobs="cumulative_logprob" in details, **since)
                     for p, stopper in zip(prompts, stoppers))
         return seqs
 

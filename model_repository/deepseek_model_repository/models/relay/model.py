@@ -14,6 +14,7 @@ A watcher thread asks each relayed request's client whether it went away, every
 
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,7 +52,7 @@ class TritonPythonModel:
         config, params = model_parameters(args)
         self.model_name = config["name"]
         self.target = params["scheduler_model"]
-        self.pool = ThreadPoolExecutor(max_workers=limits.RELAY_THREADS,
+        self.pool = ThreadPoolExecutor(max_workers=int(params.get("relay_threads", limits.RELAY_THREADS)),
                                        thread_name_prefix="relay")
         #: Relay id -> each request in flight (``Relayed``).
         self.inflight = {}
@@ -78,11 +79,12 @@ class TritonPythonModel:
             except limits.RequestError as exc:
                 sender.send(error_response(str(exc)), flags=final)
                 continue
-            self.pool.submit(self._relay, inputs, sender, timeout)
+            self.pool.submit(self._relay, inputs, sender, timeout, time.monotonic_ns())
         return None
 
-    def _relay(self, inputs, sender, timeout=0):
-        """Pass the request on (with its own timeout, in microseconds), and its answer or error back."""
+    def _relay(self, inputs, sender, timeout=0, arrived_ns=None):
+        """Pass the request on (with its own timeout, in microseconds, and when it came: its wait for this thread
+        counts in that timeout), and its answer or error back."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         answer = None
         relay_id = uuid.uuid4().hex
@@ -95,7 +97,9 @@ class TritonPythonModel:
             else:
                 request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
                                                     requested_output_names=list(limits.OUTPUT_NAMES),
-                                                    parameters={limits.RELAY_ID: relay_id}, timeout=timeout)
+                                                    parameters={limits.RELAY_ID: relay_id,
+                                                                limits.RELAY_ARRIVED: arrived_ns or time.monotonic_ns()},
+                                                    timeout=timeout)
                 # exec returns at the first response, which for a plain request is its answer: watched meanwhile.
                 for response in request.exec(decoupled=True):
                     if response.has_error():
