@@ -17,6 +17,7 @@ metrics port (see ``SchedulerMetrics``).
 """
 
 import collections
+import gc
 import json
 import os
 import threading
@@ -388,6 +389,12 @@ class TritonPythonModel:
             gone.set()
 
     def finalize(self):
-        """Stop the scheduler: sequences still queued or running get an error; then send what the responder holds."""
+        """Stop the scheduler: sequences still queued or running get an error; then send what the responder holds.
+        Last, let the metrics go while this process can still tell Triton: a Triton metric left for the interpreter's
+        exit is freed after the stub's shared memory, and took the stub down with a segfault at every unload
+        (python_backend r24.10, ``Metric::SaveToSharedMemory``)."""
         self.scheduler.stop()
         self.responder.close()
+        self.scheduler.metrics = None
+        self.metrics = None
+        gc.collect()
