@@ -12,6 +12,7 @@ import re
 from typing import Any, Optional
 
 from deepseek_model_repository.config import server_flags
+from deepseek_model_repository.probe import PING_TIMEOUT_S, probe_command
 from deepseek_model_repository.repository import DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL
 
 from . import autoscaling, engine_key, naming
@@ -333,6 +334,16 @@ def _triton_resources(model: DeepSeekModel) -> dict[str, Any]:
     return container_resources(serving.resources, TRITON_RESOURCES, gpus)
 
 
+def _liveness_probe(model: DeepSeekModel) -> dict[str, Any]:
+    """Triton's own liveness, and for text generation whether the model's processes answer: Triton keeps a model
+    whose Python process died ready, failing its every request (``deepseek_model_repository.probe``)."""
+    probe: dict[str, Any] = {"httpGet": {"path": "/v2/health/live", "port": "http"}}
+    if model.spec.model.task == "text-generation":
+        probe = {"exec": {"command": probe_command(HTTP_PORT, naming.triton_model_name(model.name))},
+                 "timeoutSeconds": int(PING_TIMEOUT_S) + 5}
+    return {**probe, "initialDelaySeconds": 30, "periodSeconds": 10, "failureThreshold": 6}
+
+
 def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: str) -> dict[str, Any]:
     """Triton serving the engine ``spec_key``; without ``replicas`` when an autoscaler owns the count."""
     spec = model.spec
@@ -365,12 +376,7 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
-        "livenessProbe": {
-            "httpGet": {"path": "/v2/health/live", "port": "http"},
-            "initialDelaySeconds": 30,
-            "periodSeconds": 10,
-            "failureThreshold": 6,
-        },
+        "livenessProbe": _liveness_probe(model),
         # Loading a large engine takes minutes: hold liveness off until Triton answers once.
         "startupProbe": {
             "httpGet": {"path": "/v2/health/live", "port": "http"},

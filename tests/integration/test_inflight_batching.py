@@ -931,3 +931,46 @@ def test_a_text_generation_model_prints_its_threads_to_the_log_on_sigusr1_and_ke
     finally:
         client.close()
     assert _stubs(server)[f"{name}_stream"] == stubs[f"{name}_stream"], "the stub went on running"
+
+
+def test_the_liveness_probe_fails_when_a_models_process_dies_which_triton_still_reports_ready(engines, cache_dir):
+    """A stub that crashes (here the scheduler's, then the relay's, sent SIGSEGV) prints every thread's stack to
+    Triton's log as it dies; Triton then still reports the model ready and fails each request, so the pods'
+    liveness probe (``deepseek_model_repository.probe``) asks the model itself and fails, naming the process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path as _Path
+
+    from deepseek_model_repository.probe import probe_command
+
+    name = "tiny-qwen2-probed"
+    with serve_engines({name: engines["tiny-qwen2"]}, cache_dir, server_name="probed") as probed:
+        def probe() -> subprocess.CompletedProcess:
+            command = [sys.executable, *probe_command(probed.http_port, name)[1:]]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+        alive = probe()
+        assert alive.returncode == 0, alive.stderr
+        log = _Path(probed.log)
+        stubs = _stubs(probed)
+        for dying, marker in ((f"{name}_stream", "scheduler.py"), (name, f"{name}/1/model.py")):
+            before = log.stat().st_size
+            os.kill(stubs[dying], signal.SIGSEGV)
+            deadline = time.monotonic() + 20
+            dumped = ""
+            while marker not in dumped and time.monotonic() < deadline:
+                time.sleep(0.05)
+                with log.open("rb") as fh:
+                    fh.seek(before)
+                    dumped = fh.read().decode(errors="replace")
+            assert "Fatal Python error: Segmentation fault" in dumped and marker in dumped, dumped[-2000:]
+            with urllib.request.urlopen(f"http://127.0.0.1:{probed.http_port}/v2/models/{name}/ready",
+                                        timeout=10) as ready:
+                assert ready.status == 200  # what an HTTP probe of Triton's health sees
+            dead = probe()
+            assert dead.returncode == 1
+            assert f"model {name} did not answer the liveness ping" in dead.stderr
+            assert f"Stub process '{dying}_0_0' is not healthy" in dead.stderr, dead.stderr

@@ -214,7 +214,10 @@ def test_deployment_serves_triton_on_three_ports_with_health_probes():
     assert triton["image"] == api.DEFAULT_TRITON_IMAGE
     assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # Text generation: whether the model's processes answer (Triton keeps a model whose process died ready).
+    assert triton["livenessProbe"]["exec"]["command"] == [
+        "python3", "-m", "deepseek_model_repository.probe", "--port=8000", naming.triton_model_name("r1")]
+    assert triton["livenessProbe"]["timeoutSeconds"] > 5 and "httpGet" not in triton["livenessProbe"]
     assert triton["command"][0] == "tritonserver" and "--model-repository=/models" in triton["command"]
     assert triton["resources"] == {"requests": api.TRITON_RESOURCES["requests"],
                                    "limits": {**api.TRITON_RESOURCES["limits"], "nvidia.com/gpu": 1}}
@@ -237,6 +240,14 @@ def test_deployment_init_container_writes_the_repository_for_the_engine_key():
         "--model-name", "r1", "--max-queue-delay-us", "250", "--preferred-batch-size", "4",
         "--preferred-batch-size", "8", "--gpus", "1",
     ]
+
+
+@pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
+def test_a_model_without_text_generation_keeps_tritons_own_liveness(task):
+    (triton,) = render.render_deployment(make_model("r1", {"model.task": task}), CONFIG, "k")["spec"]["template"][
+        "spec"]["containers"]
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert "exec" not in triton["livenessProbe"]
 
 
 @pytest.mark.parametrize(("task", "patch", "delay"), [

@@ -60,6 +60,10 @@ CANCEL_RELAYED = "deepseek_cancel_relayed"
 #: for a relay thread counts in its timeout and its time to first token.
 RELAY_ARRIVED = "deepseek_relay_arrived_ns"
 RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED, RELAY_ARRIVED)
+#: A request that asks only whether the model's processes answer (``deepseek_model_repository.probe``, the Triton
+#: pods' liveness probe): the relay passes it to the scheduler model, and each answers it before any other work.
+#: Triton itself reports a model ready whose process died, and fails each of its requests.
+PING = "deepseek_ping"
 #: A request's own timeout, in microseconds, as a request parameter: what Triton's HTTP ``infer`` reads from its JSON
 #: ``parameters`` (tritonclient's ``timeout=``, which Triton applies itself and does not pass on), and what a
 #: ``generate`` or ``generate_stream`` request sends as a field of its JSON body, which Triton passes on to the model.

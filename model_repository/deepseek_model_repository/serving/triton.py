@@ -88,5 +88,7 @@ def dump_threads_on_signal():
     """``kill -USR1 <the model's stub process>`` prints the stack of each of its threads to Triton's log (the stubs
     write there), without stopping it: what a stuck request waits on. Stubs are the processes named
     ``triton_python_backend_stub``, one per model instance, whose arguments name the model's ``model.py``
-    (``serving.processes`` finds them)."""
+    (``serving.processes`` finds them).  And a stub that crashes (a segfault in a native library, say) prints them
+    there as it dies, so that its log says where."""
     faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
+    faulthandler.enable(all_threads=True)

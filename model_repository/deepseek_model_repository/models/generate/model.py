@@ -249,6 +249,9 @@ class TritonPythonModel:
             params = limits.request_parameters(request)
             relayed = limits.RELAY_ID in params
             try:
+                if limits.PING in params:  # the liveness probe, through the relay: this process answers
+                    sender.send(text_response([""]), flags=final)
+                    continue
                 if limits.CANCEL_RELAYED in params:
                     self._cancel_relayed(str(params[limits.CANCEL_RELAYED]))
                     sender.send(flags=final)

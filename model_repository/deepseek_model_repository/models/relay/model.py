@@ -18,6 +18,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits
@@ -66,6 +67,9 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
             sender = request.get_response_sender()
+            if limits.PING in limits.request_parameters(request):
+                sender.send(self._ping(), flags=final)
+                continue
             try:
                 limits.check_fields(request)
                 stream = pb_utils.get_input_tensor_by_name(request, "stream")
@@ -81,6 +85,23 @@ class TritonPythonModel:
                 continue
             self.pool.submit(self._relay, inputs, sender, timeout, time.monotonic_ns())
         return None
+
+    def _ping(self):
+        """The liveness probe's answer: an empty text once the scheduler model has answered a ping too (this
+        thread waits for it, at once: that model answers it in ``execute``, before any other work), else the error
+        of the model that did not answer."""
+        try:
+            ping = pb_utils.InferenceRequest(
+                model_name=self.target, requested_output_names=["text_output"], parameters={limits.PING: True},
+                inputs=[pb_utils.Tensor("text_input", np.array([[b""]], dtype=np.object_))])
+            for response in ping.exec(decoupled=True):
+                if response.has_error():
+                    return error_response(f"model {self.target} does not answer: {response.error().message()}",
+                                          FAILED)
+        except Exception as exc:  # noqa: BLE001 - the probe's answer says what failed
+            return error_response(f"model {self.target} does not answer: {exc}", FAILED)
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor("text_output", np.array([[b""]], dtype=np.object_))])
 
     def _relay(self, inputs, sender, timeout=0, arrived_ns=None):
         """Pass the request on (with its own timeout, in microseconds, and when it came: its wait for this thread
