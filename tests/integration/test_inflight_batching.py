@@ -947,7 +947,7 @@ def test_the_liveness_probe_fails_when_a_models_process_dies_which_triton_still_
     from deepseek_model_repository.probe import probe_command
 
     name = "tiny-qwen2-probed"
-    with serve_engines({name: engines["tiny-qwen2"]}, cache_dir, server_name="probed") as probed:
+    with serve_engines({name: engines["tiny-qwen2"]}, cache_dir, server_name="probed", watch_stubs=False) as probed:
         def probe() -> subprocess.CompletedProcess:
             command = [sys.executable, *probe_command(probed.http_port, name)[1:]]
             return subprocess.run(command, capture_output=True, text=True, timeout=60)

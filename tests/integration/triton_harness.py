@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from deepseek_model_repository import write_repository
+from deepseek_model_repository.probe import ping
 from deepseek_model_repository.repository import ModelNames
 from deepseek_local import local
 from deepseek_operator import api
@@ -71,9 +74,13 @@ def tiny_resource(
 def local_triton(resource: api.DeepSeekModel, cache_dir: Path) -> Iterator[local.LocalServer]:
     """`local up` for ``resource`` on free loopback ports; `local down` afterwards."""
     server = local.up_resource(resource, Path(cache_dir), http_port=0, grpc_port=0, metrics_port=0, echo=lambda _: None)
+    repo = Path(server.repository)
+    watch = StubWatch(server, [d.name for d in sorted(repo.iterdir()) if (repo / ModelNames.of(d.name).stream).is_dir()],
+                      cache_dir).start()
     try:
         yield server
     finally:
+        watch.stop()
         local.down_name(resource.name, Path(cache_dir))
 
 
@@ -82,26 +89,70 @@ def build(resource: api.DeepSeekModel, cache_dir: Path) -> Path:
     return local.build_engine(resource, Path(cache_dir), echo=lambda _: None)
 
 
+#: Seconds between two pings of a served text-generation model's processes (``StubWatch``).
+STUB_WATCH_S = 2.0
+
+
+class StubWatch:
+    """Pings each text-generation model of a test's Triton (``deepseek_model_repository.probe``) every
+    :data:`STUB_WATCH_S`; when one's Python process has died, says so on stderr (in the test's captured output) and
+    stops the server.  Triton holds the requests of a dead stub unanswered, so each of the test's calls would wait for
+    its own timeout, or pytest's (which kills the worker and loses its report); with the server gone they fail at
+    once, and the log says why."""
+
+    def __init__(self, server: local.LocalServer, models: list[str], cache_dir: Path):
+        self.server, self.models, self.cache_dir = server, models, Path(cache_dir)
+        self.died: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stub-watch", daemon=True)
+
+    def start(self) -> "StubWatch":
+        if self.models:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(STUB_WATCH_S):
+            for model in self.models:
+                error = ping("127.0.0.1", self.server.http_port, model, CLIENT_TIMEOUT_S)
+                if error and "is not healthy" in error and not self._stop.is_set():
+                    self.died = f"model {model}'s process died ({error}); its log: {self.server.log}"
+                    print(f"triton_harness: {self.died}: stopping the server, so that the requests it holds fail",
+                          file=sys.stderr, flush=True)
+                    local.down_name(self.server.name, self.cache_dir)
+                    return
+
+
 @contextmanager
 def serve_engines(
     engines: dict[str, Path], cache_dir: Path, server_name: str = "harness",
     model_options: Optional[dict[str, dict[str, Any]]] = None, exit_timeout_s: int = local.EXIT_TIMEOUT_S,
-    **repository_options: Any
+    watch_stubs: bool = True, **repository_options: Any
 ) -> Iterator[local.LocalServer]:
     """One Triton serving several engines: ``{model name: engine dir}``; options go to write_repository, and
-    ``model_options`` adds options for one model name; ``exit_timeout_s``: how long it drains when told to stop."""
+    ``model_options`` adds options for one model name; ``exit_timeout_s``: how long it drains when told to stop;
+    ``watch_stubs``: stop the server when a text-generation model's process dies (``StubWatch``)."""
     repo = local.state_dir(Path(cache_dir)) / server_name / "repository"
-    models = []
+    models, generating = [], []
     for name, engine_dir in engines.items():
         options = {**repository_options, **(model_options or {}).get(name, {})}
         write_repository(engine_dir, repo, name, runtime="local", **options)
         names = ModelNames.of(name)
         models += [m for m in (names.engine, names.stream, names.client) if (repo / m).is_dir()]
+        if (repo / names.stream).is_dir():
+            generating.append(names.client)
     server = local.serve_repository(server_name, repo, Path(cache_dir), models=models, http_port=0, grpc_port=0,
                                     metrics_port=0, exit_timeout_s=exit_timeout_s)
+    watch = StubWatch(server, generating if watch_stubs else [], cache_dir).start()
     try:
         yield server
     finally:
+        watch.stop()
         local.down_name(server_name, Path(cache_dir))
 
 
