@@ -33,8 +33,11 @@ log = logging.getLogger("deepseek_model_repository.relay")
 class Relayed:
     """A request in flight: the check of its client (``client_gone``) and the inputs passed on.
 
-    ``lock`` is held while the watcher asks and while ``answered`` is set, before the final response: a sender must
-    not be asked after its final response (Triton has freed what it asks).
+    ``lock`` is held while anyone asks (the watcher, or the relay's thread before it passes the request on) and
+    while ``answered`` is set, before the final response: a sender must not be asked after its final response
+    (Triton has freed what it asks), nor by two threads at once: python_backend r24.10 answers each question on a
+    native thread of its own, and a relay's stub died once in a native thread while a relay thread asked, the
+    watcher beside it (the cause is not proven; one question at a time per sender is the cautious reading).
     """
 
     def __init__(self, sender, inputs):
@@ -113,7 +116,9 @@ class TritonPythonModel:
         with self.lock:
             self.inflight[relay_id] = relayed
         try:
-            if relayed.gone():  # it waited for a relay thread, and its client gave up meanwhile
+            with relayed.lock:  # one question at a time about a sender: the watcher may be asking it now
+                left = relayed.gone()
+            if left:  # it waited for a relay thread, and its client gave up meanwhile
                 answer = error_response(CANCELLED_MESSAGE, CANCELLED)
             else:
                 request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
