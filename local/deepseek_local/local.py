@@ -750,8 +750,18 @@ def status(cache_dir: Optional[Path]) -> None:
     if rows:
         click.echo(f"{'NAME':<24} {'STATE':<8} {'PID':>7}  {'HTTP':<24} {'GRPC':<18} METRICS")
     for s in rows:
+        state = "running"
+        if s.task == "text-generation":
+            # Triton keeps a model whose process died ready, and fails its every request: ask the model itself.
+            from deepseek_model_repository.probe import PING_TIMEOUT_S, ping
+
+            failing = ping("127.0.0.1", s.http_port, s.name, PING_TIMEOUT_S)
+            if failing:
+                state = "failing"
+                notes.append(f"{s.name}: its model does not answer ({failing}); Triton does not start a model's "
+                             f"process again: run `local down {s.name}` and `local up` (the log: {s.log})")
         click.echo(
-            f"{s.name:<24} {'running':<8} {s.pid:>7}  {s.endpoints['http']:<24} {s.endpoints['grpc']:<18} "
+            f"{s.name:<24} {state:<8} {s.pid:>7}  {s.endpoints['http']:<24} {s.endpoints['grpc']:<18} "
             f"{s.endpoints['metrics']}"
         )
     for note in notes:

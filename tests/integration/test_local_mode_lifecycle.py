@@ -212,3 +212,27 @@ def test_up_rebuilds_an_engine_damaged_in_the_cache_instead_of_serving_it(first_
         assert generated.returncode == 0, generated.stderr
     finally:
         cli(cache, "local", "down")
+
+
+def test_status_says_a_model_whose_process_died_is_failing_though_triton_still_runs(first_up, cache):
+    """Triton keeps a model whose Python process died ready and fails its every request; `local status` asks the
+    model itself (the pods' liveness ping) and says what to do."""
+    from deepseek_model_repository.serving.processes import children, stub_model
+
+    _, state = up(cache)
+    try:
+        status = cli(cache, "local", "status")
+        assert status.returncode == 0 and f"{NAME} " in status.stdout and " running " in status.stdout, status.stdout
+        stubs = {model: pid for pid in children(state.pid) if (model := stub_model(pid))}
+        os.kill(stubs[f"{NAME}_stream"], signal.SIGSEGV)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = cli(cache, "local", "status")
+            if "failing" in status.stdout:
+                break
+            time.sleep(0.2)
+        assert " failing " in status.stdout, status.stdout
+        assert f"{NAME}: its model does not answer" in status.stdout and "is not healthy" in status.stdout
+        assert f"run `local down {NAME}` and `local up`" in status.stdout
+    finally:
+        cli(cache, "local", "down")
