@@ -897,6 +897,24 @@ def test_scheduler_metrics_count_what_was_served(server):
         assert 0 < steps[(phase, "sum")] < 60
 
 
+def signal_and_read_log(server, pid: int, signum: int, marker: str, wait_s: float = 20.0) -> str:
+    """Send ``signum`` to process ``pid`` of ``server``; what the server's log gains, once it holds ``marker`` (or
+    after ``wait_s``)."""
+    import os
+
+    log = Path(server.log)
+    before = log.stat().st_size
+    os.kill(pid, signum)
+    deadline = time.monotonic() + wait_s
+    dumped = ""
+    while marker not in dumped and time.monotonic() < deadline:
+        time.sleep(0.05)
+        with log.open("rb") as fh:
+            fh.seek(before)
+            dumped = fh.read().decode(errors="replace")
+    return dumped
+
+
 def _stubs(server) -> dict[str, int]:
     """Each Python-backend stub of the server, by the model whose model.py it runs."""
     from deepseek_model_repository.serving.processes import children, stub_model
@@ -905,25 +923,14 @@ def _stubs(server) -> dict[str, int]:
 
 def test_a_text_generation_model_prints_its_threads_to_the_log_on_sigusr1_and_keeps_serving(server):
     """What a stuck request waits on: ``kill -USR1`` a scheduler's or a relay's stub (serving/triton.py)."""
-    import os
     import signal
-    from pathlib import Path as _Path
 
     name = model_name("qwen2")
     stubs = _stubs(server)
     assert {name, f"{name}_stream"} <= set(stubs), stubs
-    log = _Path(server.log)
     # The scheduler's loop in the scheduler model; the relay's client watcher in the relay (its model.py).
     for model, marker in ((f"{name}_stream", "scheduler.py"), (name, f"{name}/1/model.py")):
-        before = log.stat().st_size
-        os.kill(stubs[model], signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        dumped = ""
-        while marker not in dumped and time.monotonic() < deadline:
-            time.sleep(0.05)
-            with log.open("rb") as fh:
-                fh.seek(before)
-                dumped = fh.read().decode(errors="replace")
+        dumped = signal_and_read_log(server, stubs[model], signal.SIGUSR1, marker)
         assert "most recent call first" in dumped and marker in dumped, dumped[-2000:]
     client = GenerationClient(server.endpoints["grpc"], name)
     try:
@@ -937,12 +944,10 @@ def test_the_liveness_probe_fails_when_a_models_process_dies_which_triton_still_
     """A stub that crashes (here the scheduler's, then the relay's, sent SIGSEGV) prints every thread's stack to
     Triton's log as it dies; Triton then still reports the model ready and fails each request, so the pods'
     liveness probe (``deepseek_model_repository.probe``) asks the model itself and fails, naming the process."""
-    import os
     import signal
     import subprocess
     import sys
     import urllib.request
-    from pathlib import Path as _Path
 
     from deepseek_model_repository.probe import probe_command
 
@@ -954,18 +959,9 @@ def test_the_liveness_probe_fails_when_a_models_process_dies_which_triton_still_
 
         alive = probe()
         assert alive.returncode == 0, alive.stderr
-        log = _Path(probed.log)
         stubs = _stubs(probed)
         for dying, marker in ((f"{name}_stream", "scheduler.py"), (name, f"{name}/1/model.py")):
-            before = log.stat().st_size
-            os.kill(stubs[dying], signal.SIGSEGV)
-            deadline = time.monotonic() + 20
-            dumped = ""
-            while marker not in dumped and time.monotonic() < deadline:
-                time.sleep(0.05)
-                with log.open("rb") as fh:
-                    fh.seek(before)
-                    dumped = fh.read().decode(errors="replace")
+            dumped = signal_and_read_log(probed, stubs[dying], signal.SIGSEGV, marker)
             assert "Fatal Python error: Segmentation fault" in dumped and marker in dumped, dumped[-2000:]
             with urllib.request.urlopen(f"http://127.0.0.1:{probed.http_port}/v2/models/{name}/ready",
                                         timeout=10) as ready:

@@ -153,18 +153,12 @@ class SchedulerMetrics:
             self._sent_gauges = self._gauges
         # A counter's count is taken once it is sent, so a publication that fails (the scheduler tries again) loses
         # none of them; a histogram's observations are taken before, and such a failure may lose some.
-        if self._tokens:
-            self.generated.increment(self._tokens)
-            self._tokens = 0
-        if self._steps:
-            self.steps.increment(self._steps)
-            self._steps = 0
-        if self._prompt_tokens:
-            self.prompt.increment(self._prompt_tokens)
-            self._prompt_tokens = 0
-        if self._shared_tokens:
-            self.shared.increment(self._shared_tokens)
-            self._shared_tokens = 0
+        for count, metric in (("_tokens", self.generated), ("_steps", self.steps), ("_prompt_tokens", self.prompt),
+                              ("_shared_tokens", self.shared)):
+            n = getattr(self, count)
+            if n:
+                metric.increment(n)
+                setattr(self, count, 0)
         for outcome, n in self._ended.items():
             if n:
                 self.outcomes[outcome].increment(n)

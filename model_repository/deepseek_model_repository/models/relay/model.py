@@ -10,6 +10,9 @@ between two decode steps instead of waiting for a dynamic batch to finish.
 A watcher thread asks each relayed request's client whether it went away, every
 ``CLIENT_POLL_S`` as the scheduler does for its own clients; for one that did, it sends
 ``NAME_stream`` a request that names the relayed one (``limits.CANCEL_RELAYED``), which frees its slot.
+
+A request with ``limits.PING`` (the pods' liveness probe, ``deepseek_model_repository.probe``) is answered in
+``execute`` once ``NAME_stream`` has answered one too: both processes are alive.
 """
 
 import logging
