@@ -45,6 +45,7 @@ import click
 import yaml
 
 from deepseek_model_repository.config import server_flags
+from deepseek_model_repository.repository import ModelNames
 
 from deepseek_contract.layout import CACHE_ENV as ENV_CACHE
 from deepseek_contract.layout import default_cache_dir
@@ -594,7 +595,6 @@ def repository_options(resource: api.DeepSeekModel) -> dict[str, Any]:
 def _up_locked(resource: api.DeepSeekModel, cache_dir: Path, http_port: int, grpc_port: int, metrics_port: int,
                echo: Callable[[str], None]) -> LocalServer:
     from deepseek_model_repository import RepositoryError, write_repository
-    from deepseek_model_repository.repository import ModelNames
 
     engine_dir = build_engine(resource, cache_dir, echo)
     repo = state_dir(cache_dir) / resource.name / "repository"
@@ -751,7 +751,7 @@ def status(cache_dir: Optional[Path]) -> None:
         click.echo(f"{'NAME':<24} {'STATE':<8} {'PID':>7}  {'HTTP':<24} {'GRPC':<18} METRICS")
     for s in rows:
         state = "running"
-        if s.task == "text-generation":
+        if s.task == "text-generation" and (Path(s.repository) / ModelNames.of(s.name).stream).is_dir():
             # Triton keeps a model whose process died ready, and fails its every request: ask the model itself.
             from deepseek_model_repository.probe import PING_TIMEOUT_S, ping
 

@@ -4,8 +4,9 @@ Triton reports a model ready (``/v2/health/ready``, ``/v2/models/NAME/ready``) w
 died, a segfault in a native library say, and then fails each of its requests ("Stub process ... is not
 healthy"); it does not start the process again.  So an HTTP probe of Triton's health keeps such a pod in service.
 This probe asks the model itself: a request to ``NAME`` with the ``deepseek_ping`` parameter, which the relay passes
-to ``NAME_stream``, each answering it before any other work (it waits for no slot, nor for the queue's other
-requests).  Exit status 0 when every model answered within ``--timeout`` seconds; 1, with what failed, otherwise::
+to ``NAME_stream``, each answering it in ``execute``: it waits for no slot, only behind the requests ahead of it in
+Triton's queues, which both models hand on at once.  Exit status 0 when every model answered within ``--timeout``
+seconds; 1, with what failed, otherwise::
 
     python3 -m deepseek_model_repository.probe --port 8000 MODEL [MODEL ...]
 """
@@ -13,6 +14,7 @@ requests).  Exit status 0 when every model answered within ``--timeout`` seconds
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import urllib.error
@@ -47,8 +49,8 @@ def ping(host: str, port: int, model: str, timeout: float) -> Optional[str]:
         except (ValueError, AttributeError):
             pass
         return f"HTTP {exc.code}: {detail}"
-    except (OSError, ValueError) as exc:  # refused, timed out, reset
-        return str(getattr(exc, "reason", exc))
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, reset, cut short
+        return str(getattr(exc, "reason", exc)) or type(exc).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -361,7 +361,7 @@ def test_a_generation_client_stream_left_early_is_cancelled_and_a_deadline_that_
             if leave == "break":
                 pieces = client.stream("the of and", max_tokens=250)
                 assert next(pieces)
-                pieces.close()  # what a for loop that breaks does to the generator
+                pieces.close()  # what leaving a for loop over it does, once nothing else holds the generator
             else:
                 with pytest.raises(ServingError, match=r"no response for 0.0001 s \(the stream's timeout\)"):
                     "".join(client.stream("the of and", max_tokens=250, timeout=0.0001))

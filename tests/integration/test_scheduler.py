@@ -7,6 +7,7 @@ lengths and max_tokens, more of them than there are slots, some joining while ot
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -325,12 +326,14 @@ def test_step_logits_mark_a_row_that_holds_a_nan_from_numpy_and_from_torch():
     assert pick(data[1], sampled) == NAN_ROW and pick(data[0], sampled) >= 0
 
 
-def test_a_sequence_whose_logits_turn_nan_fails_by_name_and_leaves_its_slot_clean_for_the_next(cache_dir):
+@pytest.mark.parametrize("chunk", [None, 2], ids=["whole-prefill", "chunked-prefill"])
+def test_a_sequence_whose_logits_turn_nan_fails_by_name_and_leaves_its_slot_clean_for_the_next(cache_dir, chunk):
     """An engine that overflows (here a tiny Qwen2 whose embedding of one token is NaN, so a prompt with that token
     fills its cache rows and logits with NaN) fails that sequence, greedy or sampled, with an error that says what to
     change, instead of choosing token 0 again and again; the others in the batch go on, and the sequences that
     take its slot afterwards equal transformers': a NaN left in the slot's unused positions would reach them through
-    their attention's masked positions."""
+    their attention's masked positions.  Prefilled in chunks, the NaN is caught at the chunk where it enters the
+    cache (no token comes of that chunk), before the slot can be moved, left or copied from."""
     import torch
 
     model = hf_model(tiny_model(cache_dir, "qwen2"))
@@ -344,17 +347,20 @@ def test_a_sequence_whose_logits_turn_nan_fails_by_name_and_leaves_its_slot_clea
     def answer(label):
         return lambda s, e: ended.update({label: (s.outcome, e, list(s.generated))})
 
-    seqs = [Sequence([5, poison, 7], Sampling(max_tokens=8), on_finish=answer("greedy")),
+    seqs = [Sequence([5, 6, poison, 7, 8, 9], Sampling(max_tokens=8), on_finish=answer("greedy")),
             Sequence(clean[0], Sampling(max_tokens=8), on_finish=answer(0)),
             Sequence([poison, 8], Sampling(max_tokens=8, temperature=1.0, seed=1), on_finish=answer("sampled")),
             Sequence(clean[1], Sampling(max_tokens=8), on_finish=answer(1)),
             Sequence(clean[2], Sampling(max_tokens=8), on_finish=answer(2))]
     runner = TorchRunner(model, 2, CAPACITY)
-    run_queued(Scheduler(runner, eos_ids=[1]), seqs)
+    run_queued(Scheduler(runner, eos_ids=[1], max_prefill_tokens=chunk), seqs)
+    # Chunked, the sampled prompt's 2 tokens may be split too (the budget the others leave), caught at either chunk.
+    where = {"greedy": r"after 4 of its prompt's 6 tokens" if chunk else r"for token 1 of this completion",
+             "sampled": r"(after 1 of its prompt's 2 tokens|for token 1 of this completion)"}
     for label in ("greedy", "sampled"):
         outcome, error, generated = ended[label]
         assert outcome == FAILED and generated == []
-        assert "logits for token 1 of this completion hold NaN" in error and "engine.precision" in error
+        assert re.search(f"logits {where[label]} hold NaN", error) and "engine.precision" in error, error
     assert [ended[i][:2] for i in range(3)] == [("length", None)] * 3
     assert [ended[i][2] for i in range(3)] == want
     assert not any(bool(torch.isnan(t).any()) for layer in runner.cache.layers for t in layer)

@@ -618,6 +618,10 @@ class Scheduler:
         self.running.extend(done)
         for r, seq in enumerate(done):  # before the next call: a runner may reuse its logits' buffer
             self._advance(seq, logits, r)
+        if len(done) < len(rows) and logits.argmax()[len(rows) - 1] == NAN_ROW:
+            # A chunk before the prompt's last: no token comes of its logits, but they show a NaN entering the
+            # cache as it enters, before the slot is moved, left, or copied from.
+            self._fail_nan(rows[-1])
         return True
 
     def _decode(self) -> None:
@@ -649,12 +653,7 @@ class Scheduler:
         else:
             token = pick(logits.row(row), seq)
         if token == NAN_ROW:
-            # Its cache holds the overflow too, which would reach the next sequence in its slot through the masked
-            # positions of its attention.
-            self.cache.scrub(seq.slot)
-            self._finish(seq, f"generation failed: the engine's logits for token {len(seq.generated) + 1} of this "
-                         "completion hold NaN, a numeric overflow in the engine (fp16 gives them on some models): "
-                         "build it with a wider engine.precision (fp32, or bf16 with backend tensorrt)", FAILED)
+            self._fail_nan(seq)
             return
         if seq.logprobs:  # an end-of-sentence token that ends the sequence counts too, as in vLLM
             seq.cumulative_logprob += log_probability(logits.row(row), token)
@@ -687,6 +686,17 @@ class Scheduler:
             self._finish(seq, None, STOP)
         elif seq.last:
             self._finish(seq, None, LENGTH)
+
+    def _fail_nan(self, seq: Sequence) -> None:
+        """End ``seq``, whose step's logits hold NaN (every step's are looked at, prefill chunks' too, so this is the
+        step where the NaN entered its cache), and zero its slot: the NaN would reach the next sequence there through
+        the masked positions of its attention."""
+        self.cache.scrub(seq.slot)
+        where = (f"for token {len(seq.generated) + 1} of this completion" if seq.prefilled >= len(seq.prompt_ids)
+                 else f"after {seq.prefilled} of its prompt's {len(seq.prompt_ids)} tokens")
+        self._finish(seq, f"generation failed: the engine's logits {where} hold NaN, a numeric overflow in the "
+                     "engine (fp16 gives them on some models): build it with a wider engine.precision (fp32, or "
+                     "bf16 with backend tensorrt)", FAILED)
 
     def _finish(self, seq: Sequence, error: Optional[str], outcome: str) -> None:
         """End ``seq`` (once): count its ``outcome`` and send its final response (``on_finish``).

@@ -34,8 +34,8 @@ from deepseek_model_repository.serving.triton import (FAILED, client_gone, dump_
                                                       error_response, model_parameters, request_timeout_s,
                                                       sequence_error)
 from deepseek_model_repository.serving.runners import RunnerError, open_runner
-from deepseek_model_repository.serving.scheduler import (DECODE, DEFAULT_PREFILL_TOKENS, OUTCOMES, PREFILL, Scheduler,
-                                                         Sequence)
+from deepseek_model_repository.serving.scheduler import (DECODE, DEFAULT_PREFILL_TOKENS, OUTCOMES, PREFILL, NoMetrics,
+                                                         Scheduler, Sequence)
 
 
 class SchedulerMetrics:
@@ -392,6 +392,7 @@ class TritonPythonModel:
         (python_backend r24.10, ``Metric::SaveToSharedMemory``)."""
         self.scheduler.stop()
         self.responder.close()
-        self.scheduler.metrics = None
+        # NoMetrics, not None: a loop that outlived stop's wait (a long last step) still counts its events.
+        self.scheduler.metrics = NoMetrics()
         self.metrics = None
         gc.collect()

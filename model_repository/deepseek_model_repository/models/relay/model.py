@@ -61,6 +61,9 @@ class TritonPythonModel:
         self.target = params["scheduler_model"]
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("relay_threads", limits.RELAY_THREADS)),
                                        thread_name_prefix="relay")
+        #: Answers the liveness probe's pings, off execute's thread: a ping waits for NAME_stream's answer, and
+        #: the requests behind it in Triton's queue for this model must not.
+        self.pinger = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-ping")
         #: Relay id -> each request in flight (``Relayed``).
         self.inflight = {}
         self.lock = threading.Lock()
@@ -74,7 +77,7 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             if limits.PING in limits.request_parameters(request):
-                sender.send(self._ping(), flags=final)
+                self.pinger.submit(self._answer_ping, sender)
                 continue
             try:
                 limits.check_fields(request)
@@ -92,10 +95,16 @@ class TritonPythonModel:
             self.pool.submit(self._relay, inputs, sender, timeout, time.monotonic_ns())
         return None
 
+    def _answer_ping(self, sender):
+        try:
+            sender.send(self._ping(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - the probe sees no answer and fails, which is what it is for
+            log.warning("could not answer a liveness ping", exc_info=True)
+
     def _ping(self):
-        """The liveness probe's answer: an empty text once the scheduler model has answered a ping too (this
-        thread waits for it, at once: that model answers it in ``execute``, before any other work), else the error
-        of the model that did not answer."""
+        """The liveness probe's answer: an empty text once the scheduler model has answered a ping too (it answers
+        in ``execute``, behind only the requests ahead of it in Triton's queue, which it hands on at once, and before
+        any slot), else the error of the model that did not answer."""
         try:
             ping = pb_utils.InferenceRequest(
                 model_name=self.target, requested_output_names=["text_output"], parameters={limits.PING: True},
@@ -171,4 +180,5 @@ class TritonPythonModel:
         """Let relayed requests finish."""
         self.stopped.set()
         self.watcher.join(5)
+        self.pinger.shutdown(wait=True)
         self.pool.shutdown(wait=True, cancel_futures=False)
