@@ -970,3 +970,32 @@ def test_the_liveness_probe_fails_when_a_models_process_dies_which_triton_still_
             assert dead.returncode == 1
             assert f"model {name} did not answer the liveness ping" in dead.stderr
             assert f"Stub process '{dying}_0_0' is not healthy" in dead.stderr, dead.stderr
+
+
+def test_plain_requests_that_wait_for_a_relay_thread_count_in_the_queue_signal(engines, cache_dir):
+    """Beyond the relay's threads (here 1), plain requests wait in the relay, where the scheduler's queue does not see
+    them: the relay publishes them in the same series, ``deepseek_scheduler_requests_waiting{waiting_in="relay"}``,
+    so that the autoscalers' sum of it counts them; back to 0 once they have gone on."""
+    name = "tiny-qwen2-one-relay"
+    with serve_engines({name: engines["tiny-qwen2"]}, cache_dir, server_name="one-relay", relay_threads=1) as one:
+        def send(max_tokens):
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{one.http_port}")
+            try:
+                return text_of(client.infer(name, generation_inputs(httpclient, "the of and", max_tokens=max_tokens,
+                                                                    ignore_eos=True)))
+            finally:
+                client.close()
+
+        assert scheduler_metric(one, "requests_waiting", name, waiting_in="relay") == 0
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(send, 250)  # holds the relay's one thread
+            time.sleep(0.05)
+            queued = [pool.submit(send, 4) for _ in range(2)]
+            seen, deadline = 0.0, time.monotonic() + 20
+            while seen < 2 and time.monotonic() < deadline and not first.done():
+                seen = max(seen, scheduler_metric(one, "requests_waiting", name, waiting_in="relay"))
+                time.sleep(0.005)
+            assert first.result(60) and all(q.result(60) for q in queued)
+        assert seen == 2
+        assert settled_scheduler_metric(one, "requests_waiting", name, waiting_in="relay") == 0
+        assert scheduler_metric(one, "requests_waiting", name) == 0  # the scheduler's own series, beside it

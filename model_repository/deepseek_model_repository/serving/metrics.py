@@ -26,6 +26,12 @@ PUBLISH_INTERVAL_S = 1.0
 #: request up for the publication's round trips, with the engine idle, after every request (bench/serving/README.md).
 IDLE_PUBLISH_S = 0.05
 
+#: The queue signal the autoscalers read: its series' name and help. The scheduler counts the requests that wait for a
+#: KV-cache slot; the relay, in a series of its own (labelled :data:`RELAY_WAITING_LABEL`), the plain requests that
+#: wait for one of its threads, so that a sum over the series counts both.
+WAITING_NAME, WAITING_HELP = "requests_waiting", "Requests queued for a free KV-cache slot"
+RELAY_WAITING_LABEL = {"waiting_in": "relay"}
+
 #: Histogram buckets (seconds) of time to first token and inter-token latency.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

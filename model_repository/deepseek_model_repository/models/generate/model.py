@@ -65,7 +65,7 @@ class SchedulerMetrics:
             return pb_utils.MetricFamily(name=f"deepseek_scheduler_{name}", description=description, kind=kind)
 
         self.families = [
-            family("requests_waiting", "Requests queued for a free KV-cache slot", gauge),
+            family(metrics.WAITING_NAME, metrics.WAITING_HELP, gauge),
             family("sequences_running", "Sequences decoding in the running batch", gauge),
             family("kv_cache_utilization", "Fraction of the KV cache's positions in use (0 to 1)", gauge),
             family("generated_tokens_total", "Tokens generated", counter),

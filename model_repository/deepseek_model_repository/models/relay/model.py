@@ -15,6 +15,7 @@ A request with ``limits.PING`` (the pods' liveness probe, ``deepseek_model_repos
 ``execute`` once ``NAME_stream`` has answered one too: both processes are alive.
 """
 
+import gc
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from deepseek_model_repository.serving import limits
+from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
 from deepseek_model_repository.serving.triton import (CANCELLED, CANCELLED_MESSAGE, FAILED, client_gone,
                                                       dump_threads_on_signal, error_response, model_parameters,
@@ -59,8 +60,18 @@ class TritonPythonModel:
         config, params = model_parameters(args)
         self.model_name = config["name"]
         self.target = params["scheduler_model"]
-        self.pool = ThreadPoolExecutor(max_workers=int(params.get("relay_threads", limits.RELAY_THREADS)),
-                                       thread_name_prefix="relay")
+        self.threads = int(params.get("relay_threads", limits.RELAY_THREADS))
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="relay")
+        #: Requests handed to the pool and not finished, and those of them that wait for a relay thread: the latter
+        #: are published in the scheduler's queue series (``deepseek_scheduler_requests_waiting{waiting_in="relay"}``),
+        #: so that the autoscalers' queue signal counts them too. Each change is a round trip to Triton, so only the
+        #: changes while some wait.
+        self.active = self.backlog = 0
+        self.backlog_lock = threading.Lock()
+        waiting = pb_utils.MetricFamily(name=f"deepseek_scheduler_{metrics.WAITING_NAME}",
+                                        description=metrics.WAITING_HELP, kind=pb_utils.MetricFamily.GAUGE)
+        self.waiting_metrics = (waiting, waiting.Metric(labels={"model": self.model_name,
+                                                                **metrics.RELAY_WAITING_LABEL}))
         #: Answers the liveness probe's pings, off execute's thread: a ping waits for NAME_stream's answer, and
         #: the requests behind it in Triton's queue for this model must not.
         self.pinger = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-ping")
@@ -92,8 +103,21 @@ class TritonPythonModel:
             except limits.RequestError as exc:
                 sender.send(error_response(str(exc)), flags=final)
                 continue
-            self.pool.submit(self._relay, inputs, sender, timeout, time.monotonic_ns())
+            with self.backlog_lock:
+                waits = self.active >= self.threads  # no relay thread is free for it
+                self.active += 1
+                if waits:
+                    self.backlog += 1
+                    self._publish_backlog()
+            self.pool.submit(self._relay, inputs, sender, timeout, time.monotonic_ns(), waits)
         return None
+
+    def _publish_backlog(self):
+        """Under ``backlog_lock`` (so that the values reach Triton in order)."""
+        try:
+            self.waiting_metrics[1].set(self.backlog)
+        except Exception:  # noqa: BLE001 - a metric is never worth a request
+            log.warning("publishing the relay's backlog failed", exc_info=True)
 
     def _answer_ping(self, sender):
         try:
@@ -118,9 +142,20 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor("text_output", np.array([[b""]], dtype=np.object_))])
 
-    def _relay(self, inputs, sender, timeout=0, arrived_ns=None):
+    def _relay(self, inputs, sender, timeout=0, arrived_ns=None, waited=False):
         """Pass the request on (with its own timeout, in microseconds, and when it came: its wait for this thread
-        counts in that timeout), and its answer or error back."""
+        counts in that timeout), and its answer or error back; ``waited``: it was counted in the backlog."""
+        if waited:
+            with self.backlog_lock:
+                self.backlog -= 1
+                self._publish_backlog()
+        try:
+            self._pass_on(inputs, sender, timeout, arrived_ns)
+        finally:
+            with self.backlog_lock:
+                self.active -= 1
+
+    def _pass_on(self, inputs, sender, timeout, arrived_ns):
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         answer = None
         relay_id = uuid.uuid4().hex
@@ -182,3 +217,5 @@ class TritonPythonModel:
         self.watcher.join(5)
         self.pinger.shutdown(wait=True)
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.waiting_metrics = None  # freed while the stub can still tell Triton (see the scheduler model's finalize)
+        gc.collect()
