@@ -4,6 +4,7 @@ import faulthandler
 import json
 import re
 import signal
+import threading
 
 import triton_python_backend_utils as pb_utils
 
@@ -71,11 +72,27 @@ def request_timeout_s(request):
     return micros / 1e6 if micros else None
 
 
+#: Held while this process asks Triton whether a client went away: one question at a time, whichever sender. The
+#: relay's stub died now and then (SIGSEGV, native threads, the heap) under bursts of plain requests once its threads
+#: asked too, each about its own request, beside its watcher; only the relay asked from several threads, and only
+#: relays died. Not a proven cause: the cautious reading of python_backend r24.10, which answers each question on a
+#: native thread of its own.
+_ASKING = threading.Lock()
+
+
 def client_gone(sender):
     """A check of whether the client of ``sender``'s request went away (never, where this Triton cannot tell).
 
-    Each call is a round trip to Triton's process, and must not come after the request's final response."""
-    return sender.is_cancelled if hasattr(sender, "is_cancelled") else (lambda: False)
+    Each call is a round trip to Triton's process (one at a time in this process, :data:`_ASKING`), and must not
+    come after the request's final response."""
+    if not hasattr(sender, "is_cancelled"):
+        return lambda: False
+
+    def gone():
+        with _ASKING:
+            return sender.is_cancelled()
+
+    return gone
 
 
 def model_parameters(args):

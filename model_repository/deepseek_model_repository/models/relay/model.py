@@ -39,9 +39,8 @@ class Relayed:
 
     ``lock`` is held while anyone asks (the watcher, or the relay's thread before it passes the request on) and
     while ``answered`` is set, before the final response: a sender must not be asked after its final response
-    (Triton has freed what it asks), nor by two threads at once: python_backend r24.10 answers each question on a
-    native thread of its own, and a relay's stub died once in a native thread while a relay thread asked, the
-    watcher beside it (the cause is not proven; one question at a time per sender is the cautious reading).
+    (Triton has freed what it asks), nor by two threads at once (and the process asks one question at a time,
+    ``serving.triton.client_gone``).
     """
 
     def __init__(self, sender, inputs):
