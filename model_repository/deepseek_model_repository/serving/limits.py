@@ -61,7 +61,8 @@ CANCEL_RELAYED = "deepseek_cancel_relayed"
 RELAY_ARRIVED = "deepseek_relay_arrived_ns"
 RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED, RELAY_ARRIVED)
 #: A request that asks only whether the model's processes answer (``deepseek_model_repository.probe``, the Triton
-#: pods' liveness probe): the relay passes it to the scheduler model, and each answers it before any other work.
+#: pods' liveness probe): the relay passes it to the scheduler model, and each answers it in ``execute``, waiting for
+#: no slot.
 #: Triton itself reports a model ready whose process died, and fails each of its requests.
 PING = "deepseek_ping"
 #: A request's own timeout, in microseconds, as a request parameter: what Triton's HTTP ``infer`` reads from its JSON

@@ -34,13 +34,17 @@ from deepseek_model_repository.serving.triton import (CANCELLED, CANCELLED_MESSA
 log = logging.getLogger("deepseek_model_repository.relay")
 
 
+def _empty_text(name):
+    return pb_utils.Tensor(name, np.array([[b""]], dtype=np.object_))
+
+
 class Relayed:
     """A request in flight: the check of its client (``client_gone``) and the inputs passed on.
 
-    ``lock`` is held while anyone asks (the watcher, or the relay's thread before it passes the request on) and
-    while ``answered`` is set, before the final response: a sender must not be asked after its final response
-    (Triton has freed what it asks), nor by two threads at once (and the process asks one question at a time,
-    ``serving.triton.client_gone``).
+    ``lock`` is held while the watcher asks and while ``answered`` is set, before the final response: a sender must
+    not be asked after its final response (Triton has freed what it asks). The relay's thread asks once before it
+    passes the request on, before any final response; the process asks one question at a time
+    (``serving.triton.client_gone``).
     """
 
     def __init__(self, sender, inputs):
@@ -131,15 +135,14 @@ class TritonPythonModel:
         try:
             ping = pb_utils.InferenceRequest(
                 model_name=self.target, requested_output_names=["text_output"], parameters={limits.PING: True},
-                inputs=[pb_utils.Tensor("text_input", np.array([[b""]], dtype=np.object_))])
+                inputs=[_empty_text("text_input")])
             for response in ping.exec(decoupled=True):
                 if response.has_error():
                     return error_response(f"model {self.target} does not answer: {response.error().message()}",
                                           FAILED)
         except Exception as exc:  # noqa: BLE001 - the probe's answer says what failed
             return error_response(f"model {self.target} does not answer: {exc}", FAILED)
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor("text_output", np.array([[b""]], dtype=np.object_))])
+        return pb_utils.InferenceResponse(output_tensors=[_empty_text("text_output")])
 
     def _relay(self, inputs, sender, timeout=0, arrived_ns=None, waited=False):
         """Pass the request on (with its own timeout, in microseconds, and when it came: its wait for this thread
@@ -162,9 +165,7 @@ class TritonPythonModel:
         with self.lock:
             self.inflight[relay_id] = relayed
         try:
-            with relayed.lock:  # one question at a time about a sender: the watcher may be asking it now
-                left = relayed.gone()
-            if left:  # it waited for a relay thread, and its client gave up meanwhile
+            if relayed.gone():  # it waited for a relay thread, and its client gave up meanwhile
                 answer = error_response(CANCELLED_MESSAGE, CANCELLED)
             else:
                 request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
