@@ -7,16 +7,57 @@ import pytest
 from deepseek_model_repository.serving.metrics import Histogram, le_label
 
 
-def test_take_hands_cumulative_increments_widest_first_then_starts_again():
+class Sent:
+    """What a publication handed on, in order; ``fail_at``: the bucket bound, or "total" or "count", whose send
+    raises (once)."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+
+    def _send(self, what, *value):
+        if what == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("the metrics port is gone")
+        self.calls.append((what, *value))
+
+    def publish(self, h):
+        h.publish(lambda bound, n: self._send(bound, n), lambda s: self._send("total", s),
+                  lambda n: self._send("count", n))
+
+
+def test_a_publication_hands_cumulative_increments_widest_first_then_starts_again():
     h = Histogram([0.01, 0.1, 1.0])
     for value in (0.005, 0.01, 0.05, 2.0):  # 0.01 is in its own bucket: le means <=
         h.observe(value)
-    increments, total, count = h.take()
-    assert increments == [(math.inf, 4), (1.0, 3), (0.1, 3), (0.01, 2)]
-    assert total == pytest.approx(2.065) and count == 4
-    assert h.take() == ([], 0.0, 0)
+    sent = Sent()
+    sent.publish(h)
+    assert sent.calls == [(math.inf, 4), (1.0, 3), (0.1, 3), (0.01, 2), ("total", pytest.approx(2.065)),
+                          ("count", 4)]
+    sent.calls.clear()
+    sent.publish(h)
+    assert sent.calls == []
     h.observe(0.5)
-    assert h.take() == ([(math.inf, 1), (1.0, 1)], 0.5, 1)
+    sent.publish(h)
+    assert sent.calls == [(math.inf, 1), (1.0, 1), ("total", 0.5), ("count", 1)]
+
+
+@pytest.mark.parametrize("fail_at", [math.inf, 0.1, "total", "count"])
+def test_a_failed_publication_loses_no_observation(fail_at):
+    """What a failing send left unsent goes out with the next publication, added to what came meanwhile; what
+    went out is not sent again."""
+    h = Histogram([0.01, 0.1, 1.0])
+    for value in (0.005, 0.05, 2.0):
+        h.observe(value)
+    sent = Sent(fail_at)
+    with pytest.raises(RuntimeError, match="gone"):
+        sent.publish(h)
+    h.observe(0.05)
+    sent.publish(h)
+    totals = {}
+    for what, value in sent.calls:
+        totals[what] = totals.get(what, 0) + value
+    # Everything published over both, as if neither had failed: 4 observations, 2 of them at or below 0.1.
+    assert totals == {math.inf: 4, 1.0: 3, 0.1: 3, 0.01: 1, "total": pytest.approx(2.105), "count": 4}
 
 
 def test_le_labels_are_written_as_prometheus_clients_write_them():

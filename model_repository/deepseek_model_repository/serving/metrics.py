@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 #: Seconds between two publications while the scheduler is busy. A publication is some 70 round trips to Triton's
 #: process (a histogram's buckets are a counter each); at 0.1 s they took 4% of the scheduler's thread under load
@@ -45,32 +45,49 @@ def le_label(bound: float) -> str:
 
 
 class Histogram:
-    """Observations counted into buckets here; :meth:`take` hands the cumulative increments since the last take."""
+    """Observations counted into buckets here; :meth:`publish` sends the cumulative increments since the last
+    publication, and keeps those it could not send for the next."""
 
     def __init__(self, buckets: Iterable[float]):
         bounds = sorted(float(b) for b in buckets)
         if not bounds or any(not math.isfinite(b) for b in bounds) or len(set(bounds)) != len(bounds):
             raise ValueError(f"histogram buckets must be distinct finite numbers, not {list(buckets)}")
         self.bounds = tuple(bounds) + (math.inf,)
-        self._counts = [0] * len(self.bounds)  # per bucket, not cumulative
+        self._counts = [0] * len(self.bounds)  # per bucket, not cumulative, since the last publication
         self._sum = 0.0
+        #: Not yet sent: each bucket's cumulative increment, the sum, the count.
+        self._unsent: dict[float, int] = {}
+        self._unsent_sum = 0.0
+        self._unsent_count = 0
 
     def observe(self, value: float) -> None:
         self._counts[bisect.bisect_left(self.bounds, value)] += 1
         self._sum += value
 
-    def take(self) -> tuple[list[tuple[float, int]], float, int]:
-        """(bound, cumulative increment) for every bucket whose count grew, widest first; the sum; the count.
+    def publish(self, bucket: Callable[[float, int], None], total: Callable[[float], None],
+                count: Callable[[int], None]) -> None:
+        """Send what was observed since the last publication: ``bucket(bound, cumulative increment)`` for every
+        bucket whose count grew, widest first, then ``total(seconds)`` and ``count(observations)``.
 
         Widest first: a scrape that lands between two increments still sees cumulative counts that never
-        decrease with ``le``.
+        decrease with ``le``. A call that raises leaves its increment, and those after it, to the next
+        publication (with what is observed meanwhile added), so that a failed publication loses no observation.
         """
-        increments, running = [], 0
-        for bound, count in zip(self.bounds, self._counts):
-            running += count
+        running = 0
+        for bound, n in zip(self.bounds, self._counts):
+            running += n
             if running:
-                increments.append((bound, running))
-        total, added = running, self._sum
+                self._unsent[bound] = self._unsent.get(bound, 0) + running
+        self._unsent_sum += self._sum
+        self._unsent_count += running
         self._counts = [0] * len(self.bounds)
         self._sum = 0.0
-        return increments[::-1], added, total
+        for bound in reversed(self.bounds):
+            if bound in self._unsent:
+                bucket(bound, self._unsent[bound])
+                del self._unsent[bound]
+        if self._unsent_count:
+            total(self._unsent_sum)
+            self._unsent_sum = 0.0
+            count(self._unsent_count)
+            self._unsent_count = 0

@@ -151,8 +151,8 @@ class SchedulerMetrics:
                 if value != sent:
                     metric.set(value)
             self._sent_gauges = self._gauges
-        # A counter's count is taken once it is sent, so a publication that fails (the scheduler tries again) loses
-        # none of them; a histogram's observations are taken before, and such a failure may lose some.
+        # A count is taken once it is sent, so a publication that fails (the scheduler tries again) loses none;
+        # a histogram keeps what it could not send the same way (``metrics.Histogram.publish``).
         for count, metric in (("_tokens", self.generated), ("_steps", self.steps), ("_prompt_tokens", self.prompt),
                               ("_shared_tokens", self.shared)):
             n = getattr(self, count)
@@ -164,12 +164,7 @@ class SchedulerMetrics:
                 self.outcomes[outcome].increment(n)
                 self._ended[outcome] = 0
         for local, (series, total, count) in self.histograms:
-            increments, added, observed = local.take()
-            for bound, n in increments:
-                series[bound].increment(n)
-            if observed:
-                total.increment(added)
-                count.increment(observed)
+            local.publish(lambda bound, n, series=series: series[bound].increment(n), total.increment, count.increment)
 
 
 def text_response(texts, details=(), seqs=(), output_tokens=None):
