@@ -972,6 +972,49 @@ def test_the_liveness_probe_fails_when_a_models_process_dies_which_triton_still_
             assert f"Stub process '{dying}_0_0' is not healthy" in dead.stderr, dead.stderr
 
 
+def test_plain_requests_held_by_a_scheduler_process_that_died_are_answered_unavailable(engines, cache_dir):
+    """Triton never answers the requests that a model's dead process held: the relay pings ``NAME_stream`` while
+    it has requests in flight, and once Triton answers that the process died, it answers them itself, UNAVAILABLE
+    (retry), naming it; later requests get the same answer at once. (The stub is stopped first, so that the request
+    is surely held by it when it dies.)"""
+    import os
+    import signal
+
+    from deepseek_model_repository.serving.limits import SCHEDULER_CHECK_S
+
+    name = "tiny-qwen2-held"
+    with serve_engines({name: engines["tiny-qwen2"]}, cache_dir, server_name="held", watch_stubs=False) as held:
+        def send():
+            client = grpcclient.InferenceServerClient(held.endpoints["grpc"])
+            try:
+                client.infer(name, generation_inputs(grpcclient, "the of and", max_tokens=8), client_timeout=120)
+            except InferenceServerException as exc:
+                return exc, time.monotonic()
+            finally:
+                client.close()
+            return None, time.monotonic()
+
+        stub = _stubs(held)[f"{name}_stream"]
+        os.kill(stub, signal.SIGSTOP)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(send) for _ in range(2)]
+            time.sleep(1.0)
+            assert not any(f.done() for f in waiting)
+            os.kill(stub, signal.SIGKILL)
+            died = time.monotonic()
+            answers = [f.result(timeout=60) for f in waiting]
+        for error, at in answers:
+            assert error is not None and error.status() == "StatusCode.UNAVAILABLE", error
+            assert f"model {name}_stream's process died" in error.message()
+            assert f"Stub process '{name}_stream_0_0' is not healthy" in error.message()
+            assert "retry the request" in error.message()
+            assert at - died < 4 * SCHEDULER_CHECK_S + 10
+        later, _ = send()
+        assert later.status() == "StatusCode.UNAVAILABLE" and f"model {name}_stream's process died" in later.message()
+        status, body = post_generate(held, name, {"text_input": "the of", "max_tokens": 2})
+        assert status == 400 and f"model {name}_stream's process died" in body, (status, body)  # generate's code
+
+
 def test_plain_requests_that_wait_for_a_relay_thread_count_in_the_queue_signal(engines, cache_dir):
     """Beyond the relay's threads (here 1), plain requests wait in the relay, where the scheduler's queue does not see
     them: the relay publishes them in the same series, ``deepseek_scheduler_requests_waiting{waiting_in="relay"}``,

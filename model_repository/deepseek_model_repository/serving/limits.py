@@ -65,6 +65,16 @@ RELAY_PARAMETERS = (RELAY_ID, CANCEL_RELAYED, RELAY_ARRIVED)
 #: no slot.
 #: Triton itself reports a model ready whose process died, and fails each of its requests.
 PING = "deepseek_ping"
+#: What Triton 2.51 answers every new request to a model whose process died with ("Stub process 'NAME_0_0' is not
+#: healthy."); it never answers the requests that process held.  So while plain requests are in flight, the relay
+#: pings the scheduler model every :data:`SCHEDULER_CHECK_S` seconds, and on this answers the ones it holds itself.
+DEAD_PROCESS = "is not healthy"
+SCHEDULER_CHECK_S = 2.0
+
+
+def process_died(error: str) -> bool:
+    """Whether ``error``, Triton's answer to a request, says that the model's process died."""
+    return DEAD_PROCESS in error
 #: A request's own timeout, in microseconds, as a request parameter: what Triton's HTTP ``infer`` reads from its JSON
 #: ``parameters`` (tritonclient's ``timeout=``, which Triton applies itself and does not pass on), and what a
 #: ``generate`` or ``generate_stream`` request sends as a field of its JSON body, which Triton passes on to the model.

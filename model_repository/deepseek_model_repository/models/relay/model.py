@@ -11,6 +11,10 @@ A watcher thread asks each relayed request's client whether it went away, every
 ``CLIENT_POLL_S`` as the scheduler does for its own clients; for one that did, it sends
 ``NAME_stream`` a request that names the relayed one (``limits.CANCEL_RELAYED``), which frees its slot.
 
+While requests are in flight, a second thread pings ``NAME_stream`` every ``limits.SCHEDULER_CHECK_S``: Triton
+never answers the requests held by a model process that died, so if the ping says that ``NAME_stream``'s did, the
+relay answers them itself (UNAVAILABLE: retry), instead of leaving their clients to wait until the pod restarts.
+
 A request with ``limits.PING`` (the pods' liveness probe, ``deepseek_model_repository.probe``) is answered in
 ``execute`` once ``NAME_stream`` has answered one too: both processes are alive.
 """
@@ -27,7 +31,7 @@ import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
-from deepseek_model_repository.serving.triton import (CANCELLED, CANCELLED_MESSAGE, FAILED, client_gone,
+from deepseek_model_repository.serving.triton import (CANCELLED, CANCELLED_MESSAGE, FAILED, TIMED_OUT, client_gone,
                                                       dump_threads_on_signal, error_response, model_parameters,
                                                       relayed_error, request_timeout_us)
 
@@ -39,15 +43,17 @@ def _empty_text(name):
 
 
 class Relayed:
-    """A request in flight: the check of its client (``client_gone``) and the inputs passed on.
+    """A request in flight: its response sender, the check of its client (``client_gone``) and the inputs passed on.
 
     ``lock`` is held while the watcher asks and while ``answered`` is set, before the final response: a sender must
-    not be asked after its final response (Triton has freed what it asks). The relay's thread asks once before it
-    passes the request on, before any final response; the process asks one question at a time
-    (``serving.triton.client_gone``).
+    not be asked after its final response (Triton has freed what it asks), and gets one final response, from
+    whichever thread sets ``answered`` (the relay's, or the scheduler check's when ``NAME_stream`` died). The relay's
+    thread asks once before it passes the request on, before any final response; the process asks one question at a
+    time (``serving.triton.client_gone``).
     """
 
     def __init__(self, sender, inputs):
+        self.sender = sender
         self.gone = client_gone(sender)
         self.inputs = inputs
         self.lock = threading.Lock()
@@ -84,6 +90,10 @@ class TritonPythonModel:
         self.stopped = threading.Event()
         self.watcher = threading.Thread(target=self._watch, name="relay-client-watch", daemon=True)
         self.watcher.start()
+        #: What Triton answered the scheduler check with once ``NAME_stream``'s process died, else None.
+        self.died = None
+        self.checker = threading.Thread(target=self._check_scheduler, name="relay-scheduler-check", daemon=True)
+        self.checker.start()
 
     def execute(self, requests):
         """Check what can be checked without the scheduler, then relay each request from a thread."""
@@ -129,20 +139,57 @@ class TritonPythonModel:
             log.warning("could not answer a liveness ping", exc_info=True)
 
     def _ping(self):
-        """The liveness probe's answer: an empty text once the scheduler model has answered a ping too (it answers
-        in ``execute``, behind only the requests ahead of it in Triton's queue, which it hands on at once, and before
-        any slot), else the error of the model that did not answer."""
+        """The liveness probe's answer: an empty text once the scheduler model has answered a ping too, else the
+        error of the model that did not answer."""
+        error = self._ask_scheduler()
+        if error is not None:
+            return error_response(f"model {self.target} does not answer: {error}", FAILED)
+        return pb_utils.InferenceResponse(output_tensors=[_empty_text("text_output")])
+
+    def _ask_scheduler(self):
+        """Ping the scheduler model (it answers in ``execute``, behind only the requests ahead of it in Triton's
+        queue, which it hands on at once, and before any slot): None once it answered, else the error."""
         try:
             ping = pb_utils.InferenceRequest(
                 model_name=self.target, requested_output_names=["text_output"], parameters={limits.PING: True},
                 inputs=[_empty_text("text_input")])
             for response in ping.exec(decoupled=True):
                 if response.has_error():
-                    return error_response(f"model {self.target} does not answer: {response.error().message()}",
-                                          FAILED)
-        except Exception as exc:  # noqa: BLE001 - the probe's answer says what failed
-            return error_response(f"model {self.target} does not answer: {exc}", FAILED)
-        return pb_utils.InferenceResponse(output_tensors=[_empty_text("text_output")])
+                    return response.error().message()
+        except Exception as exc:  # noqa: BLE001 - the caller says what failed
+            return str(exc) or type(exc).__name__
+        return None
+
+    def _died_error(self, error):
+        return error_response(
+            f"model {self.target}'s process died ({error}), and Triton does not start it again: the pod's liveness "
+            "probe restarts the server (locally: deepseek-operator local down, then local up); retry the request",
+            TIMED_OUT)  # UNAVAILABLE: another replica, or this one once restarted, can answer it
+
+    def _check_scheduler(self):
+        """Every ``limits.SCHEDULER_CHECK_S`` while requests are in flight: once the scheduler model's process has
+        died, answer the requests it held, which Triton never will (a ping that hangs holds only this thread)."""
+        while not self.stopped.wait(limits.SCHEDULER_CHECK_S):
+            with self.lock:
+                if not self.inflight:
+                    continue
+            error = self._ask_scheduler()
+            if error is None or not limits.process_died(error):
+                continue
+            self.died = error
+            with self.lock:
+                held = list(self.inflight.values())
+                self.inflight.clear()
+            log.error("model %s's process died (%s): answering the %d requests it held", self.target, error, len(held))
+            for relayed in held:
+                with relayed.lock:
+                    if relayed.answered:
+                        continue
+                    relayed.answered = True
+                try:
+                    relayed.sender.send(self._died_error(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception:  # noqa: BLE001 - the others are still answered
+                    log.warning("could not answer a request that %s held", self.target, exc_info=True)
 
     def _relay(self, inputs, sender, timeout=0, arrived_ns=None, waited=False):
         """Pass the request on (with its own timeout, in microseconds, and when it came: its wait for this thread
@@ -177,7 +224,8 @@ class TritonPythonModel:
                 for response in request.exec(decoupled=True):
                     if response.has_error():
                         code, message = relayed_error(response.error().message())
-                        answer = error_response(message, code)
+                        answer = (self._died_error(message) if limits.process_died(message)
+                                  else error_response(message, code))
                     elif response.output_tensors():
                         answer = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
         except Exception as exc:  # noqa: BLE001 - answer the client whatever happened
@@ -186,6 +234,8 @@ class TritonPythonModel:
             with self.lock:
                 self.inflight.pop(relay_id, None)
         with relayed.lock:
+            if relayed.answered:  # by the scheduler check: NAME_stream died, and this answer came after all
+                return
             relayed.answered = True
         sender.send(answer or error_response("the scheduler gave no answer", FAILED), flags=final)
 
@@ -212,10 +262,12 @@ class TritonPythonModel:
                     log.warning("could not pass on that a client went away", exc_info=True)
 
     def finalize(self):
-        """Let relayed requests finish."""
+        """Let relayed requests finish (but for those a dead ``NAME_stream`` held, answered already: their threads
+        wait for ever)."""
         self.stopped.set()
         self.watcher.join(5)
+        self.checker.join(5)
         self.pinger.shutdown(wait=True)
-        self.pool.shutdown(wait=True, cancel_futures=False)
+        self.pool.shutdown(wait=self.died is None, cancel_futures=False)
         self.waiting_metrics = None  # freed while the stub can still tell Triton (see the scheduler model's finalize)
         gc.collect()
