@@ -343,5 +343,7 @@ def test_serving_image_uses_the_triton_release_the_engines_are_built_for():
     assert 'numpy<2' in dockerfile and "tokenizers" in dockerfile
     # The scheduler model runs the engine in Triton's Python backend: the serving package and its runtimes.
     assert "pip install --no-deps ." in dockerfile and "onnxruntime-gpu" in dockerfile and "torch==" in dockerfile
+    # Both of its TensorRTs (the pip package's and the tensorrt backend's libnvinfer) are checked against the pin.
+    assert "python3 -m deepseek_model_repository.image_check" in dockerfile
     for folder in ("contract", "model_repository"):
         assert f"COPY {folder}/ {folder}/" in dockerfile
