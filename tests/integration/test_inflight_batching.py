@@ -471,9 +471,21 @@ def test_serving_request_timeout_bounds_requests_that_set_none_or_a_longer_one_c
             finally:
                 each.close()
 
-        first = threading.Thread(target=send, args=("first", None))
-        first.start()
-        time.sleep(0.01)
+        def passed_on() -> int:  # requests the relay has passed on to the scheduler model
+            stats = client.get_inference_statistics(f"{name}_stream")["model_stats"][0]
+            return int(stats["inference_count"])
+
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{limited.http_port}")
+        try:
+            before = passed_on()
+            first = threading.Thread(target=send, args=("first", None))
+            first.start()
+            # The second only once the first holds the relay's one thread (a fixed sleep lost that race under load).
+            deadline = time.monotonic() + 5
+            while passed_on() == before and time.monotonic() < deadline:
+                time.sleep(0.001)
+        finally:
+            client.close()
         send("second", 40_000)
         first.join(30)
         assert "the request's timeout of 80 ms passed after" in answers["first"], answers
