@@ -31,6 +31,7 @@ import yaml
 from deepseek_model_repository import write_repository
 from deepseek_model_repository.probe import ping
 from deepseek_model_repository.repository import ModelNames
+from deepseek_model_repository.serving.limits import process_died
 from deepseek_local import local
 from deepseek_operator import api
 
@@ -120,7 +121,7 @@ class StubWatch:
         while not self._stop.wait(STUB_WATCH_S):
             for model in self.models:
                 error = ping("127.0.0.1", self.server.http_port, model, CLIENT_TIMEOUT_S)
-                if error and "is not healthy" in error and not self._stop.is_set():
+                if error and process_died(error) and not self._stop.is_set():
                     self.died = f"model {model}'s process died ({error}); its log: {self.server.log}"
                     print(f"triton_harness: {self.died}: stopping the server, so that the requests it holds fail",
                           file=sys.stderr, flush=True)
