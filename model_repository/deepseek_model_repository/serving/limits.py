@@ -70,11 +70,6 @@ PING = "deepseek_ping"
 #: pings the scheduler model every :data:`SCHEDULER_CHECK_S` seconds, and on this answers the ones it holds itself.
 DEAD_PROCESS = "is not healthy"
 SCHEDULER_CHECK_S = 2.0
-
-
-def process_died(error: str) -> bool:
-    """Whether ``error``, Triton's answer to a request, says that the model's process died."""
-    return DEAD_PROCESS in error
 #: A request's own timeout, in microseconds, as a request parameter: what Triton's HTTP ``infer`` reads from its JSON
 #: ``parameters`` (tritonclient's ``timeout=``, which Triton applies itself and does not pass on), and what a
 #: ``generate`` or ``generate_stream`` request sends as a field of its JSON body, which Triton passes on to the model.
@@ -130,6 +125,11 @@ class ParsedRequest:
     @property
     def sampling(self) -> Sampling:
         return self.prompts[0].sampling
+
+
+def process_died(error: str) -> bool:
+    """Whether ``error``, Triton's answer to a request, says that the model's process died (:data:`DEAD_PROCESS`)."""
+    return DEAD_PROCESS in error
 
 
 def request_parameters(request) -> dict:

@@ -59,6 +59,14 @@ class Relayed:
         self.lock = threading.Lock()
         self.answered = False
 
+    def answer(self, response):
+        """Send ``response`` as the request's final response, unless another thread did already."""
+        with self.lock:
+            if self.answered:
+                return
+            self.answered = True
+        self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
 
 class TritonPythonModel:
     """Relay to the scheduler model named by the ``scheduler_model`` parameter."""
@@ -182,12 +190,8 @@ class TritonPythonModel:
                 self.inflight.clear()
             log.error("model %s's process died (%s): answering the %d requests it held", self.target, error, len(held))
             for relayed in held:
-                with relayed.lock:
-                    if relayed.answered:
-                        continue
-                    relayed.answered = True
                 try:
-                    relayed.sender.send(self._died_error(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    relayed.answer(self._died_error(error))
                 except Exception:  # noqa: BLE001 - the others are still answered
                     log.warning("could not answer a request that %s held", self.target, exc_info=True)
 
@@ -205,7 +209,6 @@ class TritonPythonModel:
                 self.active -= 1
 
     def _pass_on(self, inputs, sender, timeout, arrived_ns):
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         answer = None
         relay_id = uuid.uuid4().hex
         relayed = Relayed(sender, inputs)
@@ -233,11 +236,8 @@ class TritonPythonModel:
         finally:
             with self.lock:
                 self.inflight.pop(relay_id, None)
-        with relayed.lock:
-            if relayed.answered:  # by the scheduler check: NAME_stream died, and this answer came after all
-                return
-            relayed.answered = True
-        sender.send(answer or error_response("the scheduler gave no answer", FAILED), flags=final)
+        # Not sent if the scheduler check answered it already (NAME_stream died, and this answer came after all).
+        relayed.answer(answer or error_response("the scheduler gave no answer", FAILED))
 
     def _watch(self):
         """Every ``CLIENT_POLL_S``: tell the scheduler model about each relayed request whose client went away."""
