@@ -621,6 +621,35 @@ def test_a_request_that_asks_gets_its_finish_reason_token_counts_and_logprob_pla
     assert answer["num_output_tokens"] == 12 and "num_input_tokens" not in answer
 
 
+def test_a_client_that_names_its_outputs_gets_those_it_asked_for(server):
+    """Detail asked for (return_*) but not named among the outputs is left out, plain and streamed, by the models
+    themselves: the stub would drop it while it sends, without the GIL. A stream must name text_output."""
+    name, prompt = "tiny-qwen2", "the of and to"
+    client = grpcclient.InferenceServerClient(server.endpoints["grpc"])
+    try:
+        inputs = generation_inputs(grpcclient, prompt, max_tokens=4, details=["num_output_tokens", "finish_reason"])
+        plain = client.infer(name, inputs, outputs=[grpcclient.InferRequestedOutput("text_output"),
+                                                    grpcclient.InferRequestedOutput("finish_reason")])
+        assert sorted(o.name for o in plain.get_response().outputs) == ["finish_reason", "text_output"]
+        assert details_of(plain) == {"finish_reason": "length"}
+        for outputs, expected in ((["text_output"], ["text_output"]), (["num_output_tokens"], None)):
+            results = []
+            client.start_stream(callback=lambda result, error: results.append(error or result))
+            client.async_stream_infer(f"{name}_stream",
+                                      generation_inputs(grpcclient, prompt, max_tokens=4, stream=True,
+                                                        details=["num_output_tokens"]),
+                                      outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
+            client.stop_stream()  # waits for the stream's end
+            if expected is None:
+                assert len(results) == 1 and isinstance(results[0], InferenceServerException)
+                message = results[0].message()
+                assert "but not text_output" in message and "request text_output too" in message
+            else:
+                assert results and all(sorted(o.name for o in r.get_response().outputs) == expected for r in results)
+    finally:
+        client.close()
+
+
 def test_a_repetition_penalty_gives_transformers_text_and_bad_penalties_are_refused_by_name(server, engines,
                                                                                             cache_dir):
     """repetition_penalty through HTTP generate and gRPC streams equals transformers' generate with the same penalty;

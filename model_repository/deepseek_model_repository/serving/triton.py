@@ -72,25 +72,83 @@ def request_timeout_s(request):
     return micros / 1e6 if micros else None
 
 
-#: Held while this process asks Triton whether a client went away: one question at a time, whichever sender. The
-#: relay's stub died now and then (SIGSEGV, native threads, the heap) under bursts of plain requests once its threads
-#: asked too, each about its own request, beside its watcher; only the relay asked from several threads, and only
-#: relays died. Not a proven cause: the cautious reading of python_backend r24.10, which answers each question on a
-#: native thread of its own.
+#: Held while this process asks Triton whether a client went away: one question at a time, whichever sender. A
+#: second question about a sender whose first is still out waits for that one's answer, which may have been asked
+#: before the second's mark (:func:`client_gone`).
 _ASKING = threading.Lock()
+
+
+class _Held:
+    """Finished BLS response iterators this process still holds (:func:`decoupled_responses`), oldest first: each is
+    let go once a question asked after it was held has come back from Triton (:func:`client_gone`)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.iterators = []
+        self.held = self.released = 0  # how many ever held, and let go
+
+    def hold(self, iterator):
+        with self.lock:
+            self.iterators.append(iterator)
+            self.held += 1
+
+    def mark(self):
+        """Where the held iterators end now (a question about to be asked)."""
+        with self.lock:
+            return self.held
+
+    def let_go(self, mark):
+        """Drop those held before ``mark``, outside the lock: an iterator freed before its last response waits for
+        it."""
+        with self.lock:
+            count = mark - self.released
+            if count <= 0:
+                return
+            released = self.iterators[:count]
+            del self.iterators[:count]
+            self.released += count
+        del released
+
+
+_HELD = _Held()
+
+
+def decoupled_responses(request):
+    """Every response of a decoupled BLS call (``request.exec(decoupled=True)``), once the last has come.
+
+    The stub of Triton 2.51 (python_backend r24.10) holds a reference to each BLS call's response iterator, and drops
+    it on its stub-to-parent thread without the GIL, in turn behind the questions queued there. Where that reference
+    is the last, the numpy arrays of the responses' tensors are freed without the GIL, which corrupts the
+    interpreter's heap: the relay's stub died of it (SIGSEGV, now here and now there) under bursts of plain requests,
+    while its watcher's questions kept that thread busy (measured: a model that drops its iterators that way dies
+    within a few hundred requests, ``tests/integration/test_bls_lifetime.py``; python_backend holds the GIL there
+    from r24.12). So this process keeps the iterator until that thread has let go of it: it does its work in order,
+    so once a question enqueued after the call ended has been answered, it has, and the iterator's last reference is
+    this process's, dropped with the GIL."""
+    iterator = request.exec(decoupled=True)
+    try:
+        return list(iterator)
+    finally:
+        _HELD.hold(iterator)
 
 
 def client_gone(sender):
     """A check of whether the client of ``sender``'s request went away (never, where this Triton cannot tell).
 
     Each call is a round trip to Triton's process (one at a time in this process, :data:`_ASKING`), and must not
-    come after the request's final response."""
+    come after the request's final response. One answered "no" has been through the stub-to-parent thread (a "yes"
+    may be the sender's cached one), so the iterators held before it was asked are let go
+    (:func:`decoupled_responses`)."""
     if not hasattr(sender, "is_cancelled"):
         return lambda: False
 
     def gone():
         with _ASKING:
-            return sender.is_cancelled()
+            mark = _HELD.mark()
+            cancelled = sender.is_cancelled()
+        if not cancelled:
+            _HELD.let_go(mark)
+        return cancelled
 
     return gone
 

@@ -167,6 +167,18 @@ class SchedulerMetrics:
             local.publish(lambda bound, n, series=series: series[bound].increment(n), total.increment, count.increment)
 
 
+def sent_details(details, requested):
+    """The ``details`` asked for (``return_*``) that the client requested as outputs too (Triton requests every output
+    where a client names none). A response carries no other output: the stub would drop it while it sends, without
+    the GIL (see ``serving.triton.decoupled_responses``). And it always carries ``text_output``, so a request must
+    ask for that."""
+    if "text_output" not in requested:
+        raise limits.RequestError(f"the request asks for the outputs {sorted(requested)} but not text_output, which "
+                                  "every response of this model carries: request text_output too (or name no "
+                                  "outputs, which requests them all)")
+    return tuple(name for name in details if name in requested)
+
+
 def text_response(texts, details=(), seqs=(), output_tokens=None):
     """The texts, one per prompt; with ``details`` (names of ``limits.DETAILS``), those outputs of ``seqs`` too:
     ``finish_reason`` once they have ended, ``num_output_tokens`` the tokens these texts cover (``output_tokens``,
@@ -247,6 +259,7 @@ class TritonPythonModel:
                     continue
                 parsed = limits.parse_generation_request(request, self.limits, self.tokenizer,
                                                          self.default_max_tokens, pb_utils, self.model_name)
+                details = sent_details(parsed.details, request.requested_output_names())
                 timeout_s = min((t for t in (request_timeout_s(request), self.request_timeout_s) if t), default=None)
             except limits.RequestError as exc:
                 sender.send(error_response(str(exc), relayed=relayed), flags=final)
@@ -255,10 +268,10 @@ class TritonPythonModel:
                 sender.send(error_response(f"bad request: {exc}", relayed=relayed), flags=final)
                 continue
             if parsed.stream:
-                self.scheduler.submit(self._stream(parsed.prompts[0], sender, timeout_s, parsed.details))
+                self.scheduler.submit(self._stream(parsed.prompts[0], sender, timeout_s, details))
             else:
                 arrived = limits.arrival(params, time.monotonic())
-                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID), timeout_s, parsed.details,
+                for seq in self._whole(parsed.prompts, sender, params.get(limits.RELAY_ID), timeout_s, details,
                                        arrived):
                     self.scheduler.submit(seq)
         return None

@@ -17,6 +17,12 @@ relay answers them itself (UNAVAILABLE: retry), instead of leaving their clients
 
 A request with ``limits.PING`` (the pods' liveness probe, ``deepseek_model_repository.probe``) is answered in
 ``execute`` once ``NAME_stream`` has answered one too: both processes are alive.
+
+Each BLS call's responses come through ``serving.triton.decoupled_responses``, which keeps them until the stub has
+let go of them too: Triton 2.51's stub drops its reference without the GIL, and this model's stub died of that under
+bursts of plain requests. So a relayed request's answer carries only the outputs its client asked for (the stub
+would drop the others while it sends, without the GIL too), and a ping's sender is asked once before it is answered,
+which lets the ping's responses go when no request is in flight.
 """
 
 import gc
@@ -32,8 +38,8 @@ import triton_python_backend_utils as pb_utils
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
 from deepseek_model_repository.serving.triton import (CANCELLED, CANCELLED_MESSAGE, FAILED, TIMED_OUT, client_gone,
-                                                      dump_threads_on_signal, error_response, model_parameters,
-                                                      relayed_error, request_timeout_us)
+                                                      decoupled_responses, dump_threads_on_signal, error_response,
+                                                      model_parameters, relayed_error, request_timeout_us)
 
 log = logging.getLogger("deepseek_model_repository.relay")
 
@@ -43,24 +49,32 @@ def _empty_text(name):
 
 
 class Relayed:
-    """A request in flight: its response sender, the check of its client (``client_gone``) and the inputs passed on.
+    """A request in flight: its response sender, the check of its client (``client_gone``), the inputs passed on and
+    the outputs its client asked for.
 
-    ``lock`` is held while the watcher asks and while ``answered`` is set, before the final response: a sender must
-    not be asked after its final response (Triton has freed what it asks), and gets one final response, from
-    whichever thread sets ``answered`` (the relay's, or the scheduler check's when ``NAME_stream`` died). The relay's
-    thread asks once before it passes the request on, before any final response; the process asks one question at a
-    time (``serving.triton.client_gone``).
+    ``lock`` is held while a thread asks and while ``answered`` is set, before the final response: a sender must not
+    be asked after its final response (Triton has freed what it asks), and gets one final response, from whichever
+    thread sets ``answered`` (the relay's, or the scheduler check's when ``NAME_stream`` died). The process asks one
+    question at a time (``serving.triton.client_gone``).
     """
 
-    def __init__(self, sender, inputs):
+    def __init__(self, sender, inputs, requested=limits.OUTPUT_NAMES):
         self.sender = sender
         self.gone = client_gone(sender)
         self.inputs = inputs
+        self.requested = frozenset(requested)
         self.lock = threading.Lock()
         self.answered = False
 
+    def client_left(self):
+        """Whether its client went away; None once it was answered (it must not be asked then)."""
+        with self.lock:
+            return None if self.answered else self.gone()
+
     def answer(self, response):
-        """Send ``response`` as the request's final response, unless another thread did already."""
+        """Send ``response`` as the request's final response, unless another thread did already. Its tensors are
+        those its client asked for: the stub would drop the others while it sends, without the GIL (see
+        ``serving.triton.decoupled_responses``)."""
         with self.lock:
             if self.answered:
                 return
@@ -121,6 +135,7 @@ class TritonPythonModel:
                           for name in limits.INPUT_NAMES
                           if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
                 timeout = request_timeout_us(request)
+                requested = request.requested_output_names()  # every output, where the client named none
             except limits.RequestError as exc:
                 sender.send(error_response(str(exc)), flags=final)
                 continue
@@ -130,7 +145,7 @@ class TritonPythonModel:
                 if waits:
                     self.backlog += 1
                     self._publish_backlog()
-            self.pool.submit(self._relay, inputs, sender, timeout, time.monotonic_ns(), waits)
+            self.pool.submit(self._relay, inputs, sender, timeout, time.monotonic_ns(), waits, requested)
         return None
 
     def _publish_backlog(self):
@@ -142,7 +157,9 @@ class TritonPythonModel:
 
     def _answer_ping(self, sender):
         try:
-            sender.send(self._ping(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            answer = self._ping()
+            client_gone(sender)()  # lets the ping's responses go (serving.triton.decoupled_responses), when idle too
+            sender.send(answer, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception:  # noqa: BLE001 - the probe sees no answer and fails, which is what it is for
             log.warning("could not answer a liveness ping", exc_info=True)
 
@@ -161,7 +178,7 @@ class TritonPythonModel:
             ping = pb_utils.InferenceRequest(
                 model_name=self.target, requested_output_names=["text_output"], parameters={limits.PING: True},
                 inputs=[_empty_text("text_input")])
-            for response in ping.exec(decoupled=True):
+            for response in decoupled_responses(ping):
                 if response.has_error():
                     return response.error().message()
         except Exception as exc:  # noqa: BLE001 - the caller says what failed
@@ -195,27 +212,30 @@ class TritonPythonModel:
                 except Exception:  # noqa: BLE001 - the others are still answered
                     log.warning("could not answer a request that %s held", self.target, exc_info=True)
 
-    def _relay(self, inputs, sender, timeout=0, arrived_ns=None, waited=False):
+    def _relay(self, inputs, sender, timeout=0, arrived_ns=None, waited=False, requested=limits.OUTPUT_NAMES):
         """Pass the request on (with its own timeout, in microseconds, and when it came: its wait for this thread
-        counts in that timeout), and its answer or error back; ``waited``: it was counted in the backlog."""
+        counts in that timeout), and its answer or error back; ``waited``: it was counted in the backlog;
+        ``requested``: the outputs its client asked for."""
         if waited:
             with self.backlog_lock:
                 self.backlog -= 1
                 self._publish_backlog()
         try:
-            self._pass_on(inputs, sender, timeout, arrived_ns)
+            self._pass_on(inputs, sender, timeout, arrived_ns, requested)
         finally:
             with self.backlog_lock:
                 self.active -= 1
 
-    def _pass_on(self, inputs, sender, timeout, arrived_ns):
+    def _pass_on(self, inputs, sender, timeout, arrived_ns, requested):
         answer = None
         relay_id = uuid.uuid4().hex
-        relayed = Relayed(sender, inputs)
+        relayed = Relayed(sender, inputs, requested)
         with self.lock:
             self.inflight[relay_id] = relayed
         try:
-            if relayed.gone():  # it waited for a relay thread, and its client gave up meanwhile
+            # It waited for a relay thread, and its client gave up meanwhile (None: the scheduler check answered it,
+            # and NAME_stream answers at once that its process died).
+            if relayed.client_left():
                 answer = error_response(CANCELLED_MESSAGE, CANCELLED)
             else:
                 request = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
@@ -223,14 +243,15 @@ class TritonPythonModel:
                                                     parameters={limits.RELAY_ID: relay_id,
                                                                 limits.RELAY_ARRIVED: arrived_ns or time.monotonic_ns()},
                                                     timeout=timeout)
-                # exec returns at the first response, which for a plain request is its answer: watched meanwhile.
-                for response in request.exec(decoupled=True):
+                # A plain request's completion comes in one response: watched meanwhile.
+                for response in decoupled_responses(request):
                     if response.has_error():
                         code, message = relayed_error(response.error().message())
                         answer = (self._died_error(message) if limits.process_died(message)
                                   else error_response(message, code))
                     elif response.output_tensors():
-                        answer = pb_utils.InferenceResponse(output_tensors=response.output_tensors())
+                        answer = pb_utils.InferenceResponse(output_tensors=[
+                            tensor for tensor in response.output_tensors() if tensor.name() in relayed.requested])
         except Exception as exc:  # noqa: BLE001 - answer the client whatever happened
             answer = error_response(f"generation failed: {exc}", FAILED)
         finally:
@@ -246,9 +267,8 @@ class TritonPythonModel:
                 inflight = list(self.inflight.items())
             for relay_id, relayed in inflight:
                 try:
-                    with relayed.lock:
-                        if relayed.answered or not relayed.gone():
-                            continue
+                    if not relayed.client_left():
+                        continue
                     with self.lock:
                         if self.inflight.pop(relay_id, None) is None:
                             continue  # answered meanwhile
@@ -256,8 +276,7 @@ class TritonPythonModel:
                     cancel = pb_utils.InferenceRequest(model_name=self.target, inputs=relayed.inputs,
                                                        requested_output_names=["text_output"],
                                                        parameters={limits.CANCEL_RELAYED: relay_id})
-                    for _ in cancel.exec(decoupled=True):
-                        pass
+                    decoupled_responses(cancel)
                 except Exception:  # noqa: BLE001 - that request then runs to its end; the others are still watched
                     log.warning("could not pass on that a client went away", exc_info=True)
 
