@@ -81,7 +81,7 @@ class TritonPythonModel:
                 with entry["lock"]:
                     if not entry["answered"]:
                         entry["gone"]()
-            time.sleep(0.001)
+            time.sleep(0.005)
 
     def execute(self, requests):
         for request in requests:
@@ -109,7 +109,7 @@ class TritonPythonModel:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 """
 
-CLIENTS = 24
+CLIENTS = 8
 
 
 def serve(mode: str, cache_dir):
