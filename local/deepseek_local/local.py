@@ -46,6 +46,7 @@ import yaml
 
 from deepseek_model_repository.config import server_flags
 from deepseek_model_repository.repository import ModelNames
+from deepseek_model_repository.serving.processes import initialized_models
 
 from deepseek_contract.layout import CACHE_ENV as ENV_CACHE
 from deepseek_contract.layout import default_cache_dir
@@ -53,6 +54,11 @@ from deepseek_operator import api, engine_key
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 READY_TIMEOUT_S = 300.0
+#: How long Triton may take to report a model loaded once its process has said its ``initialize`` ended (it takes
+#: milliseconds): past it, Triton lost that process (``LostInitialization``).
+LOST_INIT_S = 20.0
+#: How many times ``serve_repository`` starts a server whose model process Triton lost.
+START_ATTEMPTS = 2
 #: --exit-timeout-secs of a server started from a repository alone; `up` gives a CR's serving.drainSeconds.
 EXIT_TIMEOUT_S = 5
 #: How long the processes of a server whose tritonserver is gone get after SIGTERM before SIGKILL (Python
@@ -409,14 +415,46 @@ def log_tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def wait_ready(pid: int, http_port: int, models: list[str], log_path: Path, timeout: float = READY_TIMEOUT_S) -> None:
-    """Poll /v2/models/<m>/ready until every model is ready; fail with the log's tail if the server dies."""
+class LostInitialization(LocalError):
+    """Triton 2.51 gave up on a model's process during its ``initialize`` (the process missed its one-second health
+    check, starved of CPU), yet the process went on and initialized: Triton then waits for it to exit, for ever, and
+    the server never starts serving (measured: a stub stopped for 2.5 s in its ``initialize``)."""
+
+
+def lost_initializations(log_text: str, announced_at: dict[str, float], now: float, grace_s: float) -> list[str]:
+    """The models whose process announced in ``log_text`` that its ``initialize`` ended (``serving.processes``) more
+    than ``grace_s`` before ``now`` and that Triton has not reported loaded (or failed) since; ``announced_at``
+    (model -> when this caller first saw it announced) is updated."""
+    for model in initialized_models(log_text):
+        announced_at.setdefault(model, now)
+    return sorted(model for model, seen in announced_at.items()
+                  if now - seen > grace_s and f"successfully loaded '{model}'" not in log_text
+                  and f"failed to load '{model}'" not in log_text)
+
+
+def wait_ready(pid: int, http_port: int, models: list[str], log_path: Path, timeout: float = READY_TIMEOUT_S,
+               lost_after_s: float = LOST_INIT_S) -> None:
+    """Poll /v2/models/<m>/ready until every model is ready; fail with the log's tail if the server dies, and with
+    ``LostInitialization`` once a model's process has initialized ``lost_after_s`` ago and Triton has not loaded it."""
     deadline = time.monotonic() + timeout
     pending = list(models)
+    announced_at: dict[str, float] = {}
     while pending:
         if not pid_alive(pid):
             raise LocalError(f"tritonserver exited before the model was ready; its log ({log_path}) ends:\n"
                              f"{log_tail(log_path)}")
+        try:
+            lost = lost_initializations(Path(log_path).read_text(errors="replace"), announced_at, time.monotonic(),
+                                        lost_after_s)
+        except OSError:
+            lost = []
+        if lost:
+            stop_group(pid, timeout=2.0)  # it serves nothing, and its loading thread never sees a SIGTERM
+            raise LostInitialization(
+                f"Triton lost the process of model {lost[0]}: it initialized {lost_after_s:.0f}s ago and Triton has "
+                "not loaded it (Triton 2.51 gives up on a model process that misses its one-second health check while "
+                f"it initializes, on a machine short of CPU, and then waits for ever); log ({log_path}) ends:\n"
+                f"{log_tail(log_path)}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{pending[0]}/ready", timeout=2) as r:
                 if r.status == 200:
@@ -515,9 +553,11 @@ def serve_repository(
     engine_dir: str = "",
     task: str = "text-generation",
     exit_timeout_s: int = EXIT_TIMEOUT_S,
+    lost_after_s: float = LOST_INIT_S,
 ) -> LocalServer:
     """Start Triton on an existing repository, wait for ``models``, record the state; ports 0 pick free ones.
-    ``exit_timeout_s``: how long it drains the requests it holds when told to stop."""
+    ``exit_timeout_s``: how long it drains the requests it holds when told to stop. Where Triton lost a model's
+    process as it initialized (``LostInitialization``, after ``lost_after_s``), it starts the server once more."""
     ports = {}
     for what, port in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)):
         if port == 0:
@@ -527,23 +567,31 @@ def serve_repository(
     workdir = state_dir(cache_dir) / name
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "tritonserver.log"
-    shm_prefix = f"deepseek_local_{uuid.uuid4().hex[:12]}_"
-    pid = start_triton(
-        Path(repository).resolve(), workdir, http_port=ports["http"], grpc_port=ports["grpc"],
-        metrics_port=ports["metrics"], log_path=log_path, shm_prefix=shm_prefix, exit_timeout_s=exit_timeout_s,
-    )
-    server = LocalServer(
-        name=name, pid=pid, http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"],
-        repository=str(Path(repository).resolve()), log=str(log_path), engine_dir=engine_dir, task=task,
-        started_at=time.time(), pgid=pid, shm_prefix=shm_prefix, exit_timeout_s=exit_timeout_s,
-    )
-    write_state(cache_dir, server)
-    try:
-        wait_ready(pid, ports["http"], models, log_path)
-    except BaseException:  # not ready, or Ctrl-C while waiting: leave nothing running or recorded
-        end_server(cache_dir, server)
-        raise
-    return server
+    attempt = 1
+    while True:
+        shm_prefix = f"deepseek_local_{uuid.uuid4().hex[:12]}_"
+        pid = start_triton(
+            Path(repository).resolve(), workdir, http_port=ports["http"], grpc_port=ports["grpc"],
+            metrics_port=ports["metrics"], log_path=log_path, shm_prefix=shm_prefix, exit_timeout_s=exit_timeout_s,
+        )
+        server = LocalServer(
+            name=name, pid=pid, http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"],
+            repository=str(Path(repository).resolve()), log=str(log_path), engine_dir=engine_dir, task=task,
+            started_at=time.time(), pgid=pid, shm_prefix=shm_prefix, exit_timeout_s=exit_timeout_s,
+        )
+        write_state(cache_dir, server)
+        try:
+            wait_ready(pid, ports["http"], models, log_path, lost_after_s=lost_after_s)
+            return server
+        except LostInitialization as exc:
+            end_server(cache_dir, server)
+            if attempt == START_ATTEMPTS:
+                raise
+            attempt += 1
+            click.echo(f"{exc.message.splitlines()[0]}: starting the server again", err=True)
+        except BaseException:  # not ready, or Ctrl-C while waiting: leave nothing running or recorded
+            end_server(cache_dir, server)
+            raise
 
 
 def up_resource(

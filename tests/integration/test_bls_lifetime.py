@@ -163,7 +163,7 @@ def test_a_stub_that_drops_its_bls_iterators_dies(tmp_path):
 def test_a_stub_that_holds_its_bls_iterators_until_a_question_came_back_serves_on(tmp_path):
     server = serve("held", tmp_path)
     try:
-        answers, most_held, error = hammer(server, 8)
+        answers, most_held, error = hammer(server, 5)
         log = Path(server.log).read_text(errors="replace")
     finally:
         local.down_name("bls-held", tmp_path)

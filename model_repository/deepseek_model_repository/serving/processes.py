@@ -1,4 +1,5 @@
-"""Triton's processes as /proc shows them: which Python-backend stub serves which model.
+"""Triton's processes as /proc and Triton's log show them: which Python-backend stub serves which model, and which
+stubs have initialized.
 
 Each model instance of the Python backend runs in a stub process, a child of tritonserver, started with the
 model's ``<model>/<version>/model.py``. The serving bench counts each one's CPU by the model it serves, and a
@@ -7,10 +8,28 @@ stub of a text-generation model prints its threads when signalled (``serving.tri
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 PROC = Path("/proc")
+
+#: What each of these models' stubs prints to Triton's log as its ``initialize`` ends (:func:`announce_initialized`).
+INITIALIZED = "deepseek_model_repository: initialized"
+_ANNOUNCED = re.compile(re.escape(INITIALIZED) + r" model '([^']+)'")
+
+
+def announce_initialized(args: dict, stream: TextIO = sys.stderr) -> None:
+    """Say in Triton's log (a stub's stderr) that this instance's ``initialize`` has ended, from ``initialize``'s
+    own args: the local mode tells a load Triton lost from a slow one by it (``deepseek_local.local.wait_ready``)."""
+    print(f"{INITIALIZED} model '{args.get('model_name', '')}' instance '{args.get('model_instance_name', '')}'",
+          file=stream, flush=True)
+
+
+def initialized_models(log_text: str) -> set[str]:
+    """The models one of whose stubs announced in ``log_text`` that its ``initialize`` ended."""
+    return set(_ANNOUNCED.findall(log_text))
 
 
 def stat_fields(pid: int, proc: Path = PROC) -> Optional[list[str]]:

@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
+from deepseek_model_repository.serving.processes import announce_initialized
 from deepseek_model_repository.serving.triton import FAILED, error_response
 
 
@@ -37,6 +38,7 @@ class TritonPythonModel:
         self.pad = int(info.get("pad_token_id") or 0)
         self.max_seq = int(info["max_sequence_length"])
         self.engine_output = "logits" if self.task == "text-classification" else "embedding"
+        announce_initialized(args)
 
     def _parse(self, request):
         text = pb_utils.get_input_tensor_by_name(request, "text_input")

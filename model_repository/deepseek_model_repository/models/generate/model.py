@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 
 from deepseek_model_repository.serving import limits, metrics
 from deepseek_model_repository.serving.detokenize import DEFAULT_STREAM_INTERVAL, StopText, StreamedText
+from deepseek_model_repository.serving.processes import announce_initialized
 from deepseek_model_repository.serving.responder import Responder
 from deepseek_model_repository.serving.triton import (FAILED, client_gone, dump_threads_on_signal, error_code,
                                                       error_response, model_parameters, request_timeout_s,
@@ -241,6 +242,7 @@ class TritonPythonModel:
         self.responder = Responder()
         self.scheduler = Scheduler(runner, info.get("eos_token_ids", []), metrics=self.metrics,
                                    max_prefill_tokens=chunk, share_prefixes=share).start()
+        announce_initialized(args)
 
     def execute(self, requests):
         """Check, tokenize and queue each request; the scheduler answers them later."""

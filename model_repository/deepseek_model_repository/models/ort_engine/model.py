@@ -13,6 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from deepseek_model_repository.serving.processes import announce_initialized
+
 
 class TritonPythonModel:
     """One onnxruntime.InferenceSession over the engine's model.onnx."""
@@ -28,6 +30,7 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        announce_initialized(args)
 
     def _feeds(self, request):
         feeds = {}

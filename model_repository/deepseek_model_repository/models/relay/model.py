@@ -36,6 +36,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from deepseek_model_repository.serving import limits, metrics
+from deepseek_model_repository.serving.processes import announce_initialized
 from deepseek_model_repository.serving.scheduler import CLIENT_POLL_S
 from deepseek_model_repository.serving.triton import (CANCELLED, CANCELLED_MESSAGE, FAILED, TIMED_OUT, client_gone,
                                                       decoupled_responses, dump_threads_on_signal, error_response,
@@ -116,6 +117,7 @@ class TritonPythonModel:
         self.died = None
         self.checker = threading.Thread(target=self._check_scheduler, name="relay-scheduler-check", daemon=True)
         self.checker.start()
+        announce_initialized(args)
 
     def execute(self, requests):
         """Check what can be checked without the scheduler, then relay each request from a thread."""
