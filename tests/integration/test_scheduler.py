@@ -314,7 +314,7 @@ def test_step_logits_mark_a_row_that_holds_a_nan_from_numpy_and_from_torch():
     import torch
 
     from deepseek_model_repository.serving.runners import NAN_ROW, StepLogits
-    from deepseek_model_repository.serving.scheduler import pick
+    from deepseek_model_repository.serving.sampling import pick
 
     data = np.random.default_rng(2).standard_normal((3, 50)).astype(np.float32)
     want = [int(np.argmax(r)) for r in data]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .scheduler import Sampling
+from .sampling import Sampling
 
 #: Outputs of the text-generation models: the completion, and what a request may ask about it with the BOOL input
 #: ``return_<name>`` (the names of Triton's vLLM backend, so its clients work here): how it ended (``stop``,
