@@ -22,6 +22,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -202,6 +203,21 @@ def text_response(texts, details=(), seqs=(), output_tokens=None):
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
+@dataclass
+class StreamSoFar:
+    """What a stream's responses have sent so far: the tokens they covered, and the text held back for the final
+    response (that of a token that ended the sequence by length)."""
+
+    covered: int = 0
+    held: str = ""
+
+    def cover(self, seq) -> list[int]:
+        """``num_output_tokens`` of a response sent now: the tokens since the last response (``seq.output_tokens``
+        counts an end-of-sentence token that ended it, as vLLM does)."""
+        count, self.covered = seq.output_tokens - self.covered, seq.output_tokens
+        return [count]
+
+
 class TritonPythonModel:
     """The scheduler model: one engine, one KV cache, every text-generation request of this server."""
 
@@ -290,19 +306,14 @@ class TritonPythonModel:
         text = StreamedText(self.tokenizer, self.stream_interval, stops=prompt.stop,
                             min_tokens=prompt.sampling.min_tokens)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        sent = [0]  # tokens that the responses so far covered
-        held = [""]  # the text of the token that ended the sequence by length, for the final response
-
-        def covered(seq):
-            count, sent[0] = seq.output_tokens - sent[0], seq.output_tokens
-            return [count]
+        so_far = StreamSoFar()
 
         def on_token(seq, token):
             delta = text.step(seq.generated)
             if seq.last:
-                held[0] = delta
+                so_far.held = delta
             elif delta:
-                sender.send(text_response([delta], details, [seq], covered(seq)))
+                sender.send(text_response([delta], details, [seq], so_far.cover(seq)))
             return text.stopped
 
         def on_finish(seq, error):
@@ -310,8 +321,8 @@ class TritonPythonModel:
             if error:
                 sender.send(error_response(error, error_code(seq)), flags=final)
                 return
-            rest = held[0] + text.rest(seq.generated)
-            sender.send(text_response([rest], details, [seq], covered(seq)), flags=final)
+            rest = so_far.held + text.rest(seq.generated)
+            sender.send(text_response([rest], details, [seq], so_far.cover(seq)), flags=final)
 
         return Sequence(prompt.prompt_ids, prompt.sampling, on_token=on_token, on_finish=on_finish,
                         cancelled=client_gone(sender), timeout_s=timeout_s, logprobs="cumulative_logprob" in details)
