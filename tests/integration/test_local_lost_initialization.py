@@ -28,7 +28,7 @@ from deepseek_model_repository.serving.processes import announce_initialized
 
 class TritonPythonModel:
     def initialize(self, args):
-        time.sleep(3)
+        time.sleep(2)
         announce_initialized(args)
 
     def execute(self, requests):
@@ -60,7 +60,7 @@ def test_a_model_process_that_triton_lost_as_it_initialized_gets_the_server_star
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (pid := instance_stub("slow_0_0")) is None:
             time.sleep(0.05)
-        time.sleep(0.5)  # in its initialize
+        time.sleep(0.3)  # in its initialize
         os.kill(pid, signal.SIGSTOP)
         stopped.append(pid)
         time.sleep(2.5)  # past Triton's one-second health check
