@@ -20,11 +20,11 @@ INITIALIZED = "deepseek_model_repository: initialized"
 _ANNOUNCED = re.compile(re.escape(INITIALIZED) + r" model '([^']+)'")
 
 
-def announce_initialized(args: dict, stream: TextIO = sys.stderr) -> None:
+def announce_initialized(args: dict, stream: Optional[TextIO] = None) -> None:
     """Say in Triton's log (a stub's stderr) that this instance's ``initialize`` has ended, from ``initialize``'s
     own args: the local mode tells a load Triton lost from a slow one by it (``deepseek_local.local.wait_ready``)."""
     print(f"{INITIALIZED} model '{args.get('model_name', '')}' instance '{args.get('model_instance_name', '')}'",
-          file=stream, flush=True)
+          file=stream or sys.stderr, flush=True)
 
 
 def initialized_models(log_text: str) -> set[str]:

@@ -59,7 +59,7 @@ class Relayed:
     question at a time (``serving.triton.client_gone``).
     """
 
-    def __init__(self, sender, inputs, requested=limits.OUTPUT_NAMES):
+    def __init__(self, sender, inputs, requested):
         self.sender = sender
         self.gone = client_gone(sender)
         self.inputs = inputs
@@ -147,7 +147,7 @@ class TritonPythonModel:
                 if waits:
                     self.backlog += 1
                     self._publish_backlog()
-            self.pool.submit(self._relay, inputs, sender, timeout, time.monotonic_ns(), waits, requested)
+            self.pool.submit(self._relay, inputs, sender, requested, timeout, time.monotonic_ns(), waits)
         return None
 
     def _publish_backlog(self):
@@ -214,10 +214,10 @@ class TritonPythonModel:
                 except Exception:  # noqa: BLE001 - the others are still answered
                     log.warning("could not answer a request that %s held", self.target, exc_info=True)
 
-    def _relay(self, inputs, sender, timeout=0, arrived_ns=None, waited=False, requested=limits.OUTPUT_NAMES):
+    def _relay(self, inputs, sender, requested, timeout=0, arrived_ns=None, waited=False):
         """Pass the request on (with its own timeout, in microseconds, and when it came: its wait for this thread
-        counts in that timeout), and its answer or error back; ``waited``: it was counted in the backlog;
-        ``requested``: the outputs its client asked for."""
+        counts in that timeout), and its answer, with the outputs its client asked for (``requested``), or its error
+        back; ``waited``: it was counted in the backlog."""
         if waited:
             with self.backlog_lock:
                 self.backlog -= 1
