@@ -418,7 +418,13 @@ def log_tail(path: Path, lines: int = 25) -> str:
 class LostInitialization(LocalError):
     """Triton 2.51 gave up on a model's process during its ``initialize`` (the process missed its one-second health
     check, starved of CPU), yet the process went on and initialized: Triton then waits for it to exit, for ever, and
-    the server never starts serving (measured: a stub stopped for 2.5 s in its ``initialize``)."""
+    the server never starts serving (measured: a stub stopped for 2.5 s in its ``initialize``). Or Triton aborted
+    there instead (:data:`STARVED_ABORT`; seen once, in a full run, with the same stopped stub)."""
+
+
+#: How tritonserver 2.51 dies when it cannot take a model process's health lock in time (upstream
+#: triton-inference-server/server#8882).
+STARVED_ABORT = "boost::interprocess::lock_exception"
 
 
 def lost_initializations(log_text: str, announced_at: dict[str, float], now: float, grace_s: float) -> list[str]:
@@ -441,6 +447,11 @@ def wait_ready(pid: int, http_port: int, models: list[str], log_path: Path, time
     announced_at: dict[str, float] = {}
     while pending:
         if not pid_alive(pid):
+            if STARVED_ABORT in log_tail(log_path):
+                raise LostInitialization(
+                    f"tritonserver aborted ({STARVED_ABORT}) as a model's process initialized: Triton 2.51's other "
+                    "answer to a model process that misses its health check on a machine short of CPU; log "
+                    f"({log_path}) ends:\n{log_tail(log_path)}")
             raise LocalError(f"tritonserver exited before the model was ready; its log ({log_path}) ends:\n"
                              f"{log_tail(log_path)}")
         try:

@@ -75,7 +75,9 @@ def test_a_model_process_that_triton_lost_as_it_initialized_gets_the_server_star
         thread.join(5)
         said = capsys.readouterr().err
         assert stopped and stopped[0] != instance_stub("slow_0_0")  # a second process serves it
-        assert "Triton lost the process of model slow: it initialized 3s ago" in said
+        # Triton waited for ever, or (once in a full run) aborted as it failed to take the stub's health lock.
+        assert ("Triton lost the process of model slow: it initialized 3s ago" in said
+                or f"tritonserver aborted ({local.STARVED_ABORT}) as a model's process initialized" in said)
         assert "starting the server again" in said
         assert time.monotonic() - started < 60
     finally:

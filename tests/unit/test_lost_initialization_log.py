@@ -1,8 +1,11 @@
 """How the local mode tells a model load that Triton lost from one that is slow, from Triton's log alone."""
 
 import io
+import subprocess
 
-from deepseek_local.local import lost_initializations
+import pytest
+
+from deepseek_local.local import STARVED_ABORT, LocalError, LostInitialization, lost_initializations, wait_ready
 from deepseek_model_repository.serving.processes import announce_initialized, initialized_models
 
 
@@ -36,3 +39,16 @@ def test_the_grace_counts_from_when_the_announcement_was_first_seen():
     log = announced("late", "late_0_0")
     assert lost_initializations(log, seen, now=50.0, grace_s=20) == []
     assert lost_initializations(log, seen, now=71.0, grace_s=20) == ["late"]
+
+
+@pytest.mark.parametrize("ends, error", [(f"terminate called after throwing an instance of '{STARVED_ABORT}'",
+                                          LostInitialization),
+                                         ("E1207 model_repository_manager.cc] failed to load 'slow'", LocalError)])
+def test_a_server_that_aborted_on_the_health_lock_counts_as_lost_and_any_other_exit_does_not(tmp_path, ends, error):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs: the server exited
+    log = tmp_path / "tritonserver.log"
+    log.write_text("I1207 loading: slow:1\n" + ends + "\n")
+    with pytest.raises(LocalError) as raised:
+        wait_ready(gone.pid, 1, ["slow"], log, timeout=5)
+    assert type(raised.value) is error
