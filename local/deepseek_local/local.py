@@ -46,7 +46,7 @@ import yaml
 
 from deepseek_model_repository.config import server_flags
 from deepseek_model_repository.repository import ModelNames
-from deepseek_model_repository.serving.processes import initialized_models
+from deepseek_model_repository.serving.processes import LOST_INIT_S, STARVED_ABORT, lost_initializations
 
 from deepseek_contract.layout import CACHE_ENV as ENV_CACHE
 from deepseek_contract.layout import default_cache_dir
@@ -54,9 +54,6 @@ from deepseek_operator import api, engine_key
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 READY_TIMEOUT_S = 300.0
-#: How long Triton may take to report a model loaded once its process has said its ``initialize`` ended (it takes
-#: milliseconds): past it, Triton lost that process (``LostInitialization``).
-LOST_INIT_S = 20.0
 #: How many times ``serve_repository`` starts a server whose model process Triton lost.
 START_ATTEMPTS = 2
 #: --exit-timeout-secs of a server started from a repository alone; `up` gives a CR's serving.drainSeconds.
@@ -370,15 +367,13 @@ def server_env(install: TritonInstall) -> dict[str, str]:
     return env
 
 
-def start_triton(
-    repository: Path, workdir: Path, *, http_port: int, grpc_port: int, metrics_port: int, log_path: Path,
+def server_argv(
+    install: TritonInstall, repository: Path, workdir: Path, *, http_port: int, grpc_port: int, metrics_port: int,
     shm_prefix: str = "", exit_timeout_s: int = EXIT_TIMEOUT_S,
-) -> int:
-    """Start tritonserver in a session and process group of its own (it outlives this command, and its
-    Python stubs join its group); return its pid, which is also the group's id."""
-    install = find_triton()
+) -> list[str]:
+    """tritonserver's command line for ``repository`` on loopback, with the Python backend prepared in ``workdir``."""
     backends = prepare_backends(install, workdir / "backends")
-    argv = [
+    return [
         str(install.binary),
         f"--model-repository={repository}",
         f"--backend-directory={backends}",
@@ -391,6 +386,17 @@ def start_triton(
         f"--exit-timeout-secs={exit_timeout_s}",
         "--log-verbose=0",
     ] + server_flags() + ([f"--backend-config=python,shm-region-prefix-name={shm_prefix}"] if shm_prefix else [])
+
+
+def start_triton(
+    repository: Path, workdir: Path, *, http_port: int, grpc_port: int, metrics_port: int, log_path: Path,
+    shm_prefix: str = "", exit_timeout_s: int = EXIT_TIMEOUT_S,
+) -> int:
+    """Start tritonserver in a session and process group of its own (it outlives this command, and its
+    Python stubs join its group); return its pid, which is also the group's id."""
+    install = find_triton()
+    argv = server_argv(install, repository, workdir, http_port=http_port, grpc_port=grpc_port,
+                       metrics_port=metrics_port, shm_prefix=shm_prefix, exit_timeout_s=exit_timeout_s)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -420,22 +426,6 @@ class LostInitialization(LocalError):
     check, starved of CPU), yet the process went on and initialized: Triton then waits for it to exit, for ever, and
     the server never starts serving (measured: a stub stopped for 2.5 s in its ``initialize``). Or Triton aborted
     there instead (:data:`STARVED_ABORT`; seen once, in a full run, with the same stopped stub)."""
-
-
-#: How tritonserver 2.51 dies when it cannot take a model process's health lock in time (upstream
-#: triton-inference-server/server#8882).
-STARVED_ABORT = "boost::interprocess::lock_exception"
-
-
-def lost_initializations(log_text: str, announced_at: dict[str, float], now: float, grace_s: float) -> list[str]:
-    """The models whose process announced in ``log_text`` that its ``initialize`` ended (``serving.processes``) more
-    than ``grace_s`` before ``now`` and that Triton has not reported loaded (or failed) since; ``announced_at``
-    (model -> when this caller first saw it announced) is updated."""
-    for model in initialized_models(log_text):
-        announced_at.setdefault(model, now)
-    return sorted(model for model, seen in announced_at.items()
-                  if now - seen > grace_s and f"successfully loaded '{model}'" not in log_text
-                  and f"failed to load '{model}'" not in log_text)
 
 
 def wait_ready(pid: int, http_port: int, models: list[str], log_path: Path, timeout: float = READY_TIMEOUT_S,

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from deepseek_model_repository.config import server_flags
 from deepseek_model_repository.probe import PING_TIMEOUT_S, probe_command
 from deepseek_model_repository.repository import DEFAULT_PREFILL_TOKENS, DEFAULT_STREAM_INTERVAL
+from deepseek_model_repository.supervise import supervise_command
 
 from . import autoscaling, engine_key, naming
 from deepseek_contract.engine import gpu_type_for
@@ -364,7 +365,9 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
     triton: dict[str, Any] = {
         "name": "triton",
         "image": spec.serving.image,
-        "command": triton_args(model),
+        # tritonserver under a watch that ends it when Triton lost a model's process as it initialized (Triton
+        # then never serves, and the startup probe would wait 10 minutes): the kubelet starts it again at once.
+        "command": supervise_command(triton_args(model)),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},

@@ -1,10 +1,13 @@
 """Triton 2.51 gives up on a model process that misses its one-second health check while it initializes (a machine
 short of CPU), yet the process goes on: Triton then waits for it to exit, for ever, and never starts serving. The
 local mode tells that from a slow load by the line each of these models' processes prints as its initialize ends
-(``serving.processes.announce_initialized``), stops that server and starts it once more."""
+(``serving.processes.announce_initialized``), stops that server and starts it once more; in a Triton pod the
+container's command (``deepseek_model_repository.supervise``) ends that server, and the kubelet starts it again."""
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -77,8 +80,53 @@ def test_a_model_process_that_triton_lost_as_it_initialized_gets_the_server_star
         assert stopped and stopped[0] != instance_stub("slow_0_0")  # a second process serves it
         # Triton waited for ever, or (once in a full run) aborted as it failed to take the stub's health lock.
         assert ("Triton lost the process of model slow: it initialized 3s ago" in said
-                or f"tritonserver aborted ({local.STARVED_ABORT}) as a model's process initialized" in said)
+                or f"tritonserver aborted ({processes.STARVED_ABORT}) as a model's process initialized" in said)
         assert "starting the server again" in said
         assert time.monotonic() - started < 60
     finally:
         local.down_name("lost", tmp_path)
+
+
+def gone(pid: int) -> bool:
+    fields = processes.stat_fields(pid)
+    return fields is None or fields[0] == "Z"
+
+
+def test_the_triton_pods_watch_ends_a_server_that_lost_a_model_process_so_the_kubelet_starts_it_again(tmp_path):
+    """The Triton container's command (``deepseek_model_repository.supervise``) on a real tritonserver, whose model
+    process is stopped for 2.5 s in its initialize: it ends tritonserver and that process and exits with status 75."""
+    repo = tmp_path / "repository"
+    (repo / "slow" / "1").mkdir(parents=True)
+    (repo / "slow" / "config.pbtxt").write_text(CONFIG)
+    (repo / "slow" / "1" / "model.py").write_text(MODEL)
+    install = local.find_triton()
+    server = local.server_argv(install, repo, tmp_path, http_port=local.free_port(), grpc_port=local.free_port(),
+                               metrics_port=local.free_port(), shm_prefix=f"deepseek_supervise_{os.getpid()}_")
+    watch = subprocess.Popen([sys.executable, "-m", "deepseek_model_repository.supervise", "--lost-after=3", "--",
+                              *server], env=local.server_env(install), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (stub := instance_stub("slow_0_0")) is None:
+            time.sleep(0.05)
+        assert stub is not None, "tritonserver started no process for model slow"
+        triton = int(processes.stat_fields(stub)[1])
+        time.sleep(0.3)  # in its initialize
+        os.kill(stub, signal.SIGSTOP)
+        time.sleep(2.5)  # past Triton's one-second health check
+        os.kill(stub, signal.SIGCONT)
+        out, err = watch.communicate(timeout=60)
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+            watch.wait()
+        local.remove_shm(f"deepseek_supervise_{os.getpid()}_")
+    said = err.decode()
+    if watch.returncode == 75:
+        assert "Triton lost the process of model slow: it initialized 3s ago" in said
+        assert "ending tritonserver so that the container starts again" in said
+        assert b"deepseek_model_repository: initialized model 'slow'" in out  # Triton's output, passed on
+    else:  # Triton's other answer (once in a full run): it aborts, and the container's status says it failed
+        assert watch.returncode != 0 and f"tritonserver aborted ({processes.STARVED_ABORT})" in said, said
+    time.sleep(0.5)  # the killed stub's new parent reaps it
+    assert gone(triton) and gone(stub)

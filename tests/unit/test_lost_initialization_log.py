@@ -1,12 +1,14 @@
-"""How the local mode tells a model load that Triton lost from one that is slow, from Triton's log alone."""
+"""How the local mode and the Triton pod's watch (``deepseek_model_repository.supervise``) tell a model load that
+Triton lost from one that is slow, from Triton's log alone."""
 
 import io
 import subprocess
 
 import pytest
 
-from deepseek_local.local import STARVED_ABORT, LocalError, LostInitialization, lost_initializations, wait_ready
-from deepseek_model_repository.serving.processes import announce_initialized, initialized_models
+from deepseek_local.local import LocalError, LostInitialization, wait_ready
+from deepseek_model_repository.serving.processes import (STARVED_ABORT, announce_initialized, initialized_models,
+                                                         load_event, lost_initializations)
 
 
 def announced(model: str, instance: str) -> str:
@@ -31,6 +33,10 @@ def test_a_model_is_lost_only_once_its_grace_has_passed_without_triton_loading_i
     assert lost_initializations(loaded, seen, now=121.0, grace_s=20) == ["a"]
     failed = loaded + "E1207 model_lifecycle.cc:642] \"failed to load 'a' version 1: Internal: ...\"\n"
     assert lost_initializations(failed, seen, now=121.0, grace_s=20) == []
+    # The pod's watch keeps only the lines that tell this, and they tell the same.
+    kept = "".join(line for line in failed.splitlines(keepends=True) if load_event(line))
+    assert lost_initializations(kept, dict(seen), now=121.0, grace_s=20) == []
+    assert not load_event("I1207 model_lifecycle.cc:839] \"successfully unloaded 'b' version 1\"\n")
 
 
 def test_the_grace_counts_from_when_the_announcement_was_first_seen():

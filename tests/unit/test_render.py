@@ -218,7 +218,9 @@ def test_deployment_serves_triton_on_three_ports_with_health_probes():
     assert triton["livenessProbe"]["exec"]["command"] == [
         "python3", "-m", "deepseek_model_repository.probe", "--port=8000", naming.triton_model_name("r1")]
     assert triton["livenessProbe"]["timeoutSeconds"] > 5 and "httpGet" not in triton["livenessProbe"]
-    assert triton["command"][0] == "tritonserver" and "--model-repository=/models" in triton["command"]
+    # tritonserver under the watch that ends it when Triton lost a model's process as it initialized.
+    assert triton["command"][:5] == ["python3", "-m", "deepseek_model_repository.supervise", "--", "tritonserver"]
+    assert "--model-repository=/models" in triton["command"]
     assert triton["resources"] == {"requests": api.TRITON_RESOURCES["requests"],
                                    "limits": {**api.TRITON_RESOURCES["limits"], "nvidia.com/gpu": 1}}
     assert dep["spec"]["replicas"] == 1

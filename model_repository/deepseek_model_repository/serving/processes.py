@@ -1,5 +1,5 @@
-"""Triton's processes as /proc and Triton's log show them: which Python-backend stub serves which model, and which
-stubs have initialized.
+"""Triton's processes as /proc and Triton's log show them: which Python-backend stub serves which model, which
+stubs have initialized, and which of those Triton lost.
 
 Each model instance of the Python backend runs in a stub process, a child of tritonserver, started with the
 model's ``<model>/<version>/model.py``. The serving bench counts each one's CPU by the model it serves, and a
@@ -30,6 +30,34 @@ def announce_initialized(args: dict, stream: Optional[TextIO] = None) -> None:
 def initialized_models(log_text: str) -> set[str]:
     """The models one of whose stubs announced in ``log_text`` that its ``initialize`` ended."""
     return set(_ANNOUNCED.findall(log_text))
+
+
+#: How long Triton may take to report a model loaded once its process has said that its ``initialize`` ended (it
+#: takes milliseconds): past it, Triton lost that process (:func:`lost_initializations`).
+LOST_INIT_S = 20.0
+#: How tritonserver 2.51 dies, instead, when it cannot take a starved model process's health lock in time (upstream
+#: triton-inference-server/server#8882).
+STARVED_ABORT = "boost::interprocess::lock_exception"
+#: What Triton's log says once it has loaded a model, or failed to.
+_LOADED, _FAILED = "successfully loaded '{}'", "failed to load '{}'"
+
+
+def load_event(line: str) -> bool:
+    """Whether a line of Triton's log is one that :func:`lost_initializations` reads."""
+    return INITIALIZED in line or any(said.split("{}")[0] in line for said in (_LOADED, _FAILED))
+
+
+def lost_initializations(log_text: str, announced_at: dict[str, float], now: float, grace_s: float) -> list[str]:
+    """The models whose process announced in ``log_text`` that its ``initialize`` ended (:func:`announce_initialized`)
+    more than ``grace_s`` before ``now`` and that Triton has not reported loaded (or failed) since: Triton 2.51 gives
+    up on a model process that misses its one-second health check as it initializes (starved of CPU), yet the process
+    goes on, and Triton waits for it to exit, for ever, never starting to serve. ``announced_at`` (model -> when this
+    caller first saw it announced) is updated."""
+    for model in initialized_models(log_text):
+        announced_at.setdefault(model, now)
+    return sorted(model for model, seen in announced_at.items()
+                  if now - seen > grace_s and _LOADED.format(model) not in log_text
+                  and _FAILED.format(model) not in log_text)
 
 
 def stat_fields(pid: int, proc: Path = PROC) -> Optional[list[str]]:
