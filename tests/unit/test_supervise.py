@@ -62,3 +62,13 @@ def test_a_bad_command_line_says_what_to_fix(args, status, says):
                           timeout=20)
     assert proc.returncode == status
     assert says in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("module", ["deepseek_model_repository.supervise", "deepseek_model_repository.probe"])
+def test_the_commands_a_triton_pod_runs_beside_the_server_stay_lean(module):
+    """The watch lives as long as the pod and the liveness probe starts every 10 s: neither imports tritonclient or
+    protobuf (the package's names are imported when first used)."""
+    script = (f"import sys, {module}; import deepseek_model_repository as package; "
+              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tritonclient', 'google', 'grpc')); "
+              "assert not heavy, heavy; assert package.write_repository.__module__.endswith('.repository')")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
