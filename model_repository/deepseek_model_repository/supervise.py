@@ -1,17 +1,30 @@
-"""Run tritonserver in a Triton pod, and end it when Triton lost a model's process as it initialized.
+"""Run tritonserver in a Triton pod, and end it when one of its model processes is lost or dead, so that the kubelet
+starts the container again at once.
 
-Triton 2.51 gives up on a Python-backend process that misses its one-second health check during ``initialize`` (in
-a container short of CPU, throttled at its limit, say), yet the process goes on: Triton then waits for it to exit,
-for ever, and never starts its HTTP and gRPC services. Left alone, such a pod waits for its startup probe to run out
-(10 minutes) before the kubelet starts the container again.
+Two ways in which Triton 2.51 keeps a pod that cannot serve:
+
+- It gives up on a Python-backend process that misses its one-second health check during ``initialize`` (in a
+  container short of CPU, throttled at its limit, say), yet the process goes on: Triton then waits for it to exit,
+  for ever, and never starts its HTTP and gRPC services. Left alone, such a pod waits for its startup probe to run
+  out (10 minutes).
+- A model process that dies (a segfault in a native library, the kernel's OOM killer) is never started again, and
+  Triton goes on reporting the model ready while it fails each of its requests. A text-generation pod's liveness
+  probe finds that within about a minute; a classification or embedding pod's (Triton's ``/v2/health/live``) never.
 
 So the Triton container runs this as its command, with tritonserver's command line after ``--``. It starts
-tritonserver as its child, passes its output on line by line, and reads there the line that each of this package's
-models prints as its ``initialize`` ends (``serving.processes.announce_initialized``). Once a model announced so
-``--lost-after`` seconds ago and Triton has reported it neither loaded nor failed, Triton lost that process: this
-kills tritonserver and its model processes and exits with status 75 (``LOST_EXIT``), naming the model, and the kubelet
-starts the container again at once. SIGTERM and SIGINT go on to tritonserver, which drains its requests
-(``--exit-timeout-secs``); otherwise this exits with tritonserver's own status::
+tritonserver as its child and passes its output on line by line.
+
+- It reads there the line that each of this package's models prints as its ``initialize`` ends
+  (``serving.processes.announce_initialized``). Once a model announced so ``--lost-after`` seconds ago and Triton has
+  reported it neither loaded nor failed, Triton lost that process: this kills tritonserver and its model processes
+  and exits with status 75 (``LOST_EXIT``), naming the model.
+- It looks at tritonserver's model processes (``/proc``) as often: one that has exited and that Triton has not
+  reaped (a process Triton stops, it waits for) has died. This tells tritonserver to stop (SIGTERM: it stops taking
+  requests and drains the others for its ``--exit-timeout-secs``), kills what is left after that and a margin, and
+  exits with status 70 (``DIED_EXIT``), naming the model.
+
+SIGTERM and SIGINT go on to tritonserver, which drains its requests; otherwise this exits with tritonserver's own
+status::
 
     python3 -m deepseek_model_repository.supervise [--lost-after SECONDS] -- tritonserver ARG ...
 """
@@ -27,18 +40,28 @@ import threading
 import time
 from typing import BinaryIO, Optional, Sequence, TextIO
 
-from .serving.processes import LOST_INIT_S, STARVED_ABORT, load_event, lost_initializations
+from .serving.processes import (LOST_INIT_S, STARVED_ABORT, children, is_stub, load_event, lost_initializations,
+                                stat_fields, stub_model)
 
 #: The exit status when Triton lost a model's process (EX_TEMPFAIL: starting again is the remedy).
 LOST_EXIT = 75
+#: The exit status when one of tritonserver's model processes died (EX_SOFTWARE).
+DIED_EXIT = 70
+#: tritonserver's own default for --exit-timeout-secs.
+TRITON_EXIT_TIMEOUT_S = 30.0
+#: How long past its exit timeout a tritonserver told to stop gets before it is killed.
+STOP_MARGIN_S = 15.0
 #: How often the watch looks for a lost model process, in seconds.
 POLL_S = 0.5
-PROG = f"python3 -m {__name__}"
+MODULE = f"{__package__}.supervise"  # also when run as __main__
+PROG = f"python3 -m {MODULE}"
+#: What a dead model process is called when it died before this watch first saw it.
+UNKNOWN_MODEL = "(unknown: it died before a first look)"
 
 
 def supervise_command(server: Sequence[str]) -> list[str]:
     """The Triton container's command: ``server`` (tritonserver's command line) run under this watch."""
-    return ["python3", "-m", __name__, "--", *server]
+    return ["python3", "-m", MODULE, "--", *server]
 
 
 class _Output:
@@ -70,17 +93,61 @@ class _Output:
             return "".join(self.events)
 
 
+class _ModelProcesses:
+    """tritonserver's model processes (Python-backend stubs), by pid, and which of them died: a stub that has exited
+    and that tritonserver has not reaped, at two looks in a row (it waits for each stub it stops, and for the short-lived
+    ones that complete a model's configuration)."""
+
+    def __init__(self, server_pid: int):
+        self.server = server_pid
+        self.models: dict[int, str] = {}
+        self.exited: set[int] = set()
+
+    def died(self) -> list[tuple[int, str]]:
+        for pid in children(self.server):
+            if pid not in self.models:
+                model = stub_model(pid)
+                if model is None and is_stub(pid):  # it exited before a first look: its command line reads empty
+                    model = UNKNOWN_MODEL
+                if model is not None:
+                    self.models[pid] = model
+        dead = []
+        for pid, model in list(self.models.items()):
+            fields = stat_fields(pid)
+            if fields is None:  # reaped: tritonserver ended it, and knows
+                del self.models[pid]
+                self.exited.discard(pid)
+            elif fields[0] == "Z":
+                if pid in self.exited:
+                    dead.append((pid, model))
+                self.exited.add(pid)
+            else:
+                self.exited.discard(pid)
+        return dead
+
+
+def _exit_timeout(server: Sequence[str]) -> float:
+    """The --exit-timeout-secs that ``server`` (tritonserver's command line) gives, else Triton's default."""
+    for arg in server:
+        if arg.startswith("--exit-timeout-secs="):
+            try:
+                return float(arg.split("=", 1)[1])
+            except ValueError:
+                break
+    return TRITON_EXIT_TIMEOUT_S
+
+
 def supervise(server: Sequence[str], lost_after_s: float = LOST_INIT_S, *, out: Optional[BinaryIO] = None,
               err: Optional[TextIO] = None) -> int:
     """Run ``server`` to its end and return the exit status this command should have (above)."""
     err = err or sys.stderr
     stopping: list[int] = []  # the signals to pass on
-    children: list[subprocess.Popen] = []
+    started: list[subprocess.Popen] = []
 
     def forward(signum, _frame) -> None:
         stopping.append(signum)
-        if children and children[0].poll() is None:
-            os.kill(children[0].pid, signum)
+        if started and started[0].poll() is None:
+            os.kill(started[0].pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -91,10 +158,11 @@ def supervise(server: Sequence[str], lost_after_s: float = LOST_INIT_S, *, out: 
             signal.signal(sig, handler)
         print(f"{PROG}: cannot start {server[0]}: {exc}", file=err, flush=True)
         return 127
-    children.append(child)
+    started.append(child)
     if stopping:  # told to stop while it started
         os.kill(child.pid, stopping[0])
     output = _Output(child.stdout, out or sys.stdout.buffer)
+    stubs = _ModelProcesses(child.pid)
     announced_at: dict[str, float] = {}
     try:
         while True:
@@ -114,6 +182,19 @@ def supervise(server: Sequence[str], lost_after_s: float = LOST_INIT_S, *, out: 
                 os.killpg(child.pid, signal.SIGKILL)  # its loading thread never sees a SIGTERM; stubs included
                 child.wait()
                 return LOST_EXIT
+            dead = stubs.died()
+            if dead:
+                pid, model = dead[0]
+                print(f"{PROG}: the process of model {model} (pid {pid}) died, and Triton 2.51 never starts it again "
+                      "while it goes on failing the model's requests (its stack, where Python could print it, is in "
+                      "the log above); stopping tritonserver so that the container starts again", file=err, flush=True)
+                os.kill(child.pid, signal.SIGTERM)  # it stops taking requests and drains the others
+                try:
+                    child.wait(timeout=_exit_timeout(server) + STOP_MARGIN_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+                return DIED_EXIT
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -2,7 +2,8 @@
 short of CPU), yet the process goes on: Triton then waits for it to exit, for ever, and never starts serving. The
 local mode tells that from a slow load by the line each of these models' processes prints as its initialize ends
 (``serving.processes.announce_initialized``), stops that server and starts it once more; in a Triton pod the
-container's command (``deepseek_model_repository.supervise``) ends that server, and the kubelet starts it again."""
+container's command (``deepseek_model_repository.supervise``) ends that server, and the kubelet starts it again. The
+same watch stops a server whose model process died, which Triton 2.51 never starts again."""
 
 import os
 import signal
@@ -24,6 +25,7 @@ instance_group [ { kind: KIND_CPU count: 1 } ]
 """
 
 MODEL = """
+import faulthandler
 import time
 
 from deepseek_model_repository.serving.processes import announce_initialized
@@ -31,6 +33,7 @@ from deepseek_model_repository.serving.processes import announce_initialized
 
 class TritonPythonModel:
     def initialize(self, args):
+        faulthandler.enable()  # as this package's models do: a crash prints the stack to Triton's log
         time.sleep(2)
         announce_initialized(args)
 
@@ -130,3 +133,44 @@ def test_the_triton_pods_watch_ends_a_server_that_lost_a_model_process_so_the_ku
         assert watch.returncode != 0 and f"tritonserver aborted ({processes.STARVED_ABORT})" in said, said
     time.sleep(0.5)  # the killed stub's new parent reaps it
     assert gone(triton) and gone(stub)
+
+
+def test_the_triton_pods_watch_stops_a_server_whose_model_process_died_so_the_kubelet_starts_it_again(tmp_path):
+    """Triton 2.51 never starts a dead model process again and keeps the model ready, failing its every request;
+    the watch sees the stub exited and not reaped, stops tritonserver (it drains) and exits with status 70."""
+    repo = tmp_path / "repository"
+    (repo / "quick" / "1").mkdir(parents=True)
+    (repo / "quick" / "config.pbtxt").write_text(CONFIG.replace('"slow"', '"quick"'))
+    (repo / "quick" / "1" / "model.py").write_text(MODEL.replace("time.sleep(2)", "pass"))
+    install = local.find_triton()
+    http = local.free_port()
+    prefix = f"deepseek_supervise_died_{os.getpid()}_"
+    server = local.server_argv(install, repo, tmp_path, http_port=http, grpc_port=local.free_port(),
+                               metrics_port=local.free_port(), shm_prefix=prefix)
+    watch = subprocess.Popen([sys.executable, "-m", "deepseek_model_repository.supervise", "--", *server],
+                             env=local.server_env(install), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    triton = None
+    try:
+        local.wait_ready(watch.pid, http, ["quick"], tmp_path / "no.log", timeout=60)  # the watch passes it on
+        (triton,) = processes.children(watch.pid)
+        (stub,) = [pid for pid in processes.children(triton) if processes.stub_model(pid) == "quick"]
+        time.sleep(1.5)  # serving, seen by the watch
+        os.kill(stub, signal.SIGSEGV)
+        died = time.monotonic()
+        out, err = watch.communicate(timeout=60)
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+            watch.wait()
+        if triton is not None and not gone(triton):  # a session of its own
+            os.killpg(triton, signal.SIGKILL)
+        local.remove_shm(prefix)
+    assert watch.returncode == 70, err
+    said = err.decode()
+    assert f"the process of model quick (pid {stub}) died" in said
+    assert "stopping tritonserver so that the container starts again" in said
+    assert b"Fatal Python error: Segmentation fault" in out  # the stub's stack, in Triton's output passed on
+    assert time.monotonic() - died < 20  # the exit timeout (5 s) and Triton's unload, not a probe's minute
+    time.sleep(0.5)
+    assert gone(triton)

@@ -2,6 +2,7 @@
 passes the child's output on, passes SIGTERM on (tritonserver drains then), and exits with the child's status. Its
 watch over a real tritonserver that lost a model's process is in tests/integration/test_local_lost_initialization.py."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -72,3 +73,41 @@ def test_the_commands_a_triton_pod_runs_beside_the_server_stay_lean(module):
               "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tritonclient', 'google', 'grpc')); "
               "assert not heavy, heavy; assert package.write_repository.__module__.endswith('.repository')")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+SERVER = """
+import ctypes, os, subprocess, sys, time
+# A model process that runs and is killed, one that names itself as Triton's stub does and exits at once, and one
+# that exits and is reaped: a server that reaps only the last, as tritonserver reaps the stubs it stops.
+os.makedirs(sys.argv[1] + "/m/1", exist_ok=True)
+script = sys.argv[1] + "/m/1/model.py"
+open(script, "w").write("import time; time.sleep(60)")
+model = subprocess.Popen([sys.executable, script])
+quick = os.fork()
+if quick == 0:
+    ctypes.CDLL(None).prctl(15, b"triton_python_backend_stub")  # PR_SET_NAME: the kernel keeps 15 characters
+    os._exit(0)
+subprocess.run([sys.executable, "-c", "pass"])
+while open(f"/proc/{quick}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+    time.sleep(0.01)
+print(model.pid, quick, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_watch_finds_model_processes_that_exited_unreaped_named_or_not(tmp_path):
+    from deepseek_model_repository.supervise import UNKNOWN_MODEL, _ModelProcesses
+
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        model, quick = map(int, server.stdout.readline().split())
+        watch = _ModelProcesses(server.pid)
+        # Exited once is not enough (tritonserver may be about to reap it); the reaped one is not theirs to count.
+        assert watch.died() == [] and watch.models == {model: "m", quick: UNKNOWN_MODEL}
+        os.kill(model, signal.SIGKILL)
+        time.sleep(0.3)
+        assert watch.died() == [(quick, UNKNOWN_MODEL)]
+        assert sorted(watch.died()) == sorted([(model, "m"), (quick, UNKNOWN_MODEL)])
+    finally:
+        server.kill()
+        server.wait()

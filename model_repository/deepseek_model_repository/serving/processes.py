@@ -75,6 +75,18 @@ def children(pid: int, proc: Path = PROC) -> list[int]:
             if entry.name.isdigit() and (fields := stat_fields(int(entry.name), proc)) and int(fields[1]) == pid]
 
 
+#: The Python backend's stub, as a process's name (``comm``, which the kernel cuts to 15 characters) says.
+STUB_COMM = "triton_python_backend_stub"[:15]
+
+
+def is_stub(pid: int, proc: Path = PROC) -> bool:
+    """Whether ``pid`` is a Python-backend stub, from its name alone: an exited one's command line reads empty."""
+    try:
+        return (proc / str(pid) / "comm").read_text().strip() == STUB_COMM
+    except OSError:
+        return False
+
+
 def stub_model(pid: int, proc: Path = PROC) -> Optional[str]:
     """The model a Python-backend stub serves: the folder of the ``<model>/<version>/model.py`` it was given."""
     try:
