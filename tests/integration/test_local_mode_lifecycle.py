@@ -235,4 +235,6 @@ def test_status_says_a_model_whose_process_died_is_failing_though_triton_still_r
         assert f"{NAME}: its model does not answer" in status.stdout and "is not healthy" in status.stdout
         assert f"run `local down {NAME}` and `local up`" in status.stdout
     finally:
+        # Triton waits its whole exit timeout (30 s) for the request that the dead process holds: end it at once.
+        local.stop_group(state.pgid or state.pid, timeout=1.0)
         cli(cache, "local", "down")
