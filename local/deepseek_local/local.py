@@ -46,7 +46,7 @@ import yaml
 
 from deepseek_model_repository.config import server_flags
 from deepseek_model_repository.repository import ModelNames
-from deepseek_model_repository.serving.processes import LOST_INIT_S, STARVED_ABORT, lost_initializations
+from deepseek_model_repository.serving.processes import LOST_INIT_S, STARVED_ABORT, dead_stubs, lost_initializations
 
 from deepseek_contract.layout import CACHE_ENV as ENV_CACHE
 from deepseek_contract.layout import default_cache_dir
@@ -287,8 +287,12 @@ def remove_shm(prefix: str) -> int:
 
 def end_server(cache_dir: Path, server: LocalServer) -> int:
     """End the server's process group (stubs included), remove its shared memory and state; returns the
-    number of processes that were still running."""
-    ended = stop_group(server.pgid or server.pid, timeout=server.exit_timeout_s + 15)
+    number of processes that were still running. A server whose model process died gets ``ORPHAN_GRACE_S``, not its
+    exit timeout: Triton cannot finish the requests that process held, and would wait that whole timeout for them."""
+    timeout = server.exit_timeout_s + 15
+    if dead_stubs(server.pid):  # Triton would wait its whole exit timeout for the requests a dead process holds
+        timeout = ORPHAN_GRACE_S
+    ended = stop_group(server.pgid or server.pid, timeout=timeout)
     remove_shm(server.shm_prefix)
     state_file(cache_dir, server.name).unlink(missing_ok=True)
     return ended
@@ -680,6 +684,9 @@ def down_name(name: str, cache_dir: Path, echo: Callable[[str], None] = lambda _
         if server is None:
             return None
         was_running = server_running(server)
+        if was_running and dead_stubs(server.pid):
+            echo(f"{name}: a model process of its server died, and Triton cannot finish the requests it held: "
+                 "stopping the server without waiting for them")
         return Stopped(server, was_running, end_server(cache_dir, server))
 
 

@@ -234,7 +234,12 @@ def test_status_says_a_model_whose_process_died_is_failing_though_triton_still_r
         assert " failing " in status.stdout, status.stdout
         assert f"{NAME}: its model does not answer" in status.stdout and "is not healthy" in status.stdout
         assert f"run `local down {NAME}` and `local up`" in status.stdout
+        # Triton would wait its whole exit timeout (30 s) for the ping that the dead process holds: down does not.
+        started = time.monotonic()
+        down = cli(cache, "local", "down")
+        assert down.returncode == 0 and f"stopped {NAME}" in down.stdout, down.stdout + down.stderr
+        assert f"{NAME}: a model process of its server died" in down.stdout + down.stderr
+        assert time.monotonic() - started < 15
+        assert not local.server_running(state)
     finally:
-        # Triton waits its whole exit timeout (30 s) for the request that the dead process holds: end it at once.
-        local.stop_group(state.pgid or state.pid, timeout=1.0)
         cli(cache, "local", "down")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from deepseek_model_repository.serving import processes
 from deepseek_model_repository.supervise import supervise_command
 
 DRAINS = """
@@ -107,6 +108,7 @@ def test_the_watch_finds_model_processes_that_exited_unreaped_named_or_not(tmp_p
         os.kill(model, signal.SIGKILL)
         time.sleep(0.3)
         assert watch.died() == [(quick, UNKNOWN_MODEL)]
+        assert processes.dead_stubs(server.pid) == [quick]  # what `local down` asks: stubs by name alone
         assert sorted(watch.died()) == sorted([(model, "m"), (quick, UNKNOWN_MODEL)])
     finally:
         server.kill()

@@ -87,6 +87,13 @@ def is_stub(pid: int, proc: Path = PROC) -> bool:
         return False
 
 
+def dead_stubs(pid: int, proc: Path = PROC) -> list[int]:
+    """The Python-backend stubs of ``pid`` (tritonserver) that have exited and that it has not reaped: they died, since
+    tritonserver waits for each stub it stops, and it never starts a dead one again."""
+    return [child for child in children(pid, proc)
+            if (fields := stat_fields(child, proc)) and fields[0] == "Z" and is_stub(child, proc)]
+
+
 def stub_model(pid: int, proc: Path = PROC) -> Optional[str]:
     """The model a Python-backend stub serves: the folder of the ``<model>/<version>/model.py`` it was given."""
     try:
