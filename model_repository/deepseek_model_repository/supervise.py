@@ -51,7 +51,7 @@ DIED_EXIT = 70
 TRITON_EXIT_TIMEOUT_S = 30.0
 #: How long past its exit timeout a tritonserver told to stop gets before it is killed.
 STOP_MARGIN_S = 15.0
-#: How often the watch looks for a lost model process, in seconds.
+#: How often the watch looks for a lost or dead model process, in seconds.
 POLL_S = 0.5
 MODULE = f"{__package__}.supervise"  # also when run as __main__
 PROG = f"python3 -m {MODULE}"
