@@ -105,9 +105,9 @@ def test_the_triton_pods_watch_ends_a_server_that_lost_a_model_process_so_the_ku
     install = local.find_triton()
     server = local.server_argv(install, repo, tmp_path, http_port=local.free_port(), grpc_port=local.free_port(),
                                metrics_port=local.free_port(), shm_prefix=f"deepseek_supervise_{os.getpid()}_")
-    watch = subprocess.Popen([sys.executable, "-m", "deepseek_model_repository.supervise", "--lost-after=3", "--",
-                              *server], env=local.server_env(install), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             start_new_session=True)
+    watch = subprocess.Popen([sys.executable, "-m", "deepseek_model_repository.supervise", "--lost-after=3",
+                              "--poll=0.5", "--", *server], env=local.server_env(install), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (stub := instance_stub("slow_0_0")) is None:
@@ -147,7 +147,7 @@ def test_the_triton_pods_watch_stops_a_server_whose_model_process_died_so_the_ku
     prefix = f"deepseek_supervise_died_{os.getpid()}_"
     server = local.server_argv(install, repo, tmp_path, http_port=http, grpc_port=local.free_port(),
                                metrics_port=local.free_port(), shm_prefix=prefix)
-    watch = subprocess.Popen([sys.executable, "-m", "deepseek_model_repository.supervise", "--", *server],
+    watch = subprocess.Popen([sys.executable, "-m", "deepseek_model_repository.supervise", "--poll=0.5", "--", *server],
                              env=local.server_env(install), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True)
     triton = None

@@ -57,6 +57,7 @@ def test_the_servers_own_exit_is_passed_on(script, status):
 @pytest.mark.parametrize("args, status, says", [
     ([], 2, "give the server's command line after --"),
     (["--lost-after=0", "--", "tritonserver"], 2, "--lost-after must be a positive number of seconds, not 0"),
+    (["--poll=-1", "--", "tritonserver"], 2, "--poll must be a positive number of seconds, not -1"),
     (["--", "/nonexistent/tritonserver"], 127, "cannot start /nonexistent/tritonserver"),
 ])
 def test_a_bad_command_line_says_what_to_fix(args, status, says):
