@@ -46,7 +46,8 @@ import yaml
 
 from deepseek_model_repository.config import server_flags
 from deepseek_model_repository.repository import ModelNames
-from deepseek_model_repository.serving.processes import LOST_INIT_S, STARVED_ABORT, dead_stubs, lost_initializations
+from deepseek_model_repository.serving.processes import (LOST_INIT_S, STARVED_ABORT, STARVED_ABORTED, dead_stubs,
+                                                         lost_initialization, lost_initializations)
 
 from deepseek_contract.layout import CACHE_ENV as ENV_CACHE
 from deepseek_contract.layout import default_cache_dir
@@ -442,10 +443,7 @@ def wait_ready(pid: int, http_port: int, models: list[str], log_path: Path, time
     while pending:
         if not pid_alive(pid):
             if STARVED_ABORT in log_tail(log_path):
-                raise LostInitialization(
-                    f"tritonserver aborted ({STARVED_ABORT}) as a model's process initialized: Triton 2.51's other "
-                    "answer to a model process that misses its health check on a machine short of CPU; log "
-                    f"({log_path}) ends:\n{log_tail(log_path)}")
+                raise LostInitialization(f"{STARVED_ABORTED}; log ({log_path}) ends:\n{log_tail(log_path)}")
             raise LocalError(f"tritonserver exited before the model was ready; its log ({log_path}) ends:\n"
                              f"{log_tail(log_path)}")
         try:
@@ -455,11 +453,8 @@ def wait_ready(pid: int, http_port: int, models: list[str], log_path: Path, time
             lost = []
         if lost:
             stop_group(pid, timeout=2.0)  # it serves nothing, and its loading thread never sees a SIGTERM
-            raise LostInitialization(
-                f"Triton lost the process of model {lost[0]}: it initialized {lost_after_s:.0f}s ago and Triton has "
-                "not loaded it (Triton 2.51 gives up on a model process that misses its one-second health check while "
-                f"it initializes, on a machine short of CPU, and then waits for ever); log ({log_path}) ends:\n"
-                f"{log_tail(log_path)}")
+            raise LostInitialization(f"{lost_initialization(lost[0], lost_after_s)}; log ({log_path}) ends:\n"
+                                     f"{log_tail(log_path)}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{pending[0]}/ready", timeout=2) as r:
                 if r.status == 200:

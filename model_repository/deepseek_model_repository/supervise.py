@@ -40,8 +40,8 @@ import threading
 import time
 from typing import BinaryIO, Optional, Sequence, TextIO
 
-from .serving.processes import (LOST_INIT_S, STARVED_ABORT, children, is_stub, load_event, lost_initializations,
-                                stat_fields, stub_model)
+from .serving.processes import (LOST_INIT_S, STARVED_ABORT, STARVED_ABORTED, children, is_stub, load_event,
+                                lost_initialization, lost_initializations, stat_fields, stub_model)
 
 #: The exit status when Triton lost a model's process (EX_TEMPFAIL: starting again is the remedy).
 LOST_EXIT = 75
@@ -178,10 +178,8 @@ def supervise(server: Sequence[str], lost_after_s: float = LOST_INIT_S, *, poll_
                 continue
             lost = lost_initializations(output.text(), announced_at, time.monotonic(), lost_after_s)
             if lost:
-                print(f"{PROG}: Triton lost the process of model {lost[0]}: it initialized {lost_after_s:.0f}s ago "
-                      "and Triton has not loaded it (Triton 2.51 gives up on a model process that misses its "
-                      "one-second health check while it initializes, on a machine short of CPU, and then waits for "
-                      "ever); ending tritonserver so that the container starts again", file=err, flush=True)
+                print(f"{PROG}: {lost_initialization(lost[0], lost_after_s)}; ending tritonserver so that the "
+                      "container starts again", file=err, flush=True)
                 os.killpg(child.pid, signal.SIGKILL)  # its loading thread never sees a SIGTERM; stubs included
                 waiter.join()
                 return LOST_EXIT
@@ -202,9 +200,7 @@ def supervise(server: Sequence[str], lost_after_s: float = LOST_INIT_S, *, poll_
             signal.signal(sig, handler)
         output.thread.join(timeout=5)
     if status != 0 and output.aborted:
-        print(f"{PROG}: tritonserver aborted ({STARVED_ABORT}), Triton 2.51's other answer to a model process that "
-              "misses its health check as it initializes on a machine short of CPU; starting it again is the remedy",
-              file=err, flush=True)
+        print(f"{PROG}: {STARVED_ABORTED}; starting it again is the remedy", file=err, flush=True)
     return status if status >= 0 else 128 - status
 
 

@@ -365,8 +365,9 @@ def render_deployment(model: DeepSeekModel, config: OperatorConfig, spec_key: st
     triton: dict[str, Any] = {
         "name": "triton",
         "image": spec.serving.image,
-        # tritonserver under a watch that ends it when Triton lost a model's process as it initialized (Triton
-        # then never serves, and the startup probe would wait 10 minutes): the kubelet starts it again at once.
+        # tritonserver under a watch that ends it when Triton lost a model's process as it initialized (Triton then
+        # never serves, and the startup probe would wait 10 minutes) or when one died (Triton never starts it again
+        # and keeps the model ready): the kubelet starts the container again at once.
         "command": supervise_command(triton_args(model)),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
         "ports": [

@@ -114,3 +114,16 @@ def test_the_watch_finds_model_processes_that_exited_unreaped_named_or_not(tmp_p
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_server_that_aborts_on_the_starved_health_lock_is_named_and_its_status_passed_on():
+    from deepseek_model_repository.serving.processes import STARVED_ABORT
+
+    script = (f"import os, sys; print(\"terminate called after throwing an instance of '{STARVED_ABORT}'\", "
+              "flush=True); os.abort()")
+    proc = watch(sys.executable, "-c", script)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signal.SIGABRT
+    assert STARVED_ABORT.encode() in out  # its output, passed on
+    assert f"tritonserver aborted ({STARVED_ABORT}) as a model's process initialized" in err.decode()
+    assert "starting it again is the remedy" in err.decode()

@@ -38,6 +38,9 @@ LOST_INIT_S = 20.0
 #: How tritonserver 2.51 dies, instead, when it cannot take a starved model process's health lock in time (upstream
 #: triton-inference-server/server#8882).
 STARVED_ABORT = "boost::interprocess::lock_exception"
+#: What to say of a server that aborted so (``deepseek_local.local.wait_ready``, ``supervise``).
+STARVED_ABORTED = (f"tritonserver aborted ({STARVED_ABORT}) as a model's process initialized: Triton 2.51's other "
+                   "answer to a model process that misses its health check on a machine short of CPU")
 #: What Triton's log says once it has loaded a model, or failed to.
 _LOADED, _FAILED = "successfully loaded '{}'", "failed to load '{}'"
 
@@ -45,6 +48,13 @@ _LOADED, _FAILED = "successfully loaded '{}'", "failed to load '{}'"
 def load_event(line: str) -> bool:
     """Whether a line of Triton's log is one that :func:`lost_initializations` reads."""
     return INITIALIZED in line or any(said.split("{}")[0] in line for said in (_LOADED, _FAILED))
+
+
+def lost_initialization(model: str, grace_s: float) -> str:
+    """What to say of a model whose process Triton lost (:func:`lost_initializations`)."""
+    return (f"Triton lost the process of model {model}: it initialized {grace_s:.0f}s ago and Triton has not loaded it "
+            "(Triton 2.51 gives up on a model process that misses its one-second health check while it initializes, "
+            "on a machine short of CPU, and then waits for ever)")
 
 
 def lost_initializations(log_text: str, announced_at: dict[str, float], now: float, grace_s: float) -> list[str]:
